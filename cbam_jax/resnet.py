@@ -1,0 +1,228 @@
+"""ResNets with optional attention (CBAM paper, section 4 and Fig. 3), NHWC.
+
+Per-block attention (SE, CBAM) gates the residual branch after its last BatchNorm and before the
+addition, so the identity path is untouched:
+
+    out = relu(shortcut(x) + attention(bn_last(conv_last(...))))
+
+BAM instead sits once after each of the first three stages. Numerics follow PyTorch: explicit
+symmetric padding on every conv and pool (never 'SAME', which pads stride-2 layers
+asymmetrically), BatchNorm epsilon 1e-5 and Flax momentum 0.9 (PyTorch momentum 0.1), stride on
+the 3x3 conv of the bottleneck (torchvision's "v1.5").
+
+The parameter tree mirrors torchvision's names: `conv1`, `bn1`, `layer{S}_{B}/{conv1,bn1,...,
+downsample_conv,downsample_bn,attention}`, `bam{S}`, `fc`.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.core import FrozenDict
+
+from cbam_jax.layers import BAM, CBAM, SE
+from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, torch_default_kernel_init
+
+ModuleDef = Any
+
+# Per-block attention layers; 'bam' is per stage (see ResNet).
+ATTENTION_LAYERS: dict[str, type[nn.Module]] = {"se": SE, "cbam": CBAM, "bam": BAM}
+STEMS = ("imagenet", "cifar")
+
+
+def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch-style symmetric padding k // 2 on H and W."""
+    return ((kernel_size // 2,) * 2,) * 2
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (stride on the first), for ResNet-18/34. (B, H, W, Cin) -> (B, H/s, W/s, filters)."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    attention: ModuleDef | None = None
+    zero_init_last: bool = False
+    expansion: ClassVar[int] = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        norm = functools.partial(self.norm, use_running_average=not train)
+        y = self.conv(self.filters, (3, 3), self.strides, padding=_pad(3), name="conv1")(x)
+        y = nn.relu(norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
+        y = norm(scale_init=_last_bn_init(self.zero_init_last), name="bn2")(y)
+        return _merge(self, x, y, train)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (stride here), 1x1 expand x4, for ResNet-50/101/152.
+
+    (B, H, W, Cin) -> (B, H/s, W/s, 4 * filters).
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    attention: ModuleDef | None = None
+    zero_init_last: bool = False
+    expansion: ClassVar[int] = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        norm = functools.partial(self.norm, use_running_average=not train)
+        y = self.conv(self.filters, (1, 1), padding="VALID", name="conv1")(x)
+        y = nn.relu(norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), self.strides, padding=_pad(3), name="conv2")(y)
+        y = nn.relu(norm(name="bn2")(y))
+        y = self.conv(self.filters * self.expansion, (1, 1), padding="VALID", name="conv3")(y)
+        y = norm(scale_init=_last_bn_init(self.zero_init_last), name="bn3")(y)
+        return _merge(self, x, y, train)
+
+
+def _last_bn_init(zero: bool) -> jax.nn.initializers.Initializer:
+    return nn.initializers.zeros if zero else nn.initializers.ones
+
+
+def _merge(block: BasicBlock | Bottleneck, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
+    """Attention on the residual branch `y`, the shortcut of `x`, the addition and the final ReLU."""
+    if block.attention is not None:
+        y = block.attention(name="attention")(y, train=train)
+    out_channels = block.filters * block.expansion
+    shortcut = x
+    if block.strides != 1 or x.shape[-1] != out_channels:
+        # The official code leaves this 1x1 conv at PyTorch's default initialisation.
+        shortcut = block.conv(out_channels, (1, 1), block.strides, padding="VALID",
+                              kernel_init=torch_default_kernel_init, name="downsample_conv")(x)
+        shortcut = block.norm(use_running_average=not train, name="downsample_bn")(shortcut)
+    return nn.relu(shortcut + y)
+
+
+BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+    """A ResNet with optional SE, CBAM or BAM attention: (B, H, W, Cin) -> (B, num_classes) float32 logits.
+
+    All fields are plain data (JSON-friendly), so a model is rebuilt from its config alone.
+    With `num_classes=0` the model returns the pooled features (B, width * 8 * expansion).
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      block: 'basic' (ResNet-18/34) or 'bottleneck' (ResNet-50/101/152).
+      num_classes: size of the linear head; 0 for no head.
+      stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no pool).
+      attention: None, 'se', 'cbam' (in every block) or 'bam' (after stages 1-3).
+      attention_options: keyword arguments of the attention layer (e.g. `pool_order`).
+      width: channels of the first stage (64); stage s has width * 2**s (times the expansion).
+      zero_init_residual: start each block's last BatchNorm scale at 0 (timm), not 1 (official).
+      bn_momentum, bn_epsilon: BatchNorm settings (Flax momentum 0.9 = PyTorch momentum 0.1).
+      bn_axis_name: mapped axis name for cross-device batch statistics under pmap/shard_map;
+        leave None under jit with sharded inputs (statistics are then global already).
+      dtype: computation dtype (e.g. jnp.bfloat16); BatchNorm statistics, attention pooling and
+        sigmoids and the returned logits are float32.
+      param_dtype: parameter dtype.
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = "bottleneck"
+    num_classes: int = 1000
+    stem: str = "imagenet"
+    attention: str | None = None
+    attention_options: Mapping[str, Any] = FrozenDict()
+    width: int = 64
+    zero_init_residual: bool = False
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        # Fail at construction, before any tracing, on an invalid configuration; keep the fields
+        # hashable so that the module can be a static argument of jax.jit.
+        object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
+        object.__setattr__(self, "attention_options", FrozenDict(self.attention_options))
+        _check_choice("block", self.block, BLOCKS)
+        _check_choice("stem", self.stem, STEMS)
+        if self.attention is not None:
+            _check_choice("attention", self.attention, ATTENTION_LAYERS)
+            allowed = layer_options(ATTENTION_LAYERS[self.attention])
+            unknown = sorted(set(self.attention_options) - allowed)
+            if unknown:
+                raise ValueError(f"ResNet: unknown attention_options {unknown} for attention={self.attention!r}; "
+                                 f"allowed: {sorted(allowed)}.")
+        if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
+            raise ValueError(f"ResNet: stage_sizes must be positive block counts; got {self.stage_sizes!r}.")
+        if self.attention == "bam" and len(self.stage_sizes) < 2:
+            raise ValueError("ResNet: BAM sits between stages and needs at least two stages.")
+        if self.num_classes < 0:
+            raise ValueError(f"ResNet: num_classes must be >= 0 (0 = no head); got {self.num_classes}.")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits (B, num_classes) in float32 for images `x` (B, H, W, Cin); `train` uses batch statistics."""
+        check_nhwc(x, "ResNet")
+        if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4) and x.shape[-1] > x.shape[1]:
+            raise ValueError(f"ResNet expects NHWC images; shape {tuple(x.shape)} looks like NCHW. "
+                             "Transpose with x.transpose(0, 2, 3, 1).")
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                                 use_fast_variance=False, axis_name=self.bn_axis_name,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        block_attention, stage_attention = None, None
+        if self.attention is not None:
+            layer_cls = ATTENTION_LAYERS[self.attention]
+            shared = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+            if "bn_axis_name" in layer_options(layer_cls):
+                shared["bn_axis_name"] = self.bn_axis_name
+            layer = functools.partial(layer_cls, **self.attention_options, **shared)
+            if self.attention == "bam":
+                stage_attention = layer
+            else:
+                block_attention = layer
+
+        x = x.astype(self.dtype)
+        if self.stem == "imagenet":
+            x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
+            x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))  # pads with -inf, like PyTorch
+        else:
+            x = conv(self.width, (3, 3), padding=_pad(3), name="conv1")(x)
+            x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
+
+        block_cls = BLOCKS[self.block]
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for index in range(num_blocks):
+                x = block_cls(filters=self.width * 2**stage, conv=conv, norm=norm,
+                              strides=2 if stage > 0 and index == 0 else 1,
+                              attention=block_attention, zero_init_last=self.zero_init_residual,
+                              name=f"layer{stage + 1}_{index}")(x, train=train)
+            if stage_attention is not None and stage < min(3, len(self.stage_sizes) - 1):
+                x = stage_attention(name=f"bam{stage + 1}")(x, train=train)
+
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # global average pool
+        if self.num_classes == 0:
+            return x
+        # The official code: kaiming_normal_ (fan_in) on the head weight, bias 0.
+        x = nn.Dense(self.num_classes, kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
+        return x.astype(jnp.float32)
+
+
+def layer_options(layer_cls: type[nn.Module]) -> set[str]:
+    """The constructor options of a Linen layer class (its dataclass fields but parent and name)."""
+    return {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name"}
+
+
+def _check_choice(field: str, value: Any, allowed: Mapping[str, Any] | Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"ResNet: unknown {field} {value!r}; allowed: {sorted(allowed)}.")

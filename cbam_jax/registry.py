@@ -16,6 +16,7 @@ in the wild, so that their checkpoints load exactly (facts: docs in README, "Var
 
 from typing import Any
 
+import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from cbam_jax.resnet import ATTENTION_LAYERS, ResNet, layer_options
@@ -106,3 +107,33 @@ def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet",
     attention_options.update({k: v for k, v in overrides.items() if k in attention_fields and k not in model_fields})
     return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, stem=stem, attention=attention,
                   attention_options=FrozenDict(attention_options), **model_kwargs)
+
+
+def model_config(model: ResNet) -> dict[str, Any]:
+    """The JSON-serialisable fields of `model` (dtypes by name); `model_from_config` inverts it."""
+    config = {}
+    for field in sorted(layer_options(ResNet)):
+        value = getattr(model, field)
+        if field in ("dtype", "param_dtype"):
+            value = jnp.dtype(value).name
+        elif field == "attention_options":
+            value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+        elif field == "stage_sizes":
+            value = list(value)
+        config[field] = value
+    return config
+
+
+def model_from_config(config: dict[str, Any]) -> ResNet:
+    """Rebuild a `ResNet` from `model_config(model)`; ValueError for unknown or invalid fields."""
+    unknown = sorted(set(config) - layer_options(ResNet))
+    if unknown:
+        raise ValueError(f"Unknown model config field(s) {unknown}; allowed: {sorted(layer_options(ResNet))}.")
+    config = dict(config)
+    for field in ("dtype", "param_dtype"):
+        if field in config:
+            config[field] = jnp.dtype(config[field])
+    if "attention_options" in config:
+        config["attention_options"] = {k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in config["attention_options"].items()}
+    return ResNet(**config)

@@ -149,6 +149,8 @@ class ResNet(nn.Module):
         # hashable so that the module can be a static argument of jax.jit.
         object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
         object.__setattr__(self, "attention_options", FrozenDict(self.attention_options))
+        for dtype_field in ("dtype", "param_dtype"):
+            object.__setattr__(self, dtype_field, jnp.dtype(getattr(self, dtype_field)))
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
         if self.attention is not None:

@@ -1,6 +1,7 @@
 # The two Quick start commands: `make train` and `make test`. Each sets up its own virtual
 # environment from scratch with nothing but Python and pip.
-#   PYTHON=...  the interpreter (default python3; e.g. `make test PYTHON="env PYENV_VERSION=3.12.1 python3.12" VENV=.venv312`)
+#   PYTHON=...  the interpreter (default python3; on these machines Python 3.12 is
+#               `PYENV_VERSION=3.12.1 make test PYTHON=python3.12 VENV=.venv312`)
 #   VENV=...    where the environment lives (default .venv)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c

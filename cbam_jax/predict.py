@@ -175,14 +175,17 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
         raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "
                          f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "
                          "or `cbam_jax.save_pretrained`.") from error
+    num_classes = getattr(model, "num_classes", 0)
+    if num_classes < 1:
+        raise InputError(f"--pretrained {path}: the model has no classification head (num_classes=0); "
+                         "predict and attention need class scores.")
     saved = dict(metadata.get("preprocessing") or {})
     saved.update({k: v for k, v in (preprocessing_overrides or {}).items() if v is not None})
     if not saved:
         raise InputError(f"--pretrained {path}: the model's metadata records no preprocessing; give it with "
-                         "--resize, --crop, --mean and --std (e.g. 256, 224, '0.485 0.456 0.406', '0.229 0.224 0.225' "
-                         "for ImageNet weights).")
+                         "--resize, --crop, --mean and --std (ImageNet weights: --resize 256 --crop 224 "
+                         "--mean 0.485 0.456 0.406 --std 0.229 0.224 0.225).")
     preprocessing = Preprocessing.from_dict(saved, source=f"{path} preprocessing (metadata and options)")
-    num_classes = getattr(model, "num_classes", 0)
     names = list(metadata.get("class_names") or [])
     if len(names) != num_classes:  # absent or inconsistent: number the classes
         names = [f"class {i}" for i in range(num_classes)]

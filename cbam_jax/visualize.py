@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,6 +57,8 @@ PANEL = 224  # side of a figure panel in pixels
 CHART_HEIGHT = 64
 FONT_SIZE = 13
 MARGIN = 8
+FIGURE_KEY = ("Spatial attention (last block of each stage) is stretched to its own range, given in the panel's title. "
+              "Bars: channel-attention weights in channel order on a 0-1 axis (dashed: 0.5).")
 
 
 def module_order(name: str) -> tuple[int, int]:
@@ -230,20 +233,21 @@ def stretch(values: np.ndarray) -> np.ndarray:
 
 
 def channel_chart(weights: np.ndarray, width: int = PANEL, height: int = CHART_HEIGHT) -> np.ndarray:
-    """A bar chart (height, width, 3) of channel weights in [0, 1], in channel order, 0.5 marked.
+    """A bar chart (height, width, 3) of channel weights in [0, 1], in channel order, 0.5 dashed.
 
     With more channels than pixel columns, each column shows the largest weight of its channels
     (light) and their mean (dark).
     """
     chart = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(chart)
-    draw.line([(0, height // 2), (width, height // 2)], fill=(200, 200, 200))
     edges = np.linspace(0, len(weights), width + 1)
     for column in range(width):
         group = weights[int(edges[column]):max(int(edges[column + 1]), int(edges[column]) + 1)]
         for value, colour in ((group.max(), (150, 180, 220)), (group.mean(), (40, 80, 160))):
             top = height - 1 - int(round(float(value) * (height - 1)))
             draw.line([(column, height - 1), (column, top)], fill=colour)
+    for x in range(0, width, 6):  # dashed line at 0.5, drawn over the bars
+        draw.line([(x, height // 2), (x + 2, height // 2)], fill=(230, 60, 60))
     draw.rectangle([0, 0, width - 1, height - 1], outline=(120, 120, 120))
     return np.asarray(chart)
 
@@ -280,8 +284,10 @@ def render_grid(rows: list[list[Cell]], footer: str = "") -> Image.Image:
 
     heights = [max(cell_height(cell) for cell in row) + MARGIN for row in rows]
     columns = max(len(row) for row in rows)
-    footer_lines = footer.splitlines()
-    canvas = Image.new("RGB", (MARGIN + columns * (PANEL + MARGIN),
+    width = MARGIN + columns * (PANEL + MARGIN)
+    characters_per_line = max(20, (width - 2 * MARGIN) // 7)  # about 7 px per character at FONT_SIZE
+    footer_lines = [part for line in footer.splitlines() for part in textwrap.wrap(line, characters_per_line)]
+    canvas = Image.new("RGB", (width,
                                MARGIN + sum(heights) + len(footer_lines) * line_height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     y = MARGIN
@@ -364,10 +370,17 @@ def save_png_atomically(figure: Image.Image, path: Path) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             figure.save(stream, format="PNG")
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes the file private; give it a normal file's mode
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def output_names(paths: Sequence[str]) -> dict[str, str]:
@@ -415,7 +428,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     items, failures = load_images(args.images, loaded.preprocessing)
     names = output_names([path for path, _ in items])
-    footer = f"model: {Path(args.pretrained).resolve().name}; Grad-CAM at {last_block_name(loaded.model)}"
+    footer = (f"model: {Path(args.pretrained).resolve().name}; Grad-CAM at the output of {last_block_name(loaded.model)}.\n"
+              + FIGURE_KEY)
     for batch in same_shape_batches(items, args.batch_size):
         inputs = np.stack([normalize(image, loaded.preprocessing) for _, image in batch])
         maps = attention_maps(loaded.model, loaded.variables, inputs)

@@ -63,7 +63,10 @@ def test_grad_cam_equals_the_class_activation_map_of_a_pooled_linear_head():
     model, variables, images = tiny_model("cbam")
     layer = last_block_name(model)
     cam = grad_cam(model, variables, images, class_index=[1, 3], resize=False)
-    _, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=lambda m, _: m.scope.path == (layer,),
+    def block_output(module, method):
+        return method == "__call__" and module.scope.path == (layer,)
+
+    _, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=block_output,
                                                 mutable=["intermediates"]))(variables, images)
     features = state["intermediates"][layer]["__call__"][0]
     kernel = variables["params"]["fc"]["kernel"]

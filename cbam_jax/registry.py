@@ -17,9 +17,8 @@ in the wild, so that their checkpoints load exactly (facts: docs in README, "Var
 from typing import Any
 
 import jax.numpy as jnp
-from flax.core import FrozenDict
 
-from cbam_jax.resnet import ATTENTION_LAYERS, ResNet, layer_options
+from cbam_jax.resnet import ATTENTION_LAYERS, ResNet, attention_options, layer_options
 
 # depth -> (block, blocks per stage)
 DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -49,9 +48,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cbam": {"mlp_bias": False, "pool_order": "mean_max", "spatial_bn": False},
     },
 }
-# Only the official code has BAM.
+# Only the official code has BAM. timm's SE rounds its hidden width up to a multiple of 8
+# (C // 16 here, as Hu et al.), so timm SE checkpoints are not supported.
 VARIANTS_OF_ATTENTION: dict[str | None, tuple[str, ...]] = {
-    None: tuple(VARIANTS), "se": tuple(VARIANTS), "cbam": tuple(VARIANTS), "bam": ("official",),
+    None: tuple(VARIANTS), "se": ("official",), "cbam": tuple(VARIANTS), "bam": ("official",),
 }
 
 
@@ -63,9 +63,9 @@ def list_models() -> list[str]:
 def parse_name(name: str) -> tuple[str | None, int]:
     """Split a model name into (attention kind, depth); ValueError for an unknown name."""
     for prefix, attention in PREFIXES.items():
-        rest = name[len(prefix):] if name.startswith(prefix) else ""
-        if rest.startswith("resnet") and rest[len("resnet"):].isdigit() and int(rest[len("resnet"):]) in DEPTHS:
-            return attention, int(rest[len("resnet"):])
+        for depth in DEPTHS:
+            if name == f"{prefix}resnet{depth}":
+                return attention, depth
     raise ValueError(f"Unknown model name {name!r}; available: {', '.join(list_models())}.")
 
 
@@ -96,17 +96,17 @@ def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet",
     preset = VARIANTS[variant]
     model_fields = layer_options(ResNet) - {"stage_sizes", "block", "attention", "attention_options",
                                             "num_classes", "stem"}
-    attention_fields = layer_options(ATTENTION_LAYERS[attention]) if attention else set()
+    attention_fields = attention_options(ATTENTION_LAYERS[attention]) if attention else set()
     unknown = sorted(set(overrides) - model_fields - attention_fields)
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for {name}; allowed: model options {sorted(model_fields)}"
                          + (f", attention options {sorted(attention_fields)}." if attention else "."))
     model_kwargs = {"zero_init_residual": preset["zero_init_residual"]}
     model_kwargs.update({k: v for k, v in overrides.items() if k in model_fields})
-    attention_options = dict(preset.get(attention, {})) if attention else {}
-    attention_options.update({k: v for k, v in overrides.items() if k in attention_fields and k not in model_fields})
+    options = dict(preset.get(attention, {})) if attention else {}
+    options.update({k: v for k, v in overrides.items() if k in attention_fields})
     return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, stem=stem, attention=attention,
-                  attention_options=FrozenDict(attention_options), **model_kwargs)
+                  attention_options=options, **model_kwargs)
 
 
 def model_config(model: ResNet) -> dict[str, Any]:
@@ -125,15 +125,9 @@ def model_config(model: ResNet) -> dict[str, Any]:
 
 
 def model_from_config(config: dict[str, Any]) -> ResNet:
-    """Rebuild a `ResNet` from `model_config(model)`; ValueError for unknown or invalid fields."""
+    """Rebuild a `ResNet` from `model_config(model)` (lists for tuples, dtype names for dtypes);
+    ValueError for unknown or invalid fields."""
     unknown = sorted(set(config) - layer_options(ResNet))
     if unknown:
         raise ValueError(f"Unknown model config field(s) {unknown}; allowed: {sorted(layer_options(ResNet))}.")
-    config = dict(config)
-    for field in ("dtype", "param_dtype"):
-        if field in config:
-            config[field] = jnp.dtype(config[field])
-    if "attention_options" in config:
-        config["attention_options"] = {k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in config["attention_options"].items()}
-    return ResNet(**config)
+    return ResNet(**config)  # its __post_init__ turns lists into tuples and dtype names into dtypes

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.core import FrozenDict
 
@@ -32,6 +33,8 @@ ModuleDef = Any
 # Per-block attention layers; 'bam' is per stage (see ResNet).
 ATTENTION_LAYERS: dict[str, type[nn.Module]] = {"se": SE, "cbam": CBAM, "bam": BAM}
 STEMS = ("imagenet", "cifar")
+# ResNet fields that its attention layers take from it (when they have such a field).
+MODEL_WIDE_OPTIONS = ("dtype", "param_dtype", "bn_axis_name", "bn_momentum", "bn_epsilon")
 
 
 def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -40,7 +43,7 @@ def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 class ResidualBlock(nn.Module):
-    """What BasicBlock and Bottleneck share: their options and the end of the block (`merge`)."""
+    """What BasicBlock and Bottleneck share: their options and the end of the block (`attend_and_add`)."""
 
     filters: int
     conv: ModuleDef
@@ -55,7 +58,7 @@ class ResidualBlock(nn.Module):
         scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
         return self.norm(use_running_average=not train, scale_init=scale_init, name=name)
 
-    def merge(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
+    def attend_and_add(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
         """Attention on the residual branch `y`, the shortcut of `x`, the addition and the final ReLU."""
         if self.attention is not None:
             y = self.attention(name="attention")(y, train=train)
@@ -79,7 +82,7 @@ class BasicBlock(ResidualBlock):
         y = nn.relu(norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
         y = self.last_norm(train, "bn2")(y)
-        return self.merge(x, y, train)
+        return self.attend_and_add(x, y, train)
 
 
 class Bottleneck(ResidualBlock):
@@ -99,7 +102,7 @@ class Bottleneck(ResidualBlock):
         y = nn.relu(norm(name="bn2")(y))
         y = self.conv(self.filters * self.expansion, (1, 1), padding="VALID", name="conv3")(y)
         y = self.last_norm(train, "bn3")(y)
-        return self.merge(x, y, train)
+        return self.attend_and_add(x, y, train)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -144,26 +147,31 @@ class ResNet(nn.Module):
 
     def __post_init__(self) -> None:
         # Fail at construction, before any tracing, on an invalid configuration; keep the fields
-        # hashable so that the module can be a static argument of jax.jit.
+        # hashable (lists from JSON or a command line become tuples) so that the module can be a
+        # static argument of jax.jit.
         object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
-        object.__setattr__(self, "attention_options", FrozenDict(self.attention_options))
+        object.__setattr__(self, "attention_options", FrozenDict(
+            {k: tuple(v) if isinstance(v, list) else v for k, v in self.attention_options.items()}))
         for dtype_field in ("dtype", "param_dtype"):
             object.__setattr__(self, dtype_field, jnp.dtype(getattr(self, dtype_field)))
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
         if self.attention is not None:
             _check_choice("attention", self.attention, ATTENTION_LAYERS)
-            allowed = layer_options(ATTENTION_LAYERS[self.attention])
+            allowed = attention_options(ATTENTION_LAYERS[self.attention])
             unknown = sorted(set(self.attention_options) - allowed)
             if unknown:
                 raise ValueError(f"ResNet: unknown attention_options {unknown} for attention={self.attention!r}; "
-                                 f"allowed: {sorted(allowed)}.")
-        if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
+                                 f"allowed: {sorted(allowed)} ({', '.join(MODEL_WIDE_OPTIONS)} are set on the "
+                                 "ResNet itself).")
+        if not self.stage_sizes or not all(_is_int(n) and n >= 1 for n in self.stage_sizes):
             raise ValueError(f"ResNet: stage_sizes must be positive block counts; got {self.stage_sizes!r}.")
         if self.attention == "bam" and len(self.stage_sizes) < 2:
             raise ValueError("ResNet: BAM sits between stages and needs at least two stages.")
-        if self.num_classes < 0:
-            raise ValueError(f"ResNet: num_classes must be >= 0 (0 = no head); got {self.num_classes}.")
+        if not _is_int(self.width) or self.width < 1:
+            raise ValueError(f"ResNet: width must be a positive integer (64 for the standard ResNets); got {self.width!r}.")
+        if not _is_int(self.num_classes) or self.num_classes < 0:
+            raise ValueError(f"ResNet: num_classes must be an integer >= 0 (0 = no head); got {self.num_classes!r}.")
         super().__post_init__()
 
     @nn.compact
@@ -181,9 +189,7 @@ class ResNet(nn.Module):
         block_attention, stage_attention = None, None
         if self.attention is not None:
             layer_cls = ATTENTION_LAYERS[self.attention]
-            shared = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-            if "bn_axis_name" in layer_options(layer_cls):
-                shared["bn_axis_name"] = self.bn_axis_name
+            shared = {k: getattr(self, k) for k in MODEL_WIDE_OPTIONS if k in layer_options(layer_cls)}
             layer = functools.partial(layer_cls, **self.attention_options, **shared)
             if self.attention == "bam":
                 stage_attention = layer
@@ -221,6 +227,16 @@ class ResNet(nn.Module):
 def layer_options(layer_cls: type[nn.Module]) -> set[str]:
     """The constructor options of a Linen layer class (its dataclass fields but parent and name)."""
     return {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name"}
+
+
+def attention_options(layer_cls: type[nn.Module]) -> set[str]:
+    """The options of an attention layer that a ResNet's `attention_options` may set: plain-data
+    options only (no initialisers), and not the model-wide ones the ResNet passes down itself."""
+    return layer_options(layer_cls) - set(MODEL_WIDE_OPTIONS) - {"kernel_init"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_choice(field: str, value: Any, allowed: Mapping[str, Any] | Sequence[str]) -> None:

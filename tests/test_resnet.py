@@ -19,6 +19,8 @@ PARAM_COUNTS = {
     "resnet18": 11_689_512,
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
+    "se_resnet50": 28_088_024,  # Hu et al.'s SE-ResNet-50
+    "bam_resnet50": 25_915_099,  # BAM paper: 25.92M
 }
 # timm and the common variant drop the MLP biases (and the latter the spatial BatchNorm).
 VARIANT_COUNTS = {("cbam_resnet50", "timm"): 28_073_576, ("cbam_resnet50", "common"): 28_073_544}
@@ -51,12 +53,15 @@ def test_registry_lists_every_depth_and_attention():
 def test_output_shapes(name, stem, size):
     model = create_model(name, num_classes=7, stem=stem)
     x = jnp.zeros((2, size, size + 8, 3))  # non-square
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    logits = jax.eval_shape(model.apply, variables, x)
+    logits, _ = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x), x)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
-    features = jax.eval_shape(create_model(name, num_classes=0, stem=stem).apply, variables, x)
-    expansion = 4 if int(name.rsplit("resnet", 1)[1]) >= 50 else 1
-    assert features.shape == (2, 512 * expansion)
+
+
+@pytest.mark.parametrize("name, features", [("cbam_resnet18", 512), ("bam_resnet50", 2048)])
+def test_no_head_returns_pooled_features(name, features):
+    model = create_model(name, num_classes=0, stem="cifar")
+    out, variables = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x), jnp.zeros((2, 32, 32, 3)))
+    assert out.shape == (2, features) and "fc" not in variables["params"]
 
 
 def _small(attention, block="basic", **kw):
@@ -146,6 +151,27 @@ def test_variant_presets():
     assert float(jnp.abs(zero_init["params"]["layer1_0"]["bn2"]["scale"]).max()) == 0.0
 
 
+def test_list_options_keep_the_model_hashable():
+    model = create_model("cbam_resnet18", pool_types=["avg", "max"])
+    assert model.attention_options["pool_types"] == ("avg", "max")
+    hash(model)  # a static jit argument must hash
+
+
+def test_model_wide_batch_norm_options_reach_bam():
+    model = ResNet(stage_sizes=(1, 1), block="basic", attention="bam", bn_momentum=0.5, width=16, stem="cifar")
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    before, after = variables["batch_stats"]["bam1"], updates["batch_stats"]["bam1"]
+    # Running mean m' = momentum * m + (1 - momentum) * batch mean, with m = 0: check momentum 0.5
+    # through a second step from the updated state.
+    _, updates2 = model.apply({"params": variables["params"], "batch_stats": updates["batch_stats"]}, x, train=True,
+                              mutable=["batch_stats"])
+    first = after["channel_bn"]["mean"]
+    np.testing.assert_allclose(updates2["batch_stats"]["bam1"]["channel_bn"]["mean"], 0.5 * first + first, rtol=1e-5)
+    assert float(jnp.abs(before["channel_bn"]["mean"]).max()) == 0.0
+
+
 def test_model_config_round_trips_through_json():
     model = create_model("cbam_resnet34", num_classes=10, stem="cifar", variant="timm", dtype=jnp.bfloat16, reduction=8)
     rebuilt = model_from_config(json.loads(json.dumps(model_config(model))))
@@ -161,6 +187,13 @@ def test_model_config_round_trips_through_json():
     (lambda: create_model("cbam_resnet18", kernel_sise=3), "Unknown option.*kernel_sise.*kernel_size"),
     (lambda: create_model("resnet18", reduction=8), "Unknown option.*reduction"),
     (lambda: model_from_config({"stage_sizes": [2], "colour": "red"}), "Unknown model config field"),
+    (lambda: create_model("cbam_resnet018"), "Unknown model name"),
+    (lambda: create_model("se_resnet18", variant="timm"), "only in the variant"),
+    (lambda: create_model("cbam_resnet18", width=0), "width must be a positive integer"),
+    (lambda: create_model("cbam_resnet18", num_classes=1.5), "num_classes must be an integer"),
+    (lambda: ResNet(stage_sizes=("a",)), "stage_sizes must be positive block counts"),
+    (lambda: ResNet(stage_sizes=(1, 1), attention="cbam", attention_options={"dtype": "bfloat16"}),
+     "unknown attention_options.*set on the ResNet itself"),
 ])
 def test_bad_configuration_is_a_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):

@@ -54,14 +54,19 @@ def detect_layout(keys: list[str]) -> Layout:
     for layout in LAYOUTS.values():
         if layout.matches(keys):
             return layout
+    _raise_if_prefixed(keys)
+    known = "; ".join(f"{layout.name}: {layout.description}" for layout in LAYOUTS.values())
+    raise ConversionError(f"No known PyTorch ResNet layout matches this state_dict (first keys: {keys[:4]}). "
+                          f"Known layouts: {known}.")
+
+
+def _raise_if_prefixed(keys: list[str]) -> None:
+    """ConversionError naming the prefix if the keys are a known layout under an unknown common prefix."""
     prefix = _common_prefix(keys)
     if prefix and any(layout.matches([k[len(prefix):] for k in keys]) for layout in LAYOUTS.values()):
         raise ConversionError(f"Every key starts with the unknown prefix {prefix!r} (e.g. {keys[0]!r}). If it is a "
                               f"wrapper, strip it: from_torch(..., strip_prefix={prefix!r}) or "
                               f"`cbam-jax convert --strip-prefix {prefix}`.")
-    known = "; ".join(f"{layout.name}: {layout.description}" for layout in LAYOUTS.values())
-    raise ConversionError(f"No known PyTorch ResNet layout matches this state_dict (first keys: {keys[:4]}). "
-                          f"Known layouts: {known}.")
 
 
 def flax_shapes(state: Mapping[str, np.ndarray], layout: Layout) -> dict[str, tuple[int, ...]]:
@@ -122,6 +127,8 @@ def detect(state: Mapping[str, np.ndarray], *, arch: str | None = None, variant:
            layout: str | None = None) -> Detected:
     """Detect the model of a flat state_dict (see `reading.read_state_dict`); explicit arguments win."""
     source = get_layout(layout) if layout else detect_layout(list(state))
+    if f"{source.torch_module('conv1')[0]}.weight" not in state:
+        _raise_if_prefixed(list(state))
     return infer_model(flax_shapes(state, source), layout=source.name, variant=variant, arch=arch)
 
 

@@ -103,7 +103,7 @@ def to_torch(variables: Mapping[str, Any], *, arch: str | ResNet, variant: str =
     except ImportError:
         raise ConversionError("to_torch needs PyTorch (`pip install torch`); `to_numpy_state_dict` does not.") from None
     arrays = to_numpy_state_dict(variables, arch=arch, variant=variant, layout=layout)
-    return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
+    return {key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}  # writable copies
 
 
 def to_numpy_state_dict(variables: Mapping[str, Any], *, arch: str | ResNet, variant: str = "official",

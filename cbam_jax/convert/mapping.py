@@ -103,7 +103,7 @@ def to_torch(variables: Mapping[str, Any], *, arch: str | ResNet, variant: str =
     except ImportError:
         raise ConversionError("to_torch needs PyTorch (`pip install torch`); `to_numpy_state_dict` does not.") from None
     arrays = to_numpy_state_dict(variables, arch=arch, variant=variant, layout=layout)
-    return {key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}  # writable copies
+    return {key: torch.from_numpy(value) for key, value in arrays.items()}
 
 
 def to_numpy_state_dict(variables: Mapping[str, Any], *, arch: str | ResNet, variant: str = "official",
@@ -139,7 +139,8 @@ def to_numpy_state_dict(variables: Mapping[str, Any], *, arch: str | ResNet, var
             raise ConversionError(f"Layout {target.name!r} has no place for Flax {path}.")
         if value.dtype not in (np.float16, np.float32, np.float64):
             value = value.astype(np.float32)  # e.g. bfloat16, which torch.from_numpy cannot take
-        state[f"{torch_module}.{tensor.torch_name}"] = tensor.to_torch(value)
+        # A C-ordered writable copy: safetensors writes an array's memory as is, whatever its strides.
+        state[f"{torch_module}.{tensor.torch_name}"] = np.array(tensor.to_torch(value), order="C")
         if kind.norm:
             state[f"{torch_module}.{NUM_BATCHES_TRACKED}"] = np.zeros((), np.int64)
     return state

@@ -99,7 +99,7 @@ CASES = {
     "torchvision_resnet18": (lambda: torchvision.models.resnet18(num_classes=NUM_CLASSES), (2, 3, 64, 64),
                              save_state_dict, "torchvision"),
 }
-# Full training comparisons for one model per source and block type; the others check eval only
+# Full training comparisons for one model per source and block type; the others check eval logits
 # (a batch of 1 and a non-square input among them).
 TRAIN_CASES = ["official_cbam18_imagenet", "official_bam18_cifar", "timm_cbam_bottleneck_1111", "common_cbam18"]
 # Depths the registry does not name load through `load_variables` with an explicit model.
@@ -136,11 +136,6 @@ def test_eval_logits_match(name, tmp_path):
 def test_training_matches(name, tmp_path):
     torch_model, model, variables, shape, layout = convert_case(name, tmp_path)
     x, y = batch(shape, NUM_CLASSES)
-    with torch.no_grad():
-        expected_eval = torch_model(x).numpy()
-    eval_diff = float(np.max(np.abs(np.asarray(jax.jit(model.apply)(variables, nhwc(x))) - expected_eval)))
-    assert eval_diff <= EVAL_ATOL
-
     buffers = {k: v.numpy() for k, v in torch_model.state_dict().items() if "running" in k}
     exact_steps, _ = train_torch(copy.deepcopy(torch_model).double(), x, y)
     torch_steps, bn_info = train_torch(torch_model, x, y)
@@ -160,7 +155,7 @@ def test_training_matches(name, tmp_path):
     step_error = assert_matches_float64(flax_steps.params, as_flax(torch_steps.params, buffers)["params"],
                                         as_flax(exact_steps.params, buffers)["params"], rtol=GRAD_RTOL,
                                         label="parameter after 2 SGD-momentum steps")
-    print(f"\n{name}: eval {eval_diff:.2e}, train logits {train_diff:.2e}, worst relative: grads {grad_error:.2e}, "
+    print(f"\n{name}: train logits {train_diff:.2e}, worst relative: grads {grad_error:.2e}, "
           f"BN stats {stats_error:.2e}, params after 2 SGD-momentum steps {step_error:.2e}")
 
 
@@ -190,7 +185,7 @@ def test_pitfalls_would_be_caught(tmp_path, monkeypatch):
         forward = jax.jit(lambda v, images: flax_model.apply(v, images))  # a fresh trace every time
         return float(np.max(np.abs(np.asarray(forward(variables, nhwc(x))) - expected)))
 
-    assert diff(model) <= EVAL_ATOL
+    assert diff(model) <= EVAL_ATOL  # also the eval parity of this non-square training case
     flipped = create_model("cbam_resnet18", num_classes=NUM_CLASSES, variant="official", pool_order="mean_max")
     assert diff(flipped) > 100 * EVAL_ATOL
     import cbam_jax.resnet

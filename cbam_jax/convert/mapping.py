@@ -127,8 +127,9 @@ def to_numpy_state_dict(variables: Mapping[str, Any], *, arch: str | ResNet, var
     wrong_shape = [f"{p}: variables {found[p].shape}, model {expected[p].shape}"
                    for p in sorted(set(found) & set(expected)) if found[p].shape != expected[p].shape]
     if missing or unexpected or wrong_shape:
-        raise ConversionError(_mismatch_message(f"The variables do not fit {arch if isinstance(arch, str) else 'the given model'} "
-                                                f"(variant {variant!r})", missing, unexpected, wrong_shape,
+        target_name = arch if isinstance(arch, str) else "the given model"
+        raise ConversionError(_mismatch_message(f"The variables do not fit {target_name} (variant {variant!r})",
+                                                missing, unexpected, wrong_shape,
                                                 hint="Pass the arch and variant the model was created with."))
     state = {}
     for path, value in found.items():

@@ -5,7 +5,6 @@ running statistics moved by a few train-mode passes); `train_torch` / `train_fla
 SGD-with-momentum steps in both frameworks and return what the tests compare.
 """
 
-import copy
 import dataclasses
 
 import jax
@@ -141,7 +140,8 @@ def assert_matches_float64(flax_tree, torch_tree, exact_tree, *, rtol: float, la
         flax_error = float(np.max(np.abs(flax_value - exact))) / scale
         torch_error = float(np.max(np.abs(torch_value - exact))) / scale
         assert flax_error <= max(rtol, 10 * torch_error), (
-            f"{label} {jax.tree_util.keystr(path)}: relative error {flax_error:.2e} (PyTorch float32: {torch_error:.2e})")
+            f"{label} {jax.tree_util.keystr(path)}: relative error {flax_error:.2e} "
+            f"(PyTorch float32: {torch_error:.2e})")
         worst = max(worst, float(np.max(np.abs(flax_value - torch_value))) / scale)
     return worst
 

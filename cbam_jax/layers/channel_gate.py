@@ -19,6 +19,7 @@ from cbam_jax.layers.common import (
     Initializer,
     check_nhwc,
     hidden_width,
+    max_over,
     promote_to_float32,
     torch_default_kernel_init,
 )
@@ -26,7 +27,7 @@ from cbam_jax.layers.common import (
 # Global pools over the spatial axes of an NHWC map: (B, H, W, C) -> (B, C).
 SPATIAL_POOLS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "avg": lambda x: jnp.mean(x, axis=(1, 2)),
-    "max": lambda x: jnp.max(x, axis=(1, 2)),
+    "max": lambda x: max_over(x, (1, 2)),
     # F.lp_pool2d(x, 2, (H, W)) in the official code: the L2 norm over positions (a sum, not a mean).
     "lp": lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2))),
     # Log-sum-exp over all H*W positions, stabilised by the max, not normalised by the count.

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, promote_to_float32
+from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, max_over, promote_to_float32
 
 # Pools over the channel axis of an NHWC map: (B, H, W, C) -> (B, H, W).
-CHANNEL_POOLS = {"max": lambda x: jnp.max(x, axis=-1), "mean": lambda x: jnp.mean(x, axis=-1)}
+CHANNEL_POOLS = {"max": lambda x: max_over(x, -1), "mean": lambda x: jnp.mean(x, axis=-1)}
 # pool_order -> the pools in the order of the conv's input channels.
 POOL_ORDERS = {"max_mean": ("max", "mean"), "mean_max": ("mean", "max")}
 

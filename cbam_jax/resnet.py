@@ -21,12 +21,11 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax.core import FrozenDict
 
 from cbam_jax.layers import BAM, CBAM, SE
-from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, torch_default_kernel_init
+from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, is_int, torch_default_kernel_init
 
 ModuleDef = Any
 
@@ -164,13 +163,13 @@ class ResNet(nn.Module):
                 raise ValueError(f"ResNet: unknown attention_options {unknown} for attention={self.attention!r}; "
                                  f"allowed: {sorted(allowed)} ({', '.join(MODEL_WIDE_OPTIONS)} are set on the "
                                  "ResNet itself).")
-        if not self.stage_sizes or not all(_is_int(n) and n >= 1 for n in self.stage_sizes):
+        if not self.stage_sizes or not all(is_int(n) and n >= 1 for n in self.stage_sizes):
             raise ValueError(f"ResNet: stage_sizes must be positive block counts; got {self.stage_sizes!r}.")
         if self.attention == "bam" and len(self.stage_sizes) < 2:
             raise ValueError("ResNet: BAM sits between stages and needs at least two stages.")
-        if not _is_int(self.width) or self.width < 1:
+        if not is_int(self.width) or self.width < 1:
             raise ValueError(f"ResNet: width must be a positive integer (64 for the standard ResNets); got {self.width!r}.")
-        if not _is_int(self.num_classes) or self.num_classes < 0:
+        if not is_int(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"ResNet: num_classes must be an integer >= 0 (0 = no head); got {self.num_classes!r}.")
         super().__post_init__()
 
@@ -233,10 +232,6 @@ def attention_options(layer_cls: type[nn.Module]) -> set[str]:
     """The options of an attention layer that a ResNet's `attention_options` may set: plain-data
     options only (no initialisers), and not the model-wide ones the ResNet passes down itself."""
     return layer_options(layer_cls) - set(MODEL_WIDE_OPTIONS) - {"kernel_init"}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_choice(field: str, value: Any, allowed: Mapping[str, Any] | Sequence[str]) -> None:

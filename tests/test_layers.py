@@ -131,9 +131,17 @@ def test_sown_attention_maps(rng, layer, names):
         assert float(value.min()) > 0.0 and float(value.max()) < 1.0
 
 
+def test_numpy_integers_are_valid_sizes():
+    x = jnp.zeros((1, 8, 8, 16))
+    variables = SpatialGate(kernel_size=np.int64(3)).init(jax.random.key(0), x)
+    assert variables["params"]["conv"]["kernel"].shape == (3, 3, 2, 1)
+    assert ChannelGate(reduction=np.int32(4)).init(jax.random.key(0), x)["params"]["fc1"]["kernel"].shape == (16, 4)
+
+
 @pytest.mark.parametrize("layer, shape, message", [
     (ChannelGate(reduction=64), (2, 4, 4, 32), "reduction 64 is larger than the number of channels 32"),
     (ChannelGate(), (4, 4, 32), "NHWC"),
+    (ChannelGate(reduction=4.0), (2, 4, 4, 32), "reduction must be a positive integer"),
     (ChannelGate(pool_types=("avg", "median")), (2, 4, 4, 32), "unknown pool type"),
     (ChannelGate(pool_types="avg"), (2, 4, 4, 32), "non-empty sequence"),
     (SpatialGate(kernel_size=4), (2, 8, 8, 4), "kernel_size must be an odd"),

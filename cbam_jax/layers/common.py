@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = Any
@@ -29,14 +30,19 @@ def check_nhwc(x: jax.Array, layer: str) -> None:
 
 def hidden_width(channels: int, reduction: int, layer: str) -> int:
     """The bottleneck width `channels // reduction` of a gate MLP, checked to be at least 1."""
-    if reduction < 1:
-        raise ValueError(f"{layer}: reduction must be a positive integer, got {reduction}.")
+    if not is_int(reduction) or reduction < 1:
+        raise ValueError(f"{layer}: reduction must be a positive integer, got {reduction!r}.")
     if reduction > channels:
         raise ValueError(
             f"{layer}: reduction {reduction} is larger than the number of channels {channels}; "
             f"the hidden width channels // reduction would be 0. Use a reduction <= {channels}."
         )
     return channels // reduction
+
+
+def is_int(value: Any) -> bool:
+    """True for Python and NumPy integers (not bools): what a size or count option must be."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def promote_to_float32(x: jax.Array) -> jax.Array:

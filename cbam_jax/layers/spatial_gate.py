@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, max_over, promote_to_float32
+from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, is_int, max_over, promote_to_float32
 
 # Pools over the channel axis of an NHWC map: (B, H, W, C) -> (B, H, W).
 CHANNEL_POOLS = {"max": lambda x: max_over(x, -1), "mean": lambda x: jnp.mean(x, axis=-1)}
@@ -21,7 +21,7 @@ POOL_ORDERS = {"max_mean": ("max", "mean"), "mean_max": ("mean", "max")}
 
 def check_spatial_options(kernel_size: int, pool_order: str, layer: str) -> None:
     """Raise a ValueError for an unsupported kernel size or pool order."""
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(
             f"{layer}: kernel_size must be an odd positive integer (the paper uses 7, the common "
             f"variant also 3) so that symmetric padding keeps H x W; got {kernel_size!r}."

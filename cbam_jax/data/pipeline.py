@@ -1,8 +1,9 @@
 """grain pipelines: an endless shuffled training stream of fixed-size batches, and padded eval batches.
 
-Multi-host: every process reads its own slice of each (globally shuffled) epoch and makes a
-per-process batch of `global_batch / process_count` examples; the trainer assembles the global
-batch with `jax.make_array_from_process_local_data`.
+Multi-host: the global stream is cut into global batches and process p reads (and decodes) only
+the p-th contiguous part of each, `global_batch / process_count` examples; the trainer assembles
+the global batch with `jax.make_array_from_process_local_data`, so the global batches are the same
+whatever the number of processes.
 """
 
 import functools
@@ -65,11 +66,33 @@ def train_dataset(source, dataset: ml_collections.ConfigDict, *, global_batch: i
     """
     batch = local_batch_size(global_batch, process_count)
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count]
+    # Randomness from the global position, so augmentation does not depend on the process count.
     ds = ds.random_map(functools.partial(_train_example, dataset=dataset), seed=seed)
+    ds = _ProcessPart(ds, global_batch, process_index, process_count)
     ds = ds.batch(batch, drop_remainder=True)
     options = grain.ReadOptions(num_threads=dataset.num_threads, prefetch_buffer_size=dataset.prefetch * batch)
     return ds.to_iter_dataset(options)
+
+
+class _ProcessPart(grain.MapDataset):
+    """The elements of this process: part `process_index` of every consecutive global batch."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self.global_batch, self.local_batch = global_batch, global_batch // process_count
+        self.offset = process_index * self.local_batch
+
+    def __len__(self) -> int:
+        return len(self._parent) // self.global_batch * self.local_batch
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, within = divmod(index, self.local_batch)
+        return self._parent[batch * self.global_batch + self.offset + within]
+
+    def __str__(self) -> str:
+        return f"_ProcessPart(offset={self.offset}, local_batch={self.local_batch})"
 
 
 def num_eval_batches(num_examples: int, global_batch: int, process_count: int = 1) -> int:

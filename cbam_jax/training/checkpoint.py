@@ -22,8 +22,10 @@ def architecture(model_config: dict) -> dict:
     return {k: v for k, v in model_config.items() if k not in NON_ARCHITECTURE_FIELDS}
 
 
-def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+def _manager(directory: str, keep: int, name: str) -> ocp.CheckpointManager:
+    # Both managers may save the same step at once: their multi-process barriers need distinct names.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
     return ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data", "meta"), options=options)
 
 
@@ -31,8 +33,8 @@ class Checkpoints:
     """The periodic and best checkpoint managers of a workdir."""
 
     def __init__(self, workdir: str, keep: int):
-        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
-        self.best = _manager(os.path.join(workdir, "best"), 1)
+        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, "latest")
+        self.best = _manager(os.path.join(workdir, "best"), 1, "best")
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -59,6 +61,13 @@ class Checkpoints:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
                                                    data=ocp.args.JsonSave(data_state),
                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+    def discard_best_after(self, step: int) -> None:
+        """Drop best/ checkpoints newer than `step`: a killed run saved them after its last periodic
+        checkpoint, and the resumed run will replay (and re-save) those steps."""
+        for saved in self.best.all_steps():
+            if saved > step:
+                self.best.delete(saved)
 
     def close(self) -> None:
         """Wait for every pending save to be on disk."""

@@ -31,7 +31,7 @@ class MetricLog:
         if self.tb is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        self.tb.add_scalar(f"{split}/{name}", value, step)
+                    self.tb.add_scalar(f"{split}/{name}", value, step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -34,8 +34,10 @@ class TrainState:
 def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, image_shape: tuple,
                  dynamic_loss_scale: bool) -> TrainState:
     """Initialise the model on a dummy batch (1, H, W, C) and the optimiser on its parameters."""
-    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return state_from_variables(variables, tx, dynamic_loss_scale)
+    # One compiled program instead of hundreds of eagerly dispatched ops (and cacheable on disk).
+    init = jax.jit(lambda key: state_from_variables(
+        model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False), tx, dynamic_loss_scale))
+    return init(rng)
 
 
 def state_from_variables(variables: Any, tx: optax.GradientTransformation, dynamic_loss_scale: bool) -> TrainState:

@@ -32,6 +32,8 @@ from cbam_jax.training.parallel import DataParallel
 def setup_runtime(config: ml_collections.ConfigDict) -> None:
     """jax.distributed (when asked) and the persistent compilation cache; call before any JAX op."""
     if config.distributed.enabled:
+        # CPU collectives across processes need gloo (no effect on GPU/TPU backends).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=config.distributed.coordinator_address or None,
                                    num_processes=config.distributed.num_processes or None,
                                    process_id=None if config.distributed.process_id < 0 else config.distributed.process_id)
@@ -151,6 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, data_state, saved_meta = checkpoints.restore(state)
         best = {"accuracy": saved_meta["best_accuracy"], "step": saved_meta["best_step"]}
     start_step = int(state.step)
+    checkpoints.discard_best_after(start_step)
 
     stream = iter(train_dataset(train_source, config.dataset, global_batch=config.batch_size, seed=config.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count()))

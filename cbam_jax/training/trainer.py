@@ -247,6 +247,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     status = "preempted" if preemption.requested else "stopped"
                     break
             flush_metrics(step)
+            if final_eval is None and status == "finished":  # resumed a run that had already finished
+                final_eval = evaluate_split(parallel, {"params": placed.params, "batch_stats": placed.batch_stats},
+                                            eval_source, config.dataset, config.eval_batch_size)
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,21 @@
+"""The PyTorch source layouts, one module each, in the order detection tries them."""
+
+from cbam_jax.convert.layout import Layout
+from cbam_jax.convert.layouts.common import COMMON, COMMON_2018
+from cbam_jax.convert.layouts.official import OFFICIAL
+from cbam_jax.convert.layouts.pytorchcv import PYTORCHCV
+from cbam_jax.convert.layouts.timm import TIMM
+from cbam_jax.convert.layouts.torchvision import TORCHVISION
+
+# Specific signatures first; the plain torchvision backbone (shared by all but pytorchcv) last.
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in
+                              (PYTORCHCV, OFFICIAL, TIMM, COMMON, COMMON_2018, TORCHVISION)}
+# The layout `to_torch` writes for each registry variant.
+LAYOUT_OF_VARIANT: dict[str, str] = {"official": "official", "timm": "timm", "common": "common"}
+
+
+def get_layout(name: str) -> Layout:
+    """The layout called `name`; ValueError listing the known ones otherwise."""
+    if name not in LAYOUTS:
+        raise ValueError(f"Unknown PyTorch layout {name!r}; known layouts: {', '.join(LAYOUTS)}.")
+    return LAYOUTS[name]

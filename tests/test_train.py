@@ -114,6 +114,26 @@ def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path, cache_dir):
     assert_same_state(state, straight[1][1])
 
 
+def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, cache_dir):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    overrides = ("--config.checkpoint_every_steps=2", "--config.eval_every_steps=1")  # as the SIGKILL test
+    process = subprocess.Popen(train_command(tmp_path, cache_dir, *overrides), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0
+    assert "(preempted)" in out
+    stopped_at = int(out.split("Stopped at step ")[1].split("/")[0])
+    assert final_state(tmp_path)[0] == stopped_at < 8
+    resumed = run_train(tmp_path, cache_dir, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(final_state(tmp_path)[1], straight[1][1])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
     assert run_train(tmp_path, cache_dir, "--config.stop_at_step=4").returncode == 0
     _, good = final_state(tmp_path)

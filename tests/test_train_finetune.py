@@ -1,5 +1,7 @@
 """Fine-tuning start (config.init_from): pretrained weights are copied, a head for another class
-count is re-initialised, and a pretrained model of another architecture is refused."""
+count is re-initialised, and a pretrained model of another architecture is refused; `cbam-jax eval --pretrained`."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -39,3 +41,18 @@ def test_init_from_pretrained_of_another_architecture_fails(tmp_path):
     fresh = _variables(create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4))
     with pytest.raises(ValueError, match="does not match config.model"):
         init_from_pretrained(str(tmp_path / "other"), fresh)
+
+
+def test_eval_subcommand_on_a_pretrained_directory(tmp_path, capsys):
+    from cbam_jax.cli import main
+
+    model = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4)
+    variables = _variables(model)
+    variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])  # valid variances
+    save_pretrained(tmp_path / "pretrained", model, variables)
+    assert main(["eval", "--pretrained", str(tmp_path / "pretrained"), "--config", "configs/tiny.py",
+                 "--batch-size", "100"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["count"] == 359 and 0.0 <= result["accuracy"] <= 1.0 and result["split"] == "test"
+    assert main(["eval", "--pretrained", str(tmp_path / "pretrained")]) == 1
+    assert "needs --config" in capsys.readouterr().err

@@ -8,6 +8,7 @@ whatever the number of processes.
 
 import functools
 import math
+import os
 from collections.abc import Iterator
 
 import grain
@@ -24,7 +25,6 @@ def make_source(dataset: ml_collections.ConfigDict, split: str):
         return digits_source(split)
     if dataset.source == "tfds":
         return tfds_source(dataset.name, split, dataset.data_dir)
-    import os
     return ImageFolderSource(os.path.join(os.path.expanduser(dataset.data_dir), split), dataset.channels,
                              verify=dataset.verify_images)
 

@@ -34,7 +34,7 @@ class ArraySource:
 def digits_source(split: str) -> ArraySource:
     """scikit-learn's 1,797 real 8x8 grey digits (0..16 scaled to uint8), a fixed 80/20 split.
 
-    The split is stratified by class and never changes (seed 0): 'train' has 1,437 images, 'test' 360.
+    The split is stratified by class and never changes (seed 0): 'train' has 1,438 images, 'test' 359.
     """
     if split not in ("train", "test"):
         raise ValueError(f"The digits dataset has splits 'train' and 'test'; got {split!r}.")

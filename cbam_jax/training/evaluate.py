@@ -12,7 +12,11 @@ import sys
 import jax
 import ml_collections
 
-from cbam_jax.data import eval_batches
+from cbam_jax.data import eval_batches, make_source
+from cbam_jax.registry import model_from_config
+from cbam_jax.training.checkpoint import Checkpoints
+from cbam_jax.training.config import load_config, validate
+from cbam_jax.training.parallel import DataParallel
 
 
 def evaluate_split(parallel, variables: dict, source, dataset: ml_collections.ConfigDict, batch_size: int) -> dict:
@@ -57,12 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from cbam_jax.data import make_source
-    from cbam_jax.registry import model_from_config
-    from cbam_jax.training.checkpoint import Checkpoints
-    from cbam_jax.training.config import load_config, validate
-    from cbam_jax.training.parallel import DataParallel
-    from cbam_jax.training.trainer import restore_variables
+    from cbam_jax.training.trainer import restore_variables  # (the trainer imports this module)
 
     if args.workdir:
         checkpoints = Checkpoints(args.workdir, keep=1)

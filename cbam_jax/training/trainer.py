@@ -12,11 +12,11 @@ import os
 import signal
 import sys
 import time
-from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from cbam_jax.data import make_source, train_dataset
@@ -71,7 +71,6 @@ def init_from_pretrained(path: str, variables: dict) -> dict:
 def restore_variables(checkpoints: Checkpoints, best: bool = False) -> dict:
     """{'params', 'batch_stats'} of the latest (or best) checkpoint, as host arrays."""
     manager = checkpoints.best if best else checkpoints.latest
-    import orbax.checkpoint as ocp
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return {"params": restored["state"]["params"], "batch_stats": restored["state"]["batch_stats"]}
 

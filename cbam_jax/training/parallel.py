@@ -64,7 +64,10 @@ class DataParallel:
             return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)),
                                 host_state)
         count = jax.local_device_count()
-        return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count, *np.shape(x))), host_state)
+        stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count, *np.shape(x))), host_state)
+        # Through a pmap on the same axis, so the first step sees the layout of the step's own
+        # outputs (numpy inputs would make the second step compile again).
+        return jax.pmap(lambda tree: tree, axis_name=PMAP_AXIS)(stacked)
 
     def to_host(self, state: Any) -> Any:
         """Placed state -> host numpy (one copy)."""

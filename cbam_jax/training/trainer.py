@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from cbam_jax.data import make_source, train_dataset
 from cbam_jax.registry import create_model, model_config
@@ -76,14 +77,24 @@ def restore_variables(checkpoints: Checkpoints, best: bool = False) -> dict:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and stops cleanly at the next step."""
+    """SIGTERM sets a flag; the loop saves a checkpoint and stops cleanly at the next step.
+
+    With several processes JAX's own preemption service (started by jax.distributed) catches
+    SIGTERM on any host and agrees on a step at which all of them save and stop together.
+    """
 
     def __init__(self):
+        self.multi_process = jax.process_count() > 1
         self.requested = False
         self.previous = None
 
+    def should_stop(self, step: int) -> bool:
+        if self.multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def __enter__(self):
-        if hasattr(signal, "SIGTERM"):
+        if hasattr(signal, "SIGTERM") and not self.multi_process:
             try:
                 self.previous = signal.signal(signal.SIGTERM, self._handle)
             except ValueError:  # not the main thread: no handler
@@ -239,11 +250,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         best = {"accuracy": final_eval["accuracy"], "step": step}
                         checkpoints.save(step, parallel.to_host(placed), stream.get_state(), meta(step), best=True)
                     window_start += time.perf_counter() - eval_start  # eval time is not training time
-                stop = preemption.requested or step == config.stop_at_step
+                preempted = preemption.should_stop(step)
+                stop = preempted or step == config.stop_at_step
                 if step % checkpoint_every == 0 or step == total_steps or stop:
                     save(step, placed)
                 if stop:
-                    status = "preempted" if preemption.requested else "stopped"
+                    status = "preempted" if preempted else "stopped"
                     break
             flush_metrics(step)
             if final_eval is None and status == "finished":  # resumed a run that had already finished

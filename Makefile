@@ -36,8 +36,11 @@ $(VENV)/.torch-done: $(VENV)/.setup-done
 
 torch: $(VENV)/.torch-done
 
+# The main job: a CBAM-ResNet-18 on scikit-learn's real 8x8 digits (offline; a few minutes on a CPU).
+# Starts afresh in runs/default each time (train.py itself resumes an existing workdir).
 train: setup
-	$(PY) -m cbam_jax.demo
+	rm -rf runs/default
+	$(PY) train.py --config configs/default.py --workdir runs/default
 
 test: torch
 	$(PY) -m pytest -q

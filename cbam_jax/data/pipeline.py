@@ -1,0 +1,132 @@
+"""grain pipelines: an endless shuffled training stream of fixed-size batches, and padded eval batches.
+
+Multi-host: the global stream is cut into global batches and process p reads (and decodes) only
+the p-th contiguous part of each, `global_batch / process_count` examples; the trainer assembles
+the global batch with `jax.make_array_from_process_local_data`, so the global batches are the same
+whatever the number of processes.
+"""
+
+import functools
+import math
+import os
+from collections.abc import Iterator
+
+import grain
+import ml_collections
+import numpy as np
+
+from cbam_jax.data import transforms
+from cbam_jax.data.sources import ImageFolderSource, digits_source, tfds_source
+
+
+def make_source(dataset: ml_collections.ConfigDict, split: str):
+    """The random-access source of `split` for the config's `dataset` group."""
+    if dataset.source == "digits":
+        return digits_source(split)
+    if dataset.source == "tfds":
+        return tfds_source(dataset.name, split, dataset.data_dir)
+    return ImageFolderSource(os.path.join(os.path.expanduser(dataset.data_dir), split), dataset.channels,
+                             verify=dataset.verify_images)
+
+
+def _train_example(example: dict, rng: np.random.Generator, dataset: ml_collections.ConfigDict) -> dict:
+    image = transforms.ensure_channels(np.asarray(example["image"]), dataset.channels)
+    size = dataset.image_size
+    if dataset.train_augment == "pad_crop":
+        image = transforms.pad_crop(image, rng, size, dataset.crop_padding)
+    elif dataset.train_augment == "random_resized_crop":
+        image = transforms.random_resized_crop(image, rng, size)
+    else:
+        image = transforms.resize(image, size, size)
+    if dataset.flip:
+        image = transforms.maybe_flip(image, rng)
+    return {"image": np.ascontiguousarray(image), "label": np.int32(example["label"])}
+
+
+def _eval_example(example: dict, dataset: ml_collections.ConfigDict) -> dict:
+    image = transforms.ensure_channels(np.asarray(example["image"]), dataset.channels)
+    image = transforms.resize_center_crop(image, dataset.image_size, dataset.eval_resize)
+    return {"image": np.ascontiguousarray(image), "label": np.int32(example["label"])}
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ValueError(f"Batch size {global_batch} is not divisible by the {process_count} processes; "
+                         f"use a multiple of {process_count}.")
+    return global_batch // process_count
+
+
+def train_dataset(source, dataset: ml_collections.ConfigDict, *, global_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Endless training batches {'image': uint8 (B, H, W, C), 'label': int32 (B,)} of this process.
+
+    Each epoch is a fresh global permutation (seeded), sliced per process; augmentation randomness
+    is derived from (seed, example position), so the stream is identical however it is read, and
+    the iterator's `get_state()` / `set_state()` resume it exactly.
+    """
+    batch = local_batch_size(global_batch, process_count)
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    # Randomness from the global position, so augmentation does not depend on the process count.
+    ds = ds.random_map(functools.partial(_train_example, dataset=dataset), seed=seed)
+    ds = _ProcessPart(ds, global_batch, process_index, process_count)
+    ds = ds.batch(batch, drop_remainder=True)
+    options = grain.ReadOptions(num_threads=dataset.num_threads, prefetch_buffer_size=dataset.prefetch * batch)
+    return ds.to_iter_dataset(options)
+
+
+class _ProcessPart(grain.MapDataset):
+    """The elements of this process: part `process_index` of every consecutive global batch."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self.global_batch, self.local_batch = global_batch, global_batch // process_count
+        self.offset = process_index * self.local_batch
+
+    def __len__(self) -> int:
+        return len(self._parent) // self.global_batch * self.local_batch
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, within = divmod(index, self.local_batch)
+        return self._parent[batch * self.global_batch + self.offset + within]
+
+    def __str__(self) -> str:
+        return f"_ProcessPart(offset={self.offset}, local_batch={self.local_batch})"
+
+
+def num_eval_batches(num_examples: int, global_batch: int, process_count: int = 1) -> int:
+    """Batches per process so that every process runs the same number (needed by collectives)."""
+    per_process = math.ceil(num_examples / process_count)
+    return max(1, math.ceil(per_process / local_batch_size(global_batch, process_count)))
+
+
+def eval_batches(source, dataset: ml_collections.ConfigDict, *, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """Eval batches of this process padded to full size: {'image', 'label', 'mask' (B,) bool}.
+
+    Padding examples have mask False, so every real example is counted exactly once over all
+    processes, whatever the split size.
+    """
+    batch = local_batch_size(global_batch, process_count)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = ds.map(functools.partial(_eval_example, dataset=dataset)).batch(batch, drop_remainder=False)
+    options = grain.ReadOptions(num_threads=dataset.num_threads, prefetch_buffer_size=dataset.prefetch * batch)
+    count = 0
+    shape = None
+    for item in ds.to_iter_dataset(options):
+        shape = item["image"].shape[1:]
+        yield _pad(item, batch)
+        count += 1
+    shape = shape or (dataset.image_size, dataset.image_size, dataset.channels)
+    for _ in range(count, num_eval_batches(len(source), global_batch, process_count)):
+        yield {"image": np.zeros((batch, *shape), np.uint8), "label": np.zeros(batch, np.int32),
+               "mask": np.zeros(batch, bool)}
+
+
+def _pad(item: dict, batch: int) -> dict:
+    real = len(item["label"])
+    mask = np.arange(batch) < real
+    padded = {key: np.concatenate([value, np.zeros((batch - real, *value.shape[1:]), value.dtype)])
+              for key, value in item.items()}
+    return {**padded, "mask": mask}

@@ -1,0 +1,118 @@
+"""Random-access sources of examples `{'image': uint8 (H, W, C), 'label': int}` for grain.
+
+- `ArraySource`: arrays in memory (the embedded digits).
+- `tfds_source`: `tfds.data_source` over prepared ArrayRecord files (no TensorFlow needed to read).
+- `ImageFolderSource`: `root/CLASS/*.png|jpg|...`, classes sorted by folder name.
+"""
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+DIGITS_TEST_FRACTION = 0.2
+
+
+class ArraySource:
+    """Examples from in-memory arrays: images (N, H, W, C) uint8 and labels (N,)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+            raise ValueError(f"ArraySource needs uint8 images (N, H, W, C) and N labels; got {images.dtype} "
+                             f"{images.shape} and {np.shape(labels)}.")
+        self.images, self.labels = images, np.asarray(labels, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+def digits_source(split: str) -> ArraySource:
+    """scikit-learn's 1,797 real 8x8 grey digits (0..16 scaled to uint8), a fixed 80/20 split.
+
+    The split is stratified by class and never changes (seed 0): 'train' has 1,438 images, 'test' 359.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"The digits dataset has splits 'train' and 'test'; got {split!r}.")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("The embedded digits dataset ships with scikit-learn: pip install scikit-learn") from error
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = digits.target
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        test[members[:int(round(len(members) * DIGITS_TEST_FRACTION))]] = True
+    chosen = test if split == "test" else ~test
+    return ArraySource(images[chosen], labels[chosen])
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None):
+    """`tfds.data_source(name, split)` over ArrayRecord files; a clear error when not prepared."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir or None)
+    except Exception as error:  # tfds raises several types for "not prepared" (AssertionError, DatasetNotFound...)
+        where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+        raise FileNotFoundError(
+            f"Could not open tfds dataset {name!r} split {split!r} in {where}: {error}\n"
+            f"Prepare it once (needs TensorFlow: pip install 'cbam-jax[prepare]'):\n"
+            f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir={data_dir or None!r})"
+            f".download_and_prepare(file_format='array_record')\"\n"
+            "ImageNet needs its archives in <data_dir>/downloads/manual first (see configs/imagenet2012.py)."
+        ) from error
+
+
+class ImageFolderSource:
+    """Images in `root/CLASS_NAME/...` (any depth below the class folder); label = sorted class index.
+
+    Files without an image extension are ignored. An unreadable image raises a ValueError naming the
+    file when it is read; with `verify=True` every image is opened once up front and unreadable ones
+    are skipped with a warning instead.
+    """
+
+    def __init__(self, root: str, channels: int = 3, verify: bool = False):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"Image folder {root!r} does not exist; expected {root}/CLASS_NAME/image.jpg.")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not self.classes:
+            raise ValueError(f"Image folder {root!r} has no class sub-folders; expected {root}/CLASS_NAME/image.jpg.")
+        self.mode = {1: "L", 3: "RGB"}[channels]
+        self.files: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            for folder, _, names in sorted(os.walk(os.path.join(root, name))):
+                self.files.extend((os.path.join(folder, f), label) for f in sorted(names)
+                                  if f.lower().endswith(IMAGE_EXTENSIONS))
+        if verify:
+            readable = []
+            for path, label in self.files:
+                try:
+                    with Image.open(path) as image:
+                        image.load()
+                    readable.append((path, label))
+                except Exception as error:  # PIL raises many types for broken files
+                    warnings.warn(f"Skipping unreadable image {path}: {error}")
+            self.files = readable
+        if not self.files:
+            raise ValueError(f"Image folder {root!r} has no images with extensions {IMAGE_EXTENSIONS}.")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.files[index]
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert(self.mode))
+        except Exception as error:
+            raise ValueError(f"Cannot read image {path}: {error}. Remove or replace it, or set "
+                             "config.dataset.verify_images=True to skip unreadable files with a warning.") from error
+        return {"image": array.reshape(array.shape[0], array.shape[1], -1), "label": label}

@@ -1,0 +1,1 @@
+"""Training: configuration, optimiser, the shared train/eval step, jit/pmap placement, checkpoints."""

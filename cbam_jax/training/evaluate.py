@@ -1,0 +1,92 @@
+"""Evaluation over a whole split, and the `cbam-jax eval` subcommand.
+
+`cbam-jax eval --workdir DIR [--split test] [--checkpoint best|latest]` evaluates a training run's
+checkpoint on a split of the dataset it was trained on; `cbam-jax eval --pretrained DIR --config
+configs/NAME.py` evaluates a converted pretrained model on that config's eval split.
+"""
+
+import argparse
+import json
+import sys
+
+import jax
+import ml_collections
+
+from cbam_jax.data import eval_batches, make_source
+from cbam_jax.registry import model_from_config
+from cbam_jax.training.checkpoint import Checkpoints
+from cbam_jax.training.config import load_config, validate
+from cbam_jax.training.parallel import DataParallel
+
+
+def evaluate_split(parallel, variables: dict, source, dataset: ml_collections.ConfigDict, batch_size: int) -> dict:
+    """{'accuracy', 'loss', 'count'} over every example of `source`, each counted exactly once.
+
+    `variables` are placed by `parallel` (replicated); the last batch is padded and masked.
+    """
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    pending = []
+    for batch in eval_batches(source, dataset, global_batch=batch_size, process_index=jax.process_index(),
+                              process_count=jax.process_count()):
+        pending.append(parallel.eval_step(variables, parallel.place_batch(batch)))
+    for metrics in pending:
+        for key, value in parallel.metrics_to_host(metrics).items():
+            totals[key] += value
+    count = totals["count"]
+    return {"accuracy": totals["correct"] / count, "loss": totals["loss_sum"] / count, "count": int(count)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a training workdir (its checkpoint and the config it was trained with)")
+    source.add_argument("--pretrained", help="a converted pretrained model directory (needs --config)")
+    parser.add_argument("--config", help="a config file (configs/NAME.py) naming the dataset; "
+                                         "default for --workdir: the config saved in the checkpoint")
+    parser.add_argument("--split", help="split to evaluate (default: the config's dataset.eval_split)")
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                        help="which checkpoint of --workdir (default best; latest if no best exists)")
+    parser.add_argument("--batch-size", type=int, help="eval batch size (default: the config's eval_batch_size)")
+    parser.add_argument("--parallel", choices=("jit", "pmap"), default="jit")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the metrics as one JSON line; exit code 1 with a message on bad input."""
+    try:
+        result = _evaluate(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"cbam-jax eval: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from cbam_jax.training.trainer import restore_variables  # (the trainer imports this module)
+
+    if args.workdir:
+        checkpoints = Checkpoints(args.workdir, keep=1)
+        use_best = args.checkpoint == "best" and checkpoints.best.latest_step() is not None
+        meta = checkpoints.meta(best=use_best)
+        if meta is None:
+            raise FileNotFoundError(f"No checkpoint in {args.workdir!r} (expected {args.workdir}/checkpoints or /best).")
+        config = load_config(args.config) if args.config else validate(ml_collections.ConfigDict(json.loads(meta["config"])))
+        model = model_from_config(meta["model_config"])
+        variables = restore_variables(checkpoints, best=use_best)
+        step = meta["step"]
+        checkpoints.close()
+    else:
+        if not args.config:
+            raise ValueError("--pretrained needs --config configs/NAME.py to say which dataset to evaluate on.")
+        from cbam_jax.pretrained import load_pretrained
+        config = load_config(args.config)
+        model, variables = load_pretrained(args.pretrained)
+        step = None
+    batch_size = args.batch_size or config.eval_batch_size
+    DataParallel.check_batch_size(batch_size, "eval_batch_size (--batch-size)")
+    split = args.split or config.dataset.eval_split
+    source = make_source(config.dataset, split)
+    parallel = DataParallel(args.parallel, model, tx=None, num_classes=model.num_classes, label_smoothing=0.0,
+                            mean=config.dataset.mean, std=config.dataset.std, dynamic_loss_scale=False)
+    placed = parallel.place_state({"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
+    metrics = evaluate_split(parallel, placed, source, config.dataset, batch_size)
+    return {"split": split, "step": step, **metrics}

@@ -1,0 +1,290 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Order of work, so that bad input fails before anything slow: config and devices -> workdir
+architecture -> datasets -> model init -> restore -> compile and train. An interrupted run (SIGTERM,
+`stop_at_step`, a crash after a checkpoint) resumes exactly where it stopped when started again
+with the same workdir: the state, the optimizer and the position in the data stream are restored.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from cbam_jax.data import make_source, train_dataset
+from cbam_jax.registry import create_model, model_config
+from cbam_jax.training import config as config_lib
+from cbam_jax.training import optim
+from cbam_jax.training import step as step_lib
+from cbam_jax.training.checkpoint import Checkpoints, check_architecture
+from cbam_jax.training.evaluate import evaluate_split
+from cbam_jax.training.metrics_log import MetricLog
+from cbam_jax.training.parallel import DataParallel
+
+def setup_runtime(config: ml_collections.ConfigDict) -> None:
+    """jax.distributed (when asked) and the persistent compilation cache; call before any JAX op."""
+    if config.distributed.enabled:
+        # CPU collectives across processes need gloo (no effect on GPU/TPU backends).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=config.distributed.coordinator_address or None,
+                                   num_processes=config.distributed.num_processes or None,
+                                   process_id=None if config.distributed.process_id < 0 else config.distributed.process_id)
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def build_model(config: ml_collections.ConfigDict):
+    """The model of the config (compute dtype from config.precision, float32 parameters)."""
+    attention_options = {} if config.model.name.startswith("resnet") else {"reduction": config.model.reduction}
+    return create_model(config.model.name, num_classes=config.dataset.num_classes, stem=config.model.stem,
+                        variant=config.model.variant, width=config.model.width,
+                        dtype=config.precision, **attention_options)
+
+
+def init_from_pretrained(path: str, variables: dict) -> dict:
+    """Fine-tuning start: copy every pretrained array whose path and shape match `variables`; the
+    classifier head keeps its fresh initialisation when the class count differs."""
+    from cbam_jax.pretrained import load_pretrained
+
+    _, pretrained = load_pretrained(path)
+    target = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
+    source = traverse_util.flatten_dict(jax.device_get(dict(pretrained)), sep="/")
+    mismatched = sorted(k for k in target if not k.split("/")[1].startswith("fc")
+                        and (k not in source or np.shape(source[k]) != np.shape(target[k])))
+    if mismatched:
+        raise ValueError(f"The pretrained model in {path!r} does not match config.model: {len(mismatched)} array(s) "
+                         f"missing or of another shape, e.g. {mismatched[:3]}. Set config.model to its architecture.")
+    merged = {k: (np.asarray(source[k], v.dtype) if k in source and np.shape(source[k]) == np.shape(v) else v)
+              for k, v in target.items()}
+    return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def restore_variables(checkpoints: Checkpoints, best: bool = False) -> dict:
+    """{'params', 'batch_stats'} of the latest (or best) checkpoint, as host arrays."""
+    manager = checkpoints.best if best else checkpoints.latest
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return {"params": restored["state"]["params"], "batch_stats": restored["state"]["batch_stats"]}
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint and stops cleanly at the next step.
+
+    With several processes JAX's own preemption service (started by jax.distributed) catches
+    SIGTERM on any host and agrees on a step at which all of them save and stop together.
+    """
+
+    def __init__(self):
+        self.multi_process = jax.process_count() > 1
+        self.requested = False
+        self.previous = None
+
+    def should_stop(self, step: int) -> bool:
+        if self.multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and not self.multi_process:
+            try:
+                self.previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no handler
+                self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (or resume) in `workdir`; returns the summary printed at the end.
+
+    Returns:
+      {'status': 'finished'|'stopped', 'step', 'final_accuracy', 'best_accuracy', 'best_step',
+       'train_seconds', 'images_per_second', 'workdir'}.
+
+    Raises:
+      ValueError / FileNotFoundError: bad config, devices, dataset or workdir (before compiling).
+      FloatingPointError: the loss became NaN/inf (the last checkpoint on disk is left intact).
+    """
+    config_lib.validate(config)
+    setup_runtime(config)
+    DataParallel.check_batch_size(config.batch_size)
+    DataParallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    model = build_model(config)
+    arch = model_config(model)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    saved_meta = checkpoints.meta()
+    if saved_meta is not None:
+        check_architecture(saved_meta, arch, workdir)
+
+    train_source = make_source(config.dataset, config.dataset.train_split)
+    eval_source = make_source(config.dataset, config.dataset.eval_split)
+    steps_per_epoch = len(train_source) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"config.batch_size = {config.batch_size} exceeds the {len(train_source)} training examples.")
+    total_steps = config.num_train_steps if config.num_train_steps > 0 else int(math.ceil(config.num_epochs * steps_per_epoch))
+    eval_every = config.eval_every_steps or steps_per_epoch
+    checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
+    tx = optim.make_optimizer(config, schedule)
+    dynamic_loss_scale = config.precision == "float16"
+    image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
+
+    rng = jax.random.key(config.seed)
+    state = jax.device_get(step_lib.create_state(model, tx, rng, image_shape, dynamic_loss_scale))
+    if config.init_from and saved_meta is None:
+        variables = init_from_pretrained(config.init_from, {"params": state.params, "batch_stats": state.batch_stats})
+        state = jax.device_get(step_lib.state_from_variables(variables, tx, dynamic_loss_scale))
+    data_state = None
+    best = {"accuracy": -1.0, "step": None}
+    if saved_meta is not None:
+        state, data_state, saved_meta = checkpoints.restore(state)
+        best = {"accuracy": saved_meta["best_accuracy"], "step": saved_meta["best_step"]}
+    start_step = int(state.step)
+    checkpoints.discard_best_after(start_step)
+
+    stream = iter(train_dataset(train_source, config.dataset, global_batch=config.batch_size, seed=config.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count()))
+    if data_state is not None:
+        stream.set_state(data_state)
+    parallel = DataParallel(config.parallel, model, tx, num_classes=config.dataset.num_classes,
+                            label_smoothing=config.label_smoothing, mean=config.dataset.mean, std=config.dataset.std,
+                            dynamic_loss_scale=dynamic_loss_scale)
+    placed = parallel.place_state(state)
+    log = MetricLog(workdir, config.tensorboard)
+    is_main = jax.process_index() == 0
+    bar = _progress(total_steps, start_step, config.progress_bar and is_main)
+
+    def meta(step: int) -> dict:
+        return {"model_config": arch, "config": config.to_json(), "step": step, "epoch": step / steps_per_epoch,
+                "best_accuracy": best["accuracy"], "best_step": best["step"]}
+
+    pending, last_good_step = [], checkpoints.latest_step()
+    window_start, window_images = time.perf_counter(), 0
+    train_time, train_images = 0.0, 0
+    status, final_eval, step, compile_seconds = "finished", None, start_step, 0.0
+
+    def flush_metrics(step: int) -> None:
+        """Fetch the pending step metrics, stop on a non-finite loss, log the window."""
+        nonlocal pending, window_start, window_images, train_time, train_images
+        if not pending:
+            return
+        sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+        for metrics in pending:
+            host = parallel.metrics_to_host(metrics)
+            for key in sums:
+                sums[key] += host[key]
+            loss_scale = host["loss_scale"]
+        pending = []
+        elapsed = time.perf_counter() - window_start
+        train_time += elapsed
+        train_images += window_images
+        if not math.isfinite(sums["loss_sum"]):
+            raise FloatingPointError(
+                f"The training loss became {sums['loss_sum'] / sums['count']} by step {step}. Training stopped; "
+                + (f"the last good checkpoint (step {last_good_step}) in {workdir}/checkpoints is intact. "
+                   if last_good_step is not None else "no checkpoint was written. ")
+                + "Lower config.learning_rate, set config.grad_clip_norm, or use precision='float32'.")
+        values = {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
+                  "learning_rate": float(schedule(step - 1)), "images_per_second": window_images / max(elapsed, 1e-9)}
+        if dynamic_loss_scale:
+            values["loss_scale"] = loss_scale
+        log.write(step, "train", values)
+        if bar is not None:
+            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
+                            lr=f"{values['learning_rate']:.3g}", img_s=f"{values['images_per_second']:.0f}")
+        window_start, window_images = time.perf_counter(), 0
+
+    def save(step: int, placed_state) -> None:
+        nonlocal last_good_step
+        flush_metrics(step)  # never checkpoint a state that has seen a NaN loss
+        checkpoints.save(step, parallel.to_host(placed_state), stream.get_state(), meta(step))
+        last_good_step = step
+
+    try:
+        with _Preemption() as preemption:
+            for step in range(start_step + 1, total_steps + 1):
+                batch = next(stream)
+                placed, metrics = parallel.train_step(placed, parallel.place_batch(batch))
+                if step == start_step + 1:  # the first step compiles: keep it out of the throughput
+                    jax.block_until_ready(metrics)
+                    compile_seconds = time.perf_counter() - window_start
+                    window_start = time.perf_counter()
+                else:
+                    window_images += config.batch_size
+                pending.append(metrics)
+                if bar is not None:
+                    bar.update(1)
+                if step % config.log_every_steps == 0:
+                    flush_metrics(step)
+                if step % eval_every == 0 or step == total_steps:
+                    flush_metrics(step)
+                    eval_start = time.perf_counter()
+                    final_eval = evaluate_split(parallel, {"params": placed.params, "batch_stats": placed.batch_stats},
+                                                eval_source, config.dataset, config.eval_batch_size)
+                    log.write(step, "eval", {"loss": final_eval["loss"], "accuracy": final_eval["accuracy"],
+                                             "examples": final_eval["count"], "epoch": step / steps_per_epoch})
+                    if final_eval["accuracy"] > best["accuracy"]:
+                        best = {"accuracy": final_eval["accuracy"], "step": step}
+                        checkpoints.save(step, parallel.to_host(placed), stream.get_state(), meta(step), best=True)
+                    window_start += time.perf_counter() - eval_start  # eval time is not training time
+                preempted = preemption.should_stop(step)
+                stop = preempted or step == config.stop_at_step
+                if step % checkpoint_every == 0 or step == total_steps or stop:
+                    save(step, placed)
+                if stop:
+                    status = "preempted" if preempted else "stopped"
+                    break
+            flush_metrics(step)
+            if final_eval is None and status == "finished":  # resumed a run that had already finished
+                final_eval = evaluate_split(parallel, {"params": placed.params, "batch_stats": placed.batch_stats},
+                                            eval_source, config.dataset, config.eval_batch_size)
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpoints.close()
+        log.close()
+    summary = {"status": status, "step": step, "total_steps": total_steps,
+               "final_accuracy": final_eval["accuracy"] if final_eval else None,
+               "best_accuracy": best["accuracy"] if best["step"] is not None else None, "best_step": best["step"],
+               "train_seconds": round(train_time, 2), "first_step_seconds": round(compile_seconds, 2),
+               "images_per_second": round(train_images / train_time, 1) if train_time > 0 else None,
+               "workdir": workdir}
+    if is_main:
+        log.write(step, "summary", {k: v for k, v in summary.items() if k != "workdir"})
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The human-readable last lines of a run."""
+    if summary["status"] != "finished":
+        return (f"Stopped at step {summary['step']}/{summary['total_steps']} ({summary['status']}); a checkpoint is saved "
+                f"in {summary['workdir']}: run the same command again to resume.")
+    accuracy = summary["final_accuracy"]
+    best = summary["best_accuracy"]
+    return (f"Final test accuracy: {accuracy:.2%} (best {best:.2%} at step {summary['best_step']}); "
+            f"training time {summary['train_seconds']:.1f} s after a {summary['first_step_seconds']:.1f} s first "
+            f"(compiling) step, {summary['images_per_second']} images/s; "
+            f"workdir {summary['workdir']}\n" + json.dumps(summary))

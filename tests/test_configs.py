@@ -1,0 +1,69 @@
+"""Every recipe loads and validates; bad fields fail with a message that says what to fix."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cbam_jax.training.config import base_config, load_config, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def test_all_recipes_present_and_valid():
+    names = {os.path.basename(p)[:-3] for p in RECIPES}
+    assert {"default", "tiny", "cifar10", "cifar100", "imagenet2012", "imagenet2012_modern"} <= names
+    for path in RECIPES:
+        config = load_config(path)
+        assert config.is_locked
+
+
+def test_imagenet_recipe_is_the_papers():
+    config = load_config(os.path.join(ROOT, "configs", "imagenet2012.py"))
+    assert (config.model.name, config.optimizer, config.learning_rate, config.momentum) == ("cbam_resnet50", "sgd", 0.1, 0.9)
+    assert (config.weight_decay, config.schedule, config.lr_step_epochs, config.lr_step_factor) == (1e-4, "step", 30.0, 0.1)
+    assert (config.batch_size, config.num_epochs, config.dataset.image_size, config.dataset.eval_resize) == (256, 90.0, 224, 256)
+    modern = load_config(os.path.join(ROOT, "configs", "imagenet2012_modern.py"))
+    assert (modern.schedule, modern.label_smoothing, modern.precision) == ("cosine", 0.1, "bfloat16")
+    assert modern.warmup_epochs > 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.model, "name", "cbam_resnet19"), "not a model"),
+    (lambda c: setattr(c, "optimizer", "lamb"), "optimizer"),
+    (lambda c: setattr(c, "batch_size", 0), "batch_size must be > 0"),
+    (lambda c: setattr(c.dataset, "mean", (0.5, 0.5)), "dataset.mean needs 1"),
+    (lambda c: setattr(c, "parallel", "pjit"), "parallel"),
+    (lambda c: setattr(c, "init_from", "/nonexistent/dir"), "not a directory"),
+])
+def test_invalid_values_are_rejected(change, message):
+    config = base_config()
+    change(config)
+    with pytest.raises(ValueError, match=message):
+        validate(config)
+
+
+def test_unknown_and_missing_fields():
+    config = base_config()
+    config.batchsize = 32
+    with pytest.raises(ValueError, match="Unknown config field.*batchsize"):
+        validate(config)
+    config = base_config()
+    del config.dataset["flip"]
+    with pytest.raises(ValueError, match="Missing config field.*dataset.flip"):
+        validate(config)
+
+
+def test_missing_recipe_file_lists_the_recipes():
+    with pytest.raises(FileNotFoundError, match="default.py"):
+        load_config("configs/nope.py")
+
+
+def test_train_py_rejects_unknown_override():
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--config.batchsize=3",
+                             "--workdir", "/nonexistent"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "batchsize" in result.stderr

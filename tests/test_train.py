@@ -1,0 +1,173 @@
+"""The trainer end to end through train.py (subprocesses sharing one compilation cache): exact
+resume after a stop and after SIGKILL, NaN loss, a workdir of another architecture, the eval
+subcommand and the default recipe's accuracy on the embedded digits."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def train_command(workdir, cache_dir, *overrides, config="configs/tiny.py"):
+    return [sys.executable, "train.py", "--config", config, "--workdir", str(workdir),
+            f"--config.compilation_cache_dir={cache_dir}", *overrides]
+
+
+def run_train(workdir, cache_dir, *overrides, config="configs/tiny.py"):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(train_command(workdir, cache_dir, *overrides, config=config), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def final_state(workdir):
+    """The latest checkpoint's state (host arrays) and its step."""
+    from cbam_jax.training.checkpoint import Checkpoints
+    import orbax.checkpoint as ocp
+
+    checkpoints = Checkpoints(str(workdir), keep=2)
+    step = checkpoints.latest_step()
+    if step is None:
+        checkpoints.close()
+        return None, None
+    state = checkpoints.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    checkpoints.close()
+    return step, state
+
+
+def assert_same_state(a, b):
+    import jax
+
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("straight")
+    result = run_train(workdir, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Final test accuracy" in result.stdout
+    return workdir, final_state(workdir)
+
+
+def test_straight_run_writes_logs_and_checkpoints(straight):
+    workdir, (step, state) = straight
+    assert step == 8 and int(state["step"]) == 8
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    splits = {r["split"] for r in records}
+    assert {"train", "eval", "summary"} <= splits
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["loss"]) and r["learning_rate"] > 0 for r in train)
+    assert [r["examples"] for r in records if r["split"] == "eval"] == [359, 359]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+    assert len(os.listdir(workdir / "best")) == 1
+
+
+def test_stop_and_resume_is_exact(straight, tmp_path, cache_dir):
+    first = run_train(tmp_path, cache_dir, "--config.stop_at_step=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Stopped at step 4" in first.stdout
+    assert final_state(tmp_path)[0] == 4
+    second = run_train(tmp_path, cache_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    step, state = final_state(tmp_path)
+    assert step == 8
+    assert_same_state(state, straight[1][1])
+
+
+def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path, cache_dir):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # Checkpoints every 2 steps and an evaluation every step slow the run down enough to kill it mid-way.
+    overrides = ("--config.checkpoint_every_steps=2", "--config.eval_every_steps=1")
+    process = subprocess.Popen(train_command(tmp_path, cache_dir, *overrides), cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if checkpoints.is_dir() and os.listdir(checkpoints):
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = final_state(tmp_path)[0]
+    assert killed_at is None or killed_at < 8
+    resumed = run_train(tmp_path, cache_dir, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step, state = final_state(tmp_path)
+    assert step == 8
+    assert_same_state(state, straight[1][1])
+
+
+def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, cache_dir):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    overrides = ("--config.checkpoint_every_steps=2", "--config.eval_every_steps=1")  # as the SIGKILL test
+    process = subprocess.Popen(train_command(tmp_path, cache_dir, *overrides), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0
+    assert "(preempted)" in out
+    stopped_at = int(out.split("Stopped at step ")[1].split("/")[0])
+    assert final_state(tmp_path)[0] == stopped_at < 8
+    resumed = run_train(tmp_path, cache_dir, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(final_state(tmp_path)[1], straight[1][1])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
+    assert run_train(tmp_path, cache_dir, "--config.stop_at_step=4").returncode == 0
+    _, good = final_state(tmp_path)
+    result = run_train(tmp_path, cache_dir, "--config.learning_rate=1e30")
+    assert result.returncode == 1
+    assert "training loss became" in result.stderr and "last good checkpoint (step 4)" in result.stderr
+    step, state = final_state(tmp_path)
+    assert step == 4
+    assert_same_state(state, good)
+
+
+def test_workdir_of_another_architecture_fails_early(straight, cache_dir):
+    started = time.time()
+    result = run_train(straight[0], cache_dir, "--config.model.name=cbam_resnet34")
+    assert result.returncode == 1
+    assert "another architecture" in result.stderr and "stage_sizes" in result.stderr
+    assert final_state(straight[0])[0] == 8
+
+
+def test_eval_subcommand_counts_every_example(straight, capsys):
+    from cbam_jax.cli import main
+
+    assert main(["eval", "--workdir", str(straight[0]), "--batch-size", "64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = [json.loads(line) for line in open(straight[0] / "metrics.jsonl") if '"summary"' in line][-1]
+    assert result["count"] == 359 and result["split"] == "test"
+    assert result["accuracy"] == pytest.approx(summary["best_accuracy"], abs=1e-6)
+    assert main(["eval", "--workdir", str(straight[0]) + "/missing"]) == 1
+
+
+def test_default_recipe_learns_the_digits(tmp_path, cache_dir):
+    # The full recipe (30 epochs) reaches ~99% (README); 4 epochs must already be well above chance.
+    result = run_train(tmp_path, cache_dir, "--config.num_epochs=4", "--config.progress_bar=False",
+                       config="configs/default.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["final_accuracy"] >= 0.85, summary

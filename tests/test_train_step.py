@@ -1,0 +1,63 @@
+"""Pieces of the step without a network: schedules, weight-decay masking, fp16 dynamic loss scaling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cbam_jax.training import step as step_lib
+from cbam_jax.training.config import base_config
+from cbam_jax.training.optim import learning_rate_schedule, make_optimizer
+
+
+def config(**changes):
+    c = base_config()
+    for key, value in changes.items():
+        setattr(c, key, value)
+    return c
+
+
+def test_step_schedule_is_the_papers():
+    schedule = learning_rate_schedule(config(schedule="step", learning_rate=0.1, lr_step_epochs=30.0), 10, 900)
+    assert [float(schedule(s)) for s in (0, 299, 300, 599, 600, 899)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_warmup_then_cosine():
+    schedule = learning_rate_schedule(config(schedule="cosine", learning_rate=0.4, warmup_epochs=2.0), 10, 100)
+    assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(0.2)
+    assert float(schedule(20)) == pytest.approx(0.4) and float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("decay_norm_and_bias", [True, False])
+def test_weight_decay_mask(decay_norm_and_bias):
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+    tx = make_optimizer(config(optimizer="sgd", momentum=0.0, weight_decay=0.5,
+                               decay_norm_and_bias=decay_norm_and_bias), 1.0)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    assert float(updates["conv"]["kernel"][0, 0, 0, 0]) == pytest.approx(-0.5)
+    assert float(updates["bn"]["scale"][0]) == pytest.approx(-0.5 if decay_norm_and_bias else 0.0)
+
+
+def test_adamw_and_clipping_build():
+    params = {"w": jnp.ones((2, 2))}
+    tx = make_optimizer(config(optimizer="adamw", weight_decay=0.01, grad_clip_norm=1.0), 1e-3)
+    updates, _ = tx.update({"w": jnp.full((2, 2), 1e6)}, tx.init(params), params)
+    assert np.all(np.isfinite(updates["w"])) and float(jnp.max(jnp.abs(updates["w"]))) < 0.01
+
+
+def test_fp16_loss_scaling_skips_overflow_and_grows():
+    tx = optax.sgd(1.0)
+    old = step_lib.state_from_variables({"params": {"w": jnp.ones(2)}}, tx, dynamic_loss_scale=True)
+    new = old.replace(step=old.step + 1, params={"w": jnp.zeros(2)})
+    skipped = step_lib._apply_loss_scaling(old, new, jnp.asarray(False))
+    np.testing.assert_array_equal(skipped.params["w"], old.params["w"])
+    assert float(skipped.loss_scale) == step_lib.LOSS_SCALE_INIT / 2 and int(skipped.step) == 1
+    kept = step_lib._apply_loss_scaling(old, new, jnp.asarray(True))
+    np.testing.assert_array_equal(kept.params["w"], new.params["w"])
+    assert float(kept.loss_scale) == step_lib.LOSS_SCALE_INIT and int(kept.finite_steps) == 1
+    due = old.replace(finite_steps=jnp.asarray(step_lib.LOSS_SCALE_PERIOD - 1, jnp.int32))
+    grown = step_lib._apply_loss_scaling(due, new, jnp.asarray(True))
+    assert float(grown.loss_scale) == 2 * step_lib.LOSS_SCALE_INIT and int(grown.finite_steps) == 0

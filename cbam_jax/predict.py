@@ -2,9 +2,11 @@
 and eval preprocessing that `cbam-jax attention` shares.
 
 The preprocessing is the one the weights were trained with, read from the model's saved metadata
-(`"preprocessing": {"resize", "crop", "mean", "std"}`), never guessed: resize the short side to
-`resize` (bilinear, as torchvision's `Resize` on PIL images), center-crop `crop` x `crop` (as
-torchvision's `CenterCrop`), scale to [0, 1], subtract `mean` and divide by `std` per channel.
+(`"preprocessing": {"resize", "crop", "mean", "std"[, "channels"]}`), never guessed: convert to
+`channels` (3: RGB, the default; 1: greyscale 'L', as the training pipeline does), resize the short
+side to `resize` (bilinear, as torchvision's `Resize` on PIL images; a [height, width] pair resizes
+to exactly that size), center-crop `crop` x `crop` (as torchvision's `CenterCrop`), scale to
+[0, 1], subtract `mean` and divide by `std` per channel (one value per channel).
 """
 
 import argparse
@@ -33,38 +35,55 @@ class InputError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """Eval preprocessing of a model: short side -> `resize`, center crop `crop`, (x/255 - mean) / std.
+    """Eval preprocessing of a model: `channels`, short side -> `resize` (or exactly (height, width)),
+    center crop `crop`, (x/255 - mean) / std.
 
-    `resize` or `crop` None skips that step; `mean` and `std` are per RGB channel on the [0, 1] scale.
+    `resize` or `crop` None skips that step; `mean` and `std` have one value per channel on the
+    [0, 1] scale; `channels` is 3 (RGB) or 1 (greyscale).
     """
 
-    resize: int | None
+    resize: int | tuple[int, int] | None
     crop: int | None
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int = 3
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "preprocessing") -> "Preprocessing":
-        """Validate a metadata dict {"resize", "crop", "mean", "std"}; InputError names what is wrong."""
+        """Validate a metadata dict {"resize", "crop", "mean", "std"[, "channels"]}; InputError names
+        what is wrong."""
         missing = sorted({"resize", "crop", "mean", "std"} - set(values))
         if missing:
             raise InputError(f"{source} lacks {missing}; it needs resize, crop, mean and std.")
-        sizes = {}
-        for key in ("resize", "crop"):
-            value = values[key]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InputError(f"{source}: {key} must be a positive integer or null; got {value!r}.")
-            sizes[key] = value
+        channels = values.get("channels", 3)
+        if channels not in (1, 3) or isinstance(channels, bool):
+            raise InputError(f"{source}: channels must be 1 (greyscale) or 3 (RGB); got {channels!r}.")
+        resize, crop = values["resize"], values["crop"]
+        if isinstance(resize, Sequence) and not isinstance(resize, str):
+            if len(resize) != 2 or not all(_is_positive_int(v) for v in resize):
+                raise InputError(f"{source}: resize must be a positive integer (short side), a pair [height, width] "
+                                 f"of positive integers, or null; got {resize!r}.")
+            resize = tuple(resize)
+        elif resize is not None and not _is_positive_int(resize):
+            raise InputError(f"{source}: resize must be a positive integer (short side), a pair [height, width] "
+                             f"of positive integers, or null; got {resize!r}.")
+        if crop is not None and not _is_positive_int(crop):
+            raise InputError(f"{source}: crop must be a positive integer or null; got {crop!r}.")
         stats = {}
         for key in ("mean", "std"):
             value = values[key]
-            if (not isinstance(value, Sequence) or len(value) != 3
+            if (not isinstance(value, Sequence) or len(value) != channels
                     or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
-                raise InputError(f"{source}: {key} must be three numbers (R, G, B on the [0, 1] scale); got {value!r}.")
+                raise InputError(f"{source}: {key} must be {channels} number(s) (one per channel on the [0, 1] "
+                                 f"scale, channels={channels}); got {value!r}.")
             stats[key] = tuple(float(v) for v in value)
         if min(stats["std"]) <= 0:
             raise InputError(f"{source}: std must be positive; got {stats['std']}.")
-        return cls(**sizes, **stats)
+        return cls(resize, crop, **stats, channels=channels)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,21 +134,34 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def resize_and_crop(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """The geometric part of the preprocessing: RGB uint8 (H, W, 3) -> uint8 (crop, crop, 3).
+def to_model_channels(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> uint8 (H, W, channels): greyscale as the training pipeline makes it."""
+    from cbam_jax.data.transforms import ensure_channels  # the training code itself, so both agree exactly
 
-    Short side to `resize` keeping the aspect ratio (long side truncated, as torchvision), then the
-    centred `crop` x `crop` window (zero-padded where the image is smaller, as torchvision).
+    return ensure_channels(image, preprocessing.channels)
+
+
+def resize_and_crop(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """The geometric part of the preprocessing: uint8 (H, W, C) -> uint8 (crop, crop, C), C = 1 or 3.
+
+    Short side to `resize` keeping the aspect ratio (long side truncated, as torchvision), or to
+    exactly `resize` = (height, width); then the centred `crop` x `crop` window (zero-padded where
+    the image is smaller, as torchvision).
     """
-    pil = Image.fromarray(image)
-    if preprocessing.resize is not None:
+    channels = image.shape[-1]
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    if isinstance(preprocessing.resize, tuple):
+        height, width = preprocessing.resize
+        if (width, height) != pil.size:
+            pil = pil.resize((width, height), Image.Resampling.BILINEAR)
+    elif preprocessing.resize is not None:
         width, height = pil.size
         short, long = sorted((width, height))
         new_long = int(preprocessing.resize * long / short)
         size = (preprocessing.resize, new_long) if width <= height else (new_long, preprocessing.resize)
         if size != pil.size:
             pil = pil.resize(size, Image.Resampling.BILINEAR)
-    array = np.asarray(pil)
+    array = np.asarray(pil).reshape(pil.size[1], pil.size[0], channels)
     if preprocessing.crop is None:
         return array
     crop = preprocessing.crop
@@ -142,15 +174,15 @@ def resize_and_crop(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarr
 
 
 def normalize(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> float32 (H, W, 3): (x / 255 - mean) / std."""
+    """uint8 (H, W, C) -> float32 (H, W, C): (x / 255 - mean) / std."""
     mean = np.asarray(preprocessing.mean, np.float32)
     std = np.asarray(preprocessing.std, np.float32)
     return (image.astype(np.float32) / 255.0 - mean) / std
 
 
 def preprocess(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """The full eval preprocessing: RGB uint8 (H, W, 3) -> float32 model input (crop, crop, 3)."""
-    return normalize(resize_and_crop(image, preprocessing), preprocessing)
+    """The full eval preprocessing: RGB uint8 (H, W, 3) -> float32 model input (crop, crop, channels)."""
+    return normalize(resize_and_crop(to_model_channels(image, preprocessing), preprocessing), preprocessing)
 
 
 def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
@@ -186,6 +218,10 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
                          "--resize, --crop, --mean and --std (ImageNet weights: --resize 256 --crop 224 "
                          "--mean 0.485 0.456 0.406 --std 0.229 0.224 0.225).")
     preprocessing = Preprocessing.from_dict(saved, source=f"{path} preprocessing (metadata and options)")
+    model_channels = variables["params"]["conv1"]["kernel"].shape[2]
+    if preprocessing.channels != model_channels:
+        raise InputError(f"--pretrained {path}: the model takes {model_channels}-channel images but the preprocessing "
+                         f"gives {preprocessing.channels}; set --channels {model_channels} (with matching --mean/--std).")
     names = list(metadata.get("class_names") or [])
     if len(names) != num_classes:  # absent or inconsistent: number the classes
         names = [f"class {i}" for i in range(num_classes)]
@@ -198,7 +234,7 @@ def _probabilities(model: nn.Module, variables: Any, images: jax.Array) -> jax.A
 
 
 def top_k(model: nn.Module, variables: Any, images: np.ndarray, k: int = DEFAULT_TOP_K) -> tuple[np.ndarray, np.ndarray]:
-    """The `k` most probable classes of preprocessed images (B, H, W, 3).
+    """The `k` most probable classes of preprocessed images (B, H, W, C).
 
     Returns:
       (probabilities (B, k), class indices (B, k)), most probable first.
@@ -225,24 +261,26 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("preprocessing (default: as saved with the model)")
     group.add_argument("--resize", type=int, help="short side after resizing")
     group.add_argument("--crop", type=int, help="side of the center crop")
-    group.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="channel means on the [0, 1] scale")
-    group.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="channel stds on the [0, 1] scale")
+    group.add_argument("--mean", type=float, nargs="+", metavar="M", help="channel means on the [0, 1] scale (R G B, or one for grey)")
+    group.add_argument("--std", type=float, nargs="+", metavar="S", help="channel stds on the [0, 1] scale (R G B, or one for grey)")
+    group.add_argument("--channels", type=int, choices=(1, 3), help="model input: 3 = RGB, 1 = greyscale")
 
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std}
+    return {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std, "channels": args.channels}
 
 
 def load_images(paths: Sequence[str], preprocessing: Preprocessing) -> tuple[list[tuple[str, np.ndarray]], int]:
-    """Load and crop each image (uint8); an unusable one is reported on stderr and skipped.
+    """Load, convert to the model's channels and crop each image (uint8); an unusable one is reported
+    on stderr and skipped.
 
     Returns:
-      ([(path, cropped uint8 image)], number of failures).
+      ([(path, cropped uint8 image (crop, crop, channels))], number of failures).
     """
     loaded, failures = [], 0
     for path in paths:
         try:
-            loaded.append((path, resize_and_crop(load_image(path), preprocessing)))
+            loaded.append((path, resize_and_crop(to_model_channels(load_image(path), preprocessing), preprocessing)))
         except InputError as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1

@@ -69,7 +69,7 @@ def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[s
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        ocp.PyTreeCheckpointer().save(staging / VARIABLES_DIR, tree)
+        process_local_checkpointer().save(staging / VARIABLES_DIR, tree)
         (staging / CONFIG_FILE).write_text(document_text + "\n")
         os.rename(staging, path)
     except BaseException:
@@ -104,7 +104,7 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
     if not variables_dir.is_dir():
         raise ValueError(f"load_pretrained: {path} has no '{VARIABLES_DIR}/' checkpoint; the directory is incomplete.")
     try:
-        restored = ocp.PyTreeCheckpointer().restore(variables_dir)
+        restored = process_local_checkpointer().restore(variables_dir)
     except Exception as error:  # orbax raises many kinds of errors for damaged files
         raise ValueError(f"load_pretrained: cannot read the checkpoint in {variables_dir} "
                          f"(corrupt or incomplete?): {type(error).__name__}: {error}") from None
@@ -150,6 +150,14 @@ def _check_matches_model(path: Path, model: ResNet, variables: dict[str, Any]) -
         reshaped = sorted(k for k in set(expected_shapes) & set(found_shapes) if expected_shapes[k] != found_shapes[k])
         raise ValueError(f"load_pretrained: the checkpoint in {path} does not fit the model in {CONFIG_FILE}: "
                          f"missing {missing[:10]}, unexpected {unexpected[:10]}, wrong shape {reshaped[:10]}.")
+
+
+def process_local_checkpointer() -> ocp.Checkpointer:
+    """A checkpointer that reads and writes from the calling process alone: in a multi-process run
+    (e.g. process 0 exporting at the end of training) the default one would wait for the others."""
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone), multiprocessing_options=alone)
 
 
 def _to_numpy(tree: Any) -> Any:

@@ -299,7 +299,10 @@ def render_grid(rows: list[list[Cell]], footer: str = "") -> Image.Image:
                 cy += line_height
             cy = y + title_lines * line_height
             if cell.image is not None:
-                canvas.paste(Image.fromarray(cell.image).resize((PANEL, PANEL), Image.Resampling.BILINEAR), (x, cy))
+                # Tiny inputs (e.g. 8x8 digits) are shown as crisp pixel blocks, not blurred.
+                resample = (Image.Resampling.NEAREST if max(cell.image.shape[:2]) * 4 <= PANEL
+                            else Image.Resampling.BILINEAR)
+                canvas.paste(Image.fromarray(cell.image).resize((PANEL, PANEL), resample), (x, cy))
                 cy += PANEL
             for piece in cell.below:
                 canvas.paste(Image.fromarray(piece), (x, cy + 4))
@@ -331,7 +334,7 @@ def attention_figure(image: np.ndarray, maps: Mapping[str, Mapping[str, np.ndarr
     """A figure of one image: the input, Grad-CAM and the attention of each stage's last block.
 
     Args:
-      image: the input as the model saw it (after resize and crop), RGB uint8 (H, W, 3).
+      image: the input as the model saw it (after resize and crop), uint8 (H, W, 3) RGB or (H, W, 1) grey.
       maps: this image's entry of `attention_maps` (module -> {"channel": (C,), "spatial": (H, W)}).
       cam: this image's Grad-CAM map (H, W) in [0, 1].
       cam_label: the explained class, e.g. "tabby cat (0.71)".
@@ -341,6 +344,8 @@ def attention_figure(image: np.ndarray, maps: Mapping[str, Mapping[str, np.ndarr
     Spatial maps are stretched to their own range for display (the range is in the panel's
     title); channel charts show the raw weights on a fixed [0, 1] axis.
     """
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
     legend = [colour_bar(), scale_labels()]
     first_row = [Cell(["input"], image, legend), Cell(["Grad-CAM", cam_label], overlay(image, cam), [])]
     last_of_stage = {}
@@ -406,6 +411,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-index", type=int, metavar="K",
                         help="explain class K with Grad-CAM (default: each image's top class)")
     parser.add_argument("--all-blocks", action="store_true", help="also show every block's maps, one row per stage")
+    parser.add_argument("--grad-cam-block", metavar="NAME",
+                        help="block whose output Grad-CAM explains, e.g. layer2_1 (default: the last block)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (%(default)s)")
     add_preprocessing_arguments(parser)
 
@@ -419,6 +426,12 @@ def run(args: argparse.Namespace) -> int:
         if args.class_index is not None and not 0 <= args.class_index < len(loaded.class_names):
             raise InputError(f"--class-index must be in [0, {len(loaded.class_names)}) for this model; "
                              f"got {args.class_index}.")
+        blocks = [f"layer{stage + 1}_{block}" for stage, size in enumerate(loaded.model.stage_sizes)
+                  for block in range(size)]
+        cam_block = args.grad_cam_block or last_block_name(loaded.model)
+        if cam_block not in blocks:
+            raise InputError(f"--grad-cam-block must be one of this model's blocks ({blocks[0]} ... {blocks[-1]}); "
+                             f"got {cam_block!r}.")
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a directory.")
@@ -428,12 +441,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     items, failures = load_images(args.images, loaded.preprocessing)
     names = output_names([path for path, _ in items])
-    footer = (f"model: {Path(args.pretrained).resolve().name}; Grad-CAM at the output of {last_block_name(loaded.model)}.\n"
+    footer = (f"model: {Path(args.pretrained).resolve().name}; Grad-CAM at the output of {cam_block}.\n"
               + FIGURE_KEY)
     for batch in same_shape_batches(items, args.batch_size):
         inputs = np.stack([normalize(image, loaded.preprocessing) for _, image in batch])
         maps = attention_maps(loaded.model, loaded.variables, inputs)
-        cams = grad_cam(loaded.model, loaded.variables, inputs, args.class_index)
+        cams = grad_cam(loaded.model, loaded.variables, inputs, args.class_index, layer=cam_block)
         probabilities = np.asarray(jax.nn.softmax(cams.logits, axis=-1))
         for i, (path, image) in enumerate(batch):
             target = int(cams.class_index[i])

@@ -171,3 +171,71 @@ def test_default_recipe_learns_the_digits(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["final_accuracy"] >= 0.85, summary
+
+
+def _eval_arrays_and_best_logits(workdir, count=24):
+    """The first `count` digits test images as the eval pipeline makes them (uint8) and the logits of
+    the best checkpoint on them."""
+    from cbam_jax.data import eval_batches, make_source
+    from cbam_jax.registry import model_from_config
+    from cbam_jax.training.checkpoint import Checkpoints
+    from cbam_jax.training.config import load_config
+    from cbam_jax.training.step import normalize
+    from cbam_jax.training.trainer import restore_variables
+
+    config = load_config(os.path.join(ROOT, "configs/tiny.py"))
+    batch = next(eval_batches(make_source(config.dataset, "test"), config.dataset, global_batch=count))
+    checkpoints = Checkpoints(str(workdir), keep=2)
+    model = model_from_config(checkpoints.meta(best=True)["model_config"])
+    variables = restore_variables(checkpoints, best=True)
+    checkpoints.close()
+    logits = model.apply(variables, normalize(batch["image"], config.dataset.mean, config.dataset.std), train=False)
+    return batch["image"], np.asarray(logits), config
+
+
+def test_finished_run_exports_the_best_model_as_a_pretrained_directory(straight):
+    from cbam_jax.pretrained import load_metadata, load_pretrained
+    from cbam_jax.training.export import export_pretrained
+    from cbam_jax.training.step import normalize
+
+    workdir = straight[0]
+    images, logits, config = _eval_arrays_and_best_logits(workdir)
+    metadata = load_metadata(workdir / "pretrained")
+    assert metadata["class_names"] == [str(d) for d in range(10)]
+    assert metadata["preprocessing"] == {"resize": [8, 8], "crop": 8, "mean": [0.3], "std": [0.4], "channels": 1}
+    model, variables = load_pretrained(workdir / "pretrained")
+    exported = model.apply(variables, normalize(images, config.dataset.mean, config.dataset.std), train=False)
+    np.testing.assert_allclose(np.asarray(exported), logits, atol=1e-6)
+    # A second export replaces the first one whole, leaving nothing else behind.
+    (workdir / "pretrained" / "marker").write_text("old export")
+    export_pretrained(str(workdir), model, config.dataset, None)
+    assert not (workdir / "pretrained" / "marker").exists()
+    assert sorted(p.name for p in workdir.iterdir() if "pretrained" in p.name) == ["pretrained"]
+    np.testing.assert_array_equal(np.asarray(load_pretrained(workdir / "pretrained")[1]["params"]["fc"]["kernel"]),
+                                  np.asarray(variables["params"]["fc"]["kernel"]))
+
+
+def test_predict_on_digit_pngs_equals_the_eval_pipeline(straight, tmp_path, capsys):
+    from PIL import Image
+
+    from cbam_jax.cli import main
+
+    images, logits, _ = _eval_arrays_and_best_logits(straight[0])
+    paths = []
+    for index, image in enumerate(images):  # as greyscale and as RGB files: both become the same 'L' input
+        path = tmp_path / f"digit{index}.png"
+        grey = Image.fromarray(image[..., 0])
+        (grey if index % 2 else grey.convert("RGB")).save(path)
+        paths.append(str(path))
+    assert main(["predict", "--pretrained", str(straight[0] / "pretrained"), "--top-k", "10", "--json", *paths]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    for line, path, probabilities in zip(lines, paths, expected, strict=True):
+        assert line["image"] == path
+        got = np.zeros(10)
+        for entry in line["top_k"]:
+            got[entry["index"]] = entry["probability"]
+            assert entry["class"] == str(entry["index"])
+        np.testing.assert_allclose(got, probabilities, atol=1e-5)
+        assert line["top_k"][0]["index"] == int(np.argmax(probabilities))

@@ -207,3 +207,9 @@ def test_attention_cli_reports_bad_input_and_still_processes_the_rest(pretrained
     assert "no cbam-jax model could be loaded" in capsys.readouterr().err
     assert main(["attention", "--pretrained", str(pretrained), "--out", str(out), "--class-index", "7", good]) == 2
     assert "--class-index must be in [0, 4)" in capsys.readouterr().err
+    assert main(["attention", "--pretrained", str(pretrained), "--out", str(out), "--grad-cam-block", "layer9_0",
+                 good]) == 2
+    assert "--grad-cam-block must be one of this model's blocks" in capsys.readouterr().err
+    assert main(["attention", "--pretrained", str(pretrained), "--out", str(tmp_path / "early"),
+                 "--grad-cam-block", "layer1_0", good]) == 0
+    assert "Grad-CAM class:" in capsys.readouterr().out and (tmp_path / "early" / "good_attention.png").exists()

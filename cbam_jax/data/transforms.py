@@ -82,11 +82,12 @@ def resize_center_crop(image: np.ndarray, size: int, resize_to: int) -> np.ndarr
     """
     if resize_to <= 0:
         return resize(image, size, size)
+    # torchvision's rounding (long side truncated, crop offset rounded), as `cbam-jax predict` does.
     height, width = image.shape[:2]
     short = min(height, width)
-    new_h, new_w = max(size, round(height * resize_to / short)), max(size, round(width * resize_to / short))
+    new_h, new_w = max(size, int(resize_to * height / short)), max(size, int(resize_to * width / short))
     image = resize(image, new_h, new_w)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return image[top:top + size, left:left + size]
 
 

@@ -27,6 +27,7 @@ from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
 from cbam_jax.training.checkpoint import Checkpoints, check_architecture
 from cbam_jax.training.evaluate import evaluate_split
+from cbam_jax.training.export import export_pretrained
 from cbam_jax.training.metrics_log import MetricLog
 from cbam_jax.training.parallel import DataParallel
 
@@ -274,6 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "workdir": workdir}
     if is_main:
         log.write(step, "summary", {k: v for k, v in summary.items() if k != "workdir"})
+        if status == "finished":  # the best model, ready for `cbam-jax predict` / `attention`
+            summary["pretrained"] = str(export_pretrained(workdir, model, config.dataset, eval_source))
     return summary
 
 

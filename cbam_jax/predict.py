@@ -74,8 +74,9 @@ class Preprocessing:
             value = values[key]
             if (not isinstance(value, Sequence) or len(value) != channels
                     or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
-                raise InputError(f"{source}: {key} must be {channels} number(s) (one per channel on the [0, 1] "
-                                 f"scale, channels={channels}); got {value!r}.")
+                expected = "three numbers (R, G, B" if channels == 3 else "one number (grey"
+                raise InputError(f"{source}: {key} must be {expected} on the [0, 1] scale; channels={channels}); "
+                                 f"got {value!r}.")
             stats[key] = tuple(float(v) for v in value)
         if min(stats["std"]) <= 0:
             raise InputError(f"{source}: std must be positive; got {stats['std']}.")
@@ -221,7 +222,7 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
     model_channels = variables["params"]["conv1"]["kernel"].shape[2]
     if preprocessing.channels != model_channels:
         raise InputError(f"--pretrained {path}: the model takes {model_channels}-channel images but the preprocessing "
-                         f"gives {preprocessing.channels}; set --channels {model_channels} (with matching --mean/--std).")
+                         f"gives {preprocessing.channels}; its metadata's preprocessing is wrong.")
     names = list(metadata.get("class_names") or [])
     if len(names) != num_classes:  # absent or inconsistent: number the classes
         names = [f"class {i}" for i in range(num_classes)]
@@ -261,13 +262,12 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("preprocessing (default: as saved with the model)")
     group.add_argument("--resize", type=int, help="short side after resizing")
     group.add_argument("--crop", type=int, help="side of the center crop")
-    group.add_argument("--mean", type=float, nargs="+", metavar="M", help="channel means on the [0, 1] scale (R G B, or one for grey)")
-    group.add_argument("--std", type=float, nargs="+", metavar="S", help="channel stds on the [0, 1] scale (R G B, or one for grey)")
-    group.add_argument("--channels", type=int, choices=(1, 3), help="model input: 3 = RGB, 1 = greyscale")
+    group.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="channel means on the [0, 1] scale")
+    group.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="channel stds on the [0, 1] scale")
 
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std, "channels": args.channels}
+    return {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std}
 
 
 def load_images(paths: Sequence[str], preprocessing: Preprocessing) -> tuple[list[tuple[str, np.ndarray]], int]:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cbam_jax.cli import main
-from cbam_jax.predict import InputError, Preprocessing, load_image, preprocess, resize_and_crop
+from cbam_jax.predict import InputError, Preprocessing, load_image, preprocess, resize_and_crop, to_model_channels
 from cbam_jax.pretrained import save_pretrained
 from cbam_jax.resnet import ResNet
 
@@ -116,11 +116,28 @@ def test_crop_larger_than_image_pads_with_zeros():
     assert (result[:3] == 0).all() and (result[13:] == 0).all() and (result[3:13] == 200).all()
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("resize", [20, [16, 16]])
+def test_geometry_equals_the_training_eval_transform(rng, channels, resize):
+    from cbam_jax.data.transforms import resize_center_crop
+
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    preprocessing = Preprocessing.from_dict({"resize": resize, "crop": 16, "mean": [0.5] * channels,
+                                             "std": [0.5] * channels, "channels": channels})
+    ours = resize_and_crop(to_model_channels(image, preprocessing), preprocessing)
+    training = resize_center_crop(to_model_channels(image, preprocessing), 16, 0 if isinstance(resize, list) else resize)
+    assert ours.shape == (16, 16, channels)
+    np.testing.assert_array_equal(ours, training)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"resize": 256, "crop": 224, "mean": [0.5] * 3}, "lacks \\['std'\\]"),
     ({**IMAGENET, "crop": -1}, "crop must be a positive integer"),
     ({**IMAGENET, "mean": [0.5, 0.5]}, "mean must be three numbers"),
     ({**IMAGENET, "std": [0.2, 0.0, 0.2]}, "std must be positive"),
+    ({**IMAGENET, "channels": 1}, "mean must be one number \\(grey"),
+    ({**IMAGENET, "channels": 2}, "channels must be 1 \\(greyscale\\) or 3"),
+    ({**IMAGENET, "resize": [8, 0]}, "pair \\[height, width\\]"),
 ])
 def test_bad_preprocessing_is_rejected(values, message):
     with pytest.raises(InputError, match=message):

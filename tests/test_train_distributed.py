@@ -76,3 +76,8 @@ def test_two_processes_match_one(tmp_path):
     import jax
     for a, b in zip(jax.tree.leaves(two["params"]), jax.tree.leaves(one["params"])):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    # Process 0 alone exported the best model; it is the same model as the single process's.
+    from cbam_jax.pretrained import load_pretrained
+    exported_two, exported_one = (load_pretrained(tmp_path / run / "pretrained")[1] for run in ("two", "one"))
+    for a, b in zip(jax.tree.leaves(exported_two), jax.tree.leaves(exported_one)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

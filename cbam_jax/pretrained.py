@@ -7,8 +7,10 @@ A directory holds everything needed to rebuild a model, and nothing else:
       variables/      an orbax checkpoint of {"params": ..., "batch_stats": ...}
 
 Metadata conventions (all optional): "class_names": list[str]; "preprocessing": {"resize": 256,
-"crop": 224, "mean": [...], "std": [...]} (absent or None when unknown); "source": where the weights
-came from (e.g. the converter records the PyTorch file and its layout).
+"crop": 224, "mean": [...], "std": [...]} (absent or None when unknown; "resize" may also be a
+[height, width] pair: resize to exactly that size; "channels": 1 for greyscale models, default 3,
+with one mean/std per channel); "source": where the weights came from (e.g. the converter records
+the PyTorch file and its layout; training exports record the workdir).
 """
 
 import json

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict
 
-from cbam_jax.layers import BAM, CBAM, SE
+from cbam_jax.layers import BAM, CBAM, SE, cpu_ops
 from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, torch_default_kernel_init
 
 ModuleDef = Any
@@ -128,6 +128,8 @@ class ResNet(nn.Module):
       dtype: computation dtype (e.g. jnp.bfloat16); BatchNorm statistics, attention pooling and
         sigmoids and the returned logits are float32.
       param_dtype: parameter dtype.
+      kernels: 'auto' (the CPU fast path of `cbam_jax.layers.cpu_ops` on the CPU backend, XLA's own
+        kernels elsewhere), 'cpu' or 'xla'. Same parameters and results either way.
     """
 
     stage_sizes: Sequence[int]
@@ -143,6 +145,7 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         # Fail at construction, before any tracing, on an invalid configuration; keep the fields
@@ -153,6 +156,7 @@ class ResNet(nn.Module):
             object.__setattr__(self, dtype_field, jnp.dtype(getattr(self, dtype_field)))
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
+        _check_choice("kernels", self.kernels, cpu_ops.KERNELS)
         if self.attention is not None:
             _check_choice("attention", self.attention, ATTENTION_LAYERS)
             allowed = layer_options(ATTENTION_LAYERS[self.attention])
@@ -175,9 +179,11 @@ class ResNet(nn.Module):
         if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4) and x.shape[-1] > x.shape[1]:
             raise ValueError(f"ResNet expects NHWC images; shape {tuple(x.shape)} looks like NCHW. "
                              "Transpose with x.transpose(0, 2, 3, 1).")
+        cpu_kernels = cpu_ops.use_cpu_kernels(self.kernels)
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
+                                 conv_general_dilated=cpu_ops.conv_general_dilated if cpu_kernels else None,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        norm = functools.partial(cpu_ops.BatchNorm if cpu_kernels else nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                  use_fast_variance=False, axis_name=self.bn_axis_name,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         block_attention, stage_attention = None, None
@@ -186,6 +192,8 @@ class ResNet(nn.Module):
             shared = {"dtype": self.dtype, "param_dtype": self.param_dtype}
             if "bn_axis_name" in layer_options(layer_cls):
                 shared["bn_axis_name"] = self.bn_axis_name
+            if "kernels" in layer_options(layer_cls):
+                shared["kernels"] = self.kernels
             layer = functools.partial(layer_cls, **self.attention_options, **shared)
             if self.attention == "bam":
                 stage_attention = layer

@@ -131,6 +131,25 @@ def _cost_flops(compiled: Any) -> float | None:
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
+def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
+    """(params, batch_stats, opt_state), images (B, H, W, 3), labels (B,) -> (new state, loss): one SGD step."""
+
+    def train_step(state, x, y):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(p):
+            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                          mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    return train_step
+
+
 def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
@@ -146,20 +165,7 @@ def setup_jax(variant: Variant) -> None:
         variant.step = lambda: compiled(variables, images).block_until_ready()
     else:
         optimizer = optax.sgd(0.1, momentum=0.9)
-
-        def train_step(state, x, y):
-            params, batch_stats, opt_state = state
-
-            def loss_fn(p):
-                logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                              mutable=["batch_stats"])
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-                return loss, updates["batch_stats"]
-
-            (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
-
+        train_step = make_train_step(model, optimizer)
         state = [(variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))]
         compiled = jax.jit(train_step, donate_argnums=0).lower(state[0], images, labels).compile()
 

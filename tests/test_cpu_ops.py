@@ -37,7 +37,8 @@ def _assert_trees_close(actual, expected, rtol, atol):
     ((3, 3, 5, 6), (1, 1), "SAME", (2, 2)),             # dilated, string padding (BAM)
     ((2, 3, 5, 6), (1, 2), ((0, 1), (2, 0)), (1, 1)),   # uneven kernel, stride and padding
 ])
-def test_conv_matches_lax_conv_and_its_gradients(kernel_shape, strides, padding, dilation):
+def test_conv_matches_lax_conv_and_its_gradients(kernel_shape, strides, padding, dilation, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 49)  # the matmul kernel gradient for every kernel size
     x, kernel = _random((3, 11, 10, kernel_shape[2]), 0), _random(kernel_shape, 1)
 
     def loss(conv, x, kernel):
@@ -60,7 +61,21 @@ def test_conv_hands_unsupported_settings_to_lax():
     np.testing.assert_allclose(grad_fast, grad_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_bfloat16_kernel_gradient_keeps_dtype():
+def test_conv_takes_the_matmul_gradient_only_up_to_max_taps(monkeypatch):
+    x = _random((2, 6, 6, 4), 0)
+
+    def kernel_grad_ops(kernel_shape):
+        grad = jax.grad(lambda k: cpu_ops.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC).sum())
+        return str(jax.make_jaxpr(grad)(_random(kernel_shape, 1)))
+
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 1)
+    assert "custom_vjp" in kernel_grad_ops((1, 1, 4, 3)) and "custom_vjp" not in kernel_grad_ops((3, 3, 4, 3))
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 9)
+    assert "custom_vjp" in kernel_grad_ops((3, 3, 4, 3))
+
+
+def test_conv_bfloat16_kernel_gradient_keeps_dtype(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 9)
     x, kernel = _random((2, 8, 8, 4), 0, jnp.bfloat16), _random((3, 3, 4, 5), 1, jnp.bfloat16)
     conv = lambda f, k: f(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC).astype(jnp.float32).sum()
     grad_fast = jax.grad(lambda k: conv(cpu_ops.conv_general_dilated, k))(kernel)

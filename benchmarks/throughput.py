@@ -334,6 +334,7 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(temp)
+        os.chmod(temp, 0o644)  # mkstemp creates 0600
         os.replace(temp, path)
     except BaseException:
         os.unlink(temp)
@@ -396,6 +397,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, field, preset[field])
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0.")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib (or leave out --plot).")
     if any(i in TORCH_IMPLS for i in args.impls):
         try:
             import torch  # noqa: F401

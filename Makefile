@@ -1,11 +1,15 @@
 # The two Quick start commands: `make train` and `make test`. Each sets up its own virtual
 # environment from scratch with nothing but Python and pip.
-#   PYTHON=...  the interpreter (default python3; e.g. `make test PYTHON="env PYENV_VERSION=3.12.1 python3.12" VENV=.venv312`)
+#   PYTHON=...  the interpreter (default python3; on these machines Python 3.12 is
+#               `PYENV_VERSION=3.12.1 make test PYTHON=python3.12 VENV=.venv312`)
 #   VENV=...    where the environment lives (default .venv)
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+# (the grep drops pip's warnings about local index folders this machine's pip config names)
 
 # torch builds that run on the CPU and install from this project's machines' local wheel cache
 # on Python 3.11 (torchvision is needed by timm, the oracle of the timm-layout parity tests).
@@ -15,8 +19,8 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 timm
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -U pip 2>&1 | grep -v "is ignored" || true
-	$(PIP) install -e '.[test]' 2>&1 | grep -v "is ignored" || true
+	$(PIP) install -U pip 2>&1 | { grep -v "is ignored" || true; }
+	$(PIP) install -e '.[test]' 2>&1 | { grep -v "is ignored" || true; }
 	$(PY) -c "import cbam_jax"
 	touch $@
 
@@ -25,7 +29,7 @@ setup: $(VENV)/.setup-done
 # torch for conversion and the parity tests; skipped where the Python has no CPU build of the pins.
 $(VENV)/.torch-done: $(VENV)/.setup-done
 	@if $(PY) -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))"; then \
-	  $(PIP) install $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true; \
+	  $(PIP) install $(TORCH_PINS) 2>&1 | { grep -v "is ignored" || true; }; \
 	  $(PY) -c "import torch, timm"; \
 	else echo "torch: skipped on this Python (pinned CPU builds exist for 3.11); torch tests will skip"; fi
 	touch $@

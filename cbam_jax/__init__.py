@@ -5,9 +5,11 @@ Public API: `create_model`, `list_models`, the layers (`ChannelGate`, `SpatialGa
 """
 
 from cbam_jax.layers import BAM, CBAM, SE, ChannelGate, SpatialGate
+from cbam_jax.pretrained import load_pretrained, save_pretrained
 from cbam_jax.registry import create_model, list_models
 from cbam_jax.resnet import ResNet
 
 __version__ = "0.1.0"
 
-__all__ = ["BAM", "CBAM", "SE", "ChannelGate", "ResNet", "SpatialGate", "create_model", "list_models"]
+__all__ = ["BAM", "CBAM", "SE", "ChannelGate", "ResNet", "SpatialGate", "create_model", "list_models",
+           "load_pretrained", "save_pretrained"]

@@ -39,8 +39,8 @@ def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((kernel_size // 2,) * 2,) * 2
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (stride on the first), for ResNet-18/34. (B, H, W, Cin) -> (B, H/s, W/s, filters)."""
+class ResidualBlock(nn.Module):
+    """What BasicBlock and Bottleneck share: their options and the end of the block (`merge`)."""
 
     filters: int
     conv: ModuleDef
@@ -50,28 +50,44 @@ class BasicBlock(nn.Module):
     zero_init_last: bool = False
     expansion: ClassVar[int] = 1
 
+    def last_norm(self, train: bool, name: str) -> nn.Module:
+        """The branch's last BatchNorm; its scale starts at 0 with `zero_init_last` (timm)."""
+        scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+        return self.norm(use_running_average=not train, scale_init=scale_init, name=name)
+
+    def merge(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
+        """Attention on the residual branch `y`, the shortcut of `x`, the addition and the final ReLU."""
+        if self.attention is not None:
+            y = self.attention(name="attention")(y, train=train)
+        out_channels = self.filters * self.expansion
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != out_channels:
+            # The official code leaves this 1x1 conv at PyTorch's default initialisation.
+            shortcut = self.conv(out_channels, (1, 1), self.strides, padding="VALID",
+                                 kernel_init=torch_default_kernel_init, name="downsample_conv")(x)
+            shortcut = self.norm(use_running_average=not train, name="downsample_bn")(shortcut)
+        return nn.relu(shortcut + y)
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs (stride on the first), for ResNet-18/34. (B, H, W, Cin) -> (B, H/s, W/s, filters)."""
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         norm = functools.partial(self.norm, use_running_average=not train)
         y = self.conv(self.filters, (3, 3), self.strides, padding=_pad(3), name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
-        y = norm(scale_init=_last_bn_init(self.zero_init_last), name="bn2")(y)
-        return _merge(self, x, y, train)
+        y = self.last_norm(train, "bn2")(y)
+        return self.merge(x, y, train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1x1 reduce, 3x3 (stride here), 1x1 expand x4, for ResNet-50/101/152.
 
     (B, H, W, Cin) -> (B, H/s, W/s, 4 * filters).
     """
 
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
-    attention: ModuleDef | None = None
-    zero_init_last: bool = False
     expansion: ClassVar[int] = 4
 
     @nn.compact
@@ -82,26 +98,8 @@ class Bottleneck(nn.Module):
         y = self.conv(self.filters, (3, 3), self.strides, padding=_pad(3), name="conv2")(y)
         y = nn.relu(norm(name="bn2")(y))
         y = self.conv(self.filters * self.expansion, (1, 1), padding="VALID", name="conv3")(y)
-        y = norm(scale_init=_last_bn_init(self.zero_init_last), name="bn3")(y)
-        return _merge(self, x, y, train)
-
-
-def _last_bn_init(zero: bool) -> jax.nn.initializers.Initializer:
-    return nn.initializers.zeros if zero else nn.initializers.ones
-
-
-def _merge(block: BasicBlock | Bottleneck, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
-    """Attention on the residual branch `y`, the shortcut of `x`, the addition and the final ReLU."""
-    if block.attention is not None:
-        y = block.attention(name="attention")(y, train=train)
-    out_channels = block.filters * block.expansion
-    shortcut = x
-    if block.strides != 1 or x.shape[-1] != out_channels:
-        # The official code leaves this 1x1 conv at PyTorch's default initialisation.
-        shortcut = block.conv(out_channels, (1, 1), block.strides, padding="VALID",
-                              kernel_init=torch_default_kernel_init, name="downsample_conv")(x)
-        shortcut = block.norm(use_running_average=not train, name="downsample_bn")(shortcut)
-    return nn.relu(shortcut + y)
+        y = self.last_norm(train, "bn3")(y)
+        return self.merge(x, y, train)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}

@@ -1,0 +1,156 @@
+"""Pretrained-model directories: `save_pretrained(path, model, variables)` / `load_pretrained(path)`.
+
+A directory holds everything needed to rebuild a model, and nothing else:
+
+    path/
+      cbam_jax.json   {"format_version": 1, "model": registry.model_config(model), "metadata": {...}}
+      variables/      an orbax checkpoint of {"params": ..., "batch_stats": ...}
+
+Metadata conventions (all optional): "class_names": list[str]; "preprocessing": {"resize": 256,
+"crop": 224, "mean": [...], "std": [...]} (absent or None when unknown); "source": where the weights
+came from (e.g. the converter records the PyTorch file and its layout).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax.core import unfreeze
+
+from cbam_jax import registry
+from cbam_jax.resnet import ResNet
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "cbam_jax.json"
+VARIABLES_DIR = "variables"
+# ImageNet evaluation preprocessing of the official checkpoints: resize the short side to 256,
+# center-crop 224, scale to [0, 1], normalise per RGB channel.
+IMAGENET_PREPROCESSING: dict[str, Any] = {
+    "resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+}
+
+
+def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[str, Any], *,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write `model` and its `variables` ('params' and, if any, 'batch_stats') to the directory `path`.
+
+    The directory appears complete or not at all: it is written under a temporary name beside
+    `path` and renamed at the end. An existing `path` is an error (nothing is overwritten).
+
+    Args:
+      path: the directory to create.
+      model: the `ResNet` the variables belong to (its config goes to cbam_jax.json).
+      variables: `model.init(...)`-style variables; collections other than params/batch_stats
+        (e.g. 'intermediates') are not saved.
+      metadata: JSON-serialisable extras (see the module docstring for the conventions).
+
+    Returns:
+      The directory as a Path.
+    """
+    path = Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"save_pretrained: {path} already exists; choose a new path or remove it first.")
+    if "params" not in variables:
+        raise ValueError(f"save_pretrained: variables must contain 'params'; got collections {sorted(variables)}.")
+    tree = {name: _to_numpy(variables[name]) for name in ("params", "batch_stats") if name in variables}
+    document = {"format_version": FORMAT_VERSION, "model": registry.model_config(model), "metadata": metadata or {}}
+    try:
+        document_text = json.dumps(document, indent=2, sort_keys=True)
+    except TypeError as error:
+        raise ValueError(f"save_pretrained: metadata must be JSON-serialisable ({error}).") from None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        ocp.PyTreeCheckpointer().save(staging / VARIABLES_DIR, tree)
+        (staging / CONFIG_FILE).write_text(document_text + "\n")
+        os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata dict saved with the pretrained directory `path` (empty if none was given)."""
+    return _read_document(Path(path))["metadata"]
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
+    """Rebuild `(model, variables)` from a `save_pretrained` directory.
+
+    `variables` is {'params': ..., 'batch_stats': ...} of jax arrays, ready for
+    `model.apply(variables, x)` with x of shape (B, H, W, C).
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ValueError: `path` is not a cbam-jax pretrained directory, or its files are corrupt or do not
+        match the model they describe.
+    """
+    path = Path(path).absolute()
+    document = _read_document(path)
+    try:
+        model = registry.model_from_config(document["model"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"load_pretrained: {path / CONFIG_FILE} describes an invalid model: {error}") from None
+    variables_dir = path / VARIABLES_DIR
+    if not variables_dir.is_dir():
+        raise ValueError(f"load_pretrained: {path} has no '{VARIABLES_DIR}/' checkpoint; the directory is incomplete.")
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(variables_dir)
+    except Exception as error:  # orbax raises many kinds of errors for damaged files
+        raise ValueError(f"load_pretrained: cannot read the checkpoint in {variables_dir} "
+                         f"(corrupt or incomplete?): {type(error).__name__}: {error}") from None
+    variables = {name: jax.tree.map(jax.numpy.asarray, unfreeze(restored[name]))
+                 for name in ("params", "batch_stats") if name in restored}
+    _check_matches_model(path, model, variables)
+    return model, variables
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"No pretrained model at {path}: the directory does not exist.")
+    config_file = path / CONFIG_FILE
+    if not path.is_dir() or not config_file.is_file():
+        raise ValueError(f"{path} is not a cbam-jax pretrained directory (no {CONFIG_FILE}); create one with "
+                         "cbam_jax.save_pretrained or `cbam-jax convert`.")
+    try:
+        document = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file} is corrupt (not valid JSON): {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
+        raise ValueError(f"{config_file} is not a cbam-jax model file: no 'model' config object.")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_file} has format_version {document.get('format_version')!r}; this version of "
+                         f"cbam-jax reads format_version {FORMAT_VERSION}.")
+    document.setdefault("metadata", {})
+    return document
+
+
+def _check_matches_model(path: Path, model: ResNet, variables: dict[str, Any]) -> None:
+    """ValueError unless the restored variables have exactly the model's structure and shapes."""
+    in_channels = variables.get("params", {}).get("conv1", {}).get("kernel")
+    if in_channels is None:
+        raise ValueError(f"load_pretrained: the checkpoint in {path} has no params/conv1/kernel; it is not a ResNet's.")
+    dummy = jax.ShapeDtypeStruct((1, 32, 32, in_channels.shape[2]), model.dtype)
+    expected = jax.eval_shape(model.init, jax.random.key(0), dummy)
+    expected_shapes = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(
+        {c: expected[c] for c in ("params", "batch_stats") if c in expected})}
+    found_shapes = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+    if expected_shapes != found_shapes:
+        missing = sorted(set(expected_shapes) - set(found_shapes))
+        unexpected = sorted(set(found_shapes) - set(expected_shapes))
+        reshaped = sorted(k for k in set(expected_shapes) & set(found_shapes) if expected_shapes[k] != found_shapes[k])
+        raise ValueError(f"load_pretrained: the checkpoint in {path} does not fit the model in {CONFIG_FILE}: "
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}, wrong shape {reshaped[:10]}.")
+
+
+def _to_numpy(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, unfreeze(tree))

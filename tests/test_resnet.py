@@ -1,0 +1,179 @@
+"""The ResNet family and the registry: counts, shapes, gradients, precision, sown maps, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cbam_jax import ResNet, create_model, list_models
+from cbam_jax.registry import model_config, model_from_config
+
+# Official / paper counts (1000 classes, official variant).
+PARAM_COUNTS = {
+    "cbam_resnet18": 11_779_392,
+    "cbam_resnet34": 21_960_468,
+    "cbam_resnet50": 28_089_624,
+    "cbam_resnet101": 49_330_172,
+    "resnet18": 11_689_512,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+}
+# timm and the common variant drop the MLP biases (and the latter the spatial BatchNorm).
+VARIANT_COUNTS = {("cbam_resnet50", "timm"): 28_073_576, ("cbam_resnet50", "common"): 28_073_544}
+
+
+def count_params(model, shape=(1, 64, 64, 3)):
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("name, expected", PARAM_COUNTS.items())
+def test_parameter_counts_match_the_paper(name, expected):
+    assert count_params(create_model(name)) == expected
+
+
+@pytest.mark.parametrize("name_variant, expected", VARIANT_COUNTS.items())
+def test_parameter_counts_of_other_variants(name_variant, expected):
+    name, variant = name_variant
+    assert count_params(create_model(name, variant=variant)) == expected
+
+
+def test_registry_lists_every_depth_and_attention():
+    names = list_models()
+    assert len(names) == 20
+    assert {"resnet152", "se_resnet34", "cbam_resnet101", "bam_resnet18"} <= set(names)
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("stem, size", [("imagenet", 64), ("cifar", 32)])
+def test_output_shapes(name, stem, size):
+    model = create_model(name, num_classes=7, stem=stem)
+    x = jnp.zeros((2, size, size + 8, 3))  # non-square
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    logits = jax.eval_shape(model.apply, variables, x)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    features = jax.eval_shape(create_model(name, num_classes=0, stem=stem).apply, variables, x)
+    expansion = 4 if int(name.rsplit("resnet", 1)[1]) >= 50 else 1
+    assert features.shape == (2, 512 * expansion)
+
+
+def _small(attention, block="basic", **kw):
+    """One block per stage, narrow: compiles in seconds, covers every code path of the family."""
+    return ResNet(stage_sizes=(1, 1, 1, 1), block=block, attention=attention, num_classes=5, stem="cifar",
+                  width=16, **kw)
+
+
+@pytest.mark.parametrize("attention, block", [("cbam", "basic"), ("bam", "bottleneck"), ("se", "bottleneck")])
+def test_jitted_forward_and_gradient_are_finite(attention, block):
+    model = _small(attention, block)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    labels = jnp.arange(4) % 5
+    variables = model.init(jax.random.key(1), x)
+
+    @jax.jit
+    def loss_and_grad(params, batch_stats):
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                          mutable=["batch_stats"])
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.take_along_axis(logp, labels[:, None], axis=1).mean(), updates["batch_stats"]
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    (loss, new_stats), grads = loss_and_grad(variables["params"], variables["batch_stats"])
+    assert np.isfinite(float(loss))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    # Gradients reach the attention parameters and the batch statistics move.
+    assert float(jnp.abs(grads["fc"]["kernel"]).sum()) > 0
+    attention_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
+                        if any(getattr(k, "key", "").startswith(("attention", "bam")) for k in path)]
+    assert attention_grads and any(float(jnp.abs(g).sum()) > 0 for g in attention_grads)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new_stats, variables["batch_stats"])
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_eval_forward_is_deterministic_and_uses_running_stats():
+    model = _small("cbam")
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x)
+    a = jax.jit(model.apply)(variables, x)
+    b = jax.jit(model.apply)(variables, jnp.concatenate([x, 10 * x]))[:2]  # batch composition must not matter
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention, block", [("cbam", "bottleneck"), ("bam", "basic")])
+def test_bfloat16_forward(attention, block):
+    model = _small(attention, block, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))  # float32 params and stats
+    logits, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(updates))
+    reference = jax.jit(_small(attention, block).apply)(variables, x)
+    eval_logits = jax.jit(model.apply)(variables, x)
+    assert float(jnp.abs(eval_logits - reference).max()) < 0.1 * float(jnp.abs(reference).max()) + 0.05
+
+
+def test_sown_attention_maps_of_the_network():
+    model = create_model("cbam_resnet50", num_classes=3, width=8)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 48, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    _, state = jax.jit(lambda v: model.apply(v, x, mutable=["intermediates"]))(variables)
+    maps = state["intermediates"]
+    blocks = [k for k in maps if k.startswith("layer")]
+    assert len(blocks) == 16
+    # ImageNet stem: /4, then stages at /4, /8, /16, /32.
+    for stage, (h, w, c) in enumerate([(16, 12, 32), (8, 6, 64), (4, 3, 128), (2, 2, 256)], start=1):
+        (spatial,) = maps[f"layer{stage}_0"]["attention"]["spatial"]["spatial_attention"]
+        (channel,) = maps[f"layer{stage}_0"]["attention"]["channel"]["channel_attention"]
+        assert spatial.shape == (2, h, w) and channel.shape == (2, c)
+        for m in (spatial, channel):
+            assert 0.0 < float(m.min()) and float(m.max()) < 1.0
+
+
+def test_variant_presets():
+    official = create_model("cbam_resnet18")
+    assert official.attention_options["pool_order"] == "max_mean" and official.attention_options["mlp_bias"]
+    timm = create_model("cbam_resnet18", variant="timm")
+    assert timm.attention_options["pool_order"] == "mean_max" and timm.zero_init_residual
+    common = create_model("cbam_resnet18", variant="common", kernel_size=3)
+    assert not common.attention_options["spatial_bn"] and common.attention_options["kernel_size"] == 3
+    variables = jax.eval_shape(common.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert "bn" not in variables["params"]["layer1_0"]["attention"]["spatial"]
+    zero_init = create_model("resnet18", variant="timm", width=8).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert float(jnp.abs(zero_init["params"]["layer1_0"]["bn2"]["scale"]).max()) == 0.0
+
+
+def test_model_config_round_trips_through_json():
+    model = create_model("cbam_resnet34", num_classes=10, stem="cifar", variant="timm", dtype=jnp.bfloat16, reduction=8)
+    rebuilt = model_from_config(json.loads(json.dumps(model_config(model))))
+    assert rebuilt == model and hash(rebuilt) == hash(model)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: create_model("cbam_resnet42"), "Unknown model name 'cbam_resnet42'; available: bam_resnet101"),
+    (lambda: create_model("vgg16"), "available:"),
+    (lambda: create_model("cbam_resnet18", variant="keras"), "Unknown variant 'keras'; available: official, timm, common"),
+    (lambda: create_model("bam_resnet50", variant="timm"), "only in the variant"),
+    (lambda: create_model("cbam_resnet18", stem="tiny"), "unknown stem 'tiny'; allowed"),
+    (lambda: create_model("cbam_resnet18", kernel_sise=3), "Unknown option.*kernel_sise.*kernel_size"),
+    (lambda: create_model("resnet18", reduction=8), "Unknown option.*reduction"),
+    (lambda: model_from_config({"stage_sizes": [2], "colour": "red"}), "Unknown model config field"),
+])
+def test_bad_configuration_is_a_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("name, overrides, shape, message", [
+    ("cbam_resnet18", {"kernel_size": 4}, (1, 32, 32, 3), "kernel_size must be an odd"),
+    ("cbam_resnet18", {"width": 2}, (1, 32, 32, 3), "reduction 16 is larger than the number of channels 2"),
+    ("cbam_resnet18", {}, (1, 3, 32, 32), "looks like NCHW"),
+    ("cbam_resnet18", {}, (32, 32, 3), "NHWC"),
+])
+def test_bad_input_is_a_clear_value_error(name, overrides, shape, message):
+    model = create_model(name, stem="cifar", **overrides)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))

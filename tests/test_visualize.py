@@ -1,0 +1,209 @@
+"""Attention maps, Grad-CAM, figures and `cbam-jax attention`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbam_jax.cli import main
+from cbam_jax.pretrained import save_pretrained
+from cbam_jax.resnet import ResNet
+from cbam_jax.visualize import attention_figure, attention_maps, colorize, grad_cam, last_block_name
+
+# Tiny two-stage networks; 'timm' options give the spatial gate a BatchNorm scale of 1, so its
+# map is not the constant 0.5 of the official zero-initialised gate.
+TINY = {"stage_sizes": (1, 2), "block": "basic", "width": 8, "stem": "cifar", "num_classes": 4}
+ATTENTION = {
+    "cbam": {"reduction": 4, "spatial_bn_zero_init": False, "pool_order": "mean_max"},
+    "bam": {"reduction": 4, "dilation": 2},
+    "se": {"reduction": 4},
+    None: {},
+}
+
+
+def tiny_model(attention):
+    model = ResNet(**TINY, attention=attention, attention_options=ATTENTION[attention])
+    images = jax.random.normal(jax.random.key(0), (2, 20, 28, 3))  # non-square
+    return model, model.init(jax.random.key(1), images), images
+
+
+@pytest.mark.parametrize("attention", ["cbam", "bam", "se", None])
+def test_maps_have_input_size_and_values_in_unit_range(attention):
+    model, variables, images = tiny_model(attention)
+    maps = attention_maps(model, variables, images)
+    expected_names = {"cbam": ["layer1_0", "layer2_0", "layer2_1"], "se": ["layer1_0", "layer2_0", "layer2_1"],
+                      "bam": ["bam1"], None: []}[attention]
+    assert list(maps) == expected_names
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, images)
+    for name, entry in maps.items():
+        assert set(entry) == ({"channel"} if attention == "se" else {"channel", "spatial"})
+        assert entry["channel"].shape == (2, 8 * (2 if name.startswith("layer2") else 1))
+        assert entry["channel"].min() >= 0 and entry["channel"].max() <= 1
+        if "spatial" in entry:
+            assert entry["spatial"].shape == (2, 20, 28)
+            assert entry["spatial"].min() >= 0 and entry["spatial"].max() <= 1
+            assert entry["spatial"].std() > 0  # a real map, not a constant
+            # Without resizing, the map is the sown one at the feature map's resolution.
+            raw = attention_maps(model, variables, images, resize=False)[name]["spatial"]
+            sown = state["intermediates"][name]
+            sown = sown["attention"]["spatial"] if attention == "cbam" else sown
+            np.testing.assert_allclose(raw, sown["spatial_attention"][0], atol=1e-6)
+            # Upsampling keeps the map's mean (bilinear, stride-aligned): same picture, larger.
+            np.testing.assert_allclose(entry["spatial"].mean(axis=(1, 2)), raw.mean(axis=(1, 2)), atol=0.02)
+    cam = grad_cam(model, variables, images)
+    assert cam.maps.shape == (2, 20, 28) and cam.maps.min() >= 0 and cam.maps.max() <= 1
+    np.testing.assert_array_equal(cam.class_index, np.argmax(cam.logits, axis=-1))
+    np.testing.assert_allclose(cam.logits, jax.jit(model.apply)(variables, images), atol=1e-5)
+
+
+def test_grad_cam_equals_the_class_activation_map_of_a_pooled_linear_head():
+    """With global average pooling and a linear head, d y_c / d A_k = w_kc / (h w) at every position,
+    so Grad-CAM is ReLU(A . w_c) up to scale (Zhou et al.'s CAM); features captured independently."""
+    model, variables, images = tiny_model("cbam")
+    layer = last_block_name(model)
+    cam = grad_cam(model, variables, images, class_index=[1, 3], resize=False)
+    def block_output(module, method):
+        return method == "__call__" and module.scope.path == (layer,)
+
+    _, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=block_output,
+                                                mutable=["intermediates"]))(variables, images)
+    features = state["intermediates"][layer]["__call__"][0]
+    kernel = variables["params"]["fc"]["kernel"]
+    for i, target in enumerate([1, 3]):
+        expected = np.maximum(np.asarray(features[i] @ kernel[:, target]), 0)
+        expected = expected / expected.max()
+        np.testing.assert_allclose(cam.maps[i], expected, atol=1e-5)
+
+
+def two_region_model():
+    """A CBAM network that carries even input channels and odd ones in separate feature channels,
+    position by position (every conv is a channel-group identity on its centre tap), with class 0
+    reading the even group and class 1 the odd group. The spatial gates keep their random weights
+    (they scale positions by positive factors, so the groups stay apart); the channel gates get a
+    zero MLP weight, a constant gate, so that no global pooling lets one region reach the other's logit."""
+    model = ResNet(stage_sizes=(1, 1), block="basic", width=8, stem="cifar", num_classes=2, attention="cbam",
+                   attention_options=ATTENTION["cbam"])
+    variables = model.init(jax.random.key(2), jnp.zeros((1, 32, 32, 3)))
+
+    def rewrite(path, leaf):
+        names = [getattr(key, "key", None) for key in path]
+        if "attention" in names:
+            return jnp.zeros_like(leaf) if "channel" in names and names[-1] == "kernel" else leaf
+        if names[-1] == "kernel" and leaf.ndim == 4:  # conv: centre tap, same parity in and out
+            kh, kw, cin, cout = leaf.shape
+            same_group = (np.arange(cin)[:, None] % 2 == np.arange(cout)[None] % 2).astype(np.float32)
+            kernel = np.zeros(leaf.shape, np.float32)
+            kernel[kh // 2, kw // 2] = same_group / same_group.sum(axis=0, keepdims=True)
+            return jnp.asarray(kernel)
+        if names[-1] == "kernel":  # head: class 0 <- even channels, class 1 <- odd channels
+            return jnp.asarray((np.arange(leaf.shape[0])[:, None] % 2 == np.arange(2)[None]).astype(np.float32))
+        if names[-1] in ("scale", "var"):  # BatchNorm as the identity
+            return jnp.ones_like(leaf)
+        return jnp.zeros_like(leaf)  # BatchNorm bias and mean, head bias
+
+    return model, jax.tree_util.tree_map_with_path(rewrite, variables)
+
+
+def test_grad_cam_highlights_the_region_a_logit_depends_on():
+    model, variables = two_region_model()
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    images[0, 4:12, 4:12, 0] = 4.0  # channel 0 (class 0's evidence, shared with the empty channel 2): top-left
+    images[0, 20:28, 18:28, 1] = 1.0  # channel 1 (class 1's evidence): bottom-right, weaker
+    top_left = (slice(4, 12), slice(4, 12))
+    bottom_right = (slice(20, 28), slice(18, 28))
+
+    cam = grad_cam(model, variables, images)  # the top class: the stronger top-left evidence
+    assert cam.class_index.tolist() == [0] and cam.logits[0, 0] > cam.logits[0, 1] > 0
+    for target, inside, outside in [(0, top_left, bottom_right), (1, bottom_right, top_left)]:
+        heat = grad_cam(model, variables, images, class_index=target).maps[0]
+        assert heat[inside].mean() > 0.5, (target, heat[inside].mean())
+        assert heat[outside].max() < 0.05, (target, heat[outside].max())
+        peak = np.unravel_index(np.argmax(heat), heat.shape)
+        assert inside[0].start <= peak[0] < inside[0].stop and inside[1].start <= peak[1] < inside[1].stop
+    # Only the logit's region matters: changing the other region leaves class 0's map as it is.
+    changed = images.copy()
+    changed[0, 20:28, 18:28, 1] = 0.3
+    changed_cam = grad_cam(model, variables, changed, class_index=0)
+    np.testing.assert_allclose(changed_cam.maps, cam.maps, atol=1e-6)
+    np.testing.assert_allclose(changed_cam.logits[:, 0], cam.logits[:, 0], rtol=1e-6)
+    assert changed_cam.logits[0, 1] < cam.logits[0, 1]
+
+
+def test_grad_cam_rejects_a_bad_class_or_layer():
+    model, variables, images = tiny_model(None)
+    with pytest.raises(ValueError, match=r"class_index must be in \[0, 4\)"):
+        grad_cam(model, variables, images, class_index=4)
+    with pytest.raises(ValueError, match="no module 'layer9_0'"):
+        grad_cam(model, variables, images, layer="layer9_0")
+    headless = ResNet(**{**TINY, "num_classes": 0})
+    with pytest.raises(ValueError, match="classification head"):
+        grad_cam(headless, {}, images)
+
+
+def test_colour_scale_and_figure():
+    scale = colorize(np.linspace(0, 1, 50))
+    assert scale.shape == (50, 3) and scale.dtype == np.uint8
+    assert (scale[0] != scale[-1]).any() and scale[0].sum() < 200  # dark low end
+    model, variables, images = tiny_model("cbam")
+    maps = attention_maps(model, variables, images)
+    picture = np.zeros((20, 28, 3), np.uint8)
+    one = {name: {kind: value[0] for kind, value in entry.items()} for name, entry in maps.items()}
+    small = attention_figure(picture, one, grad_cam(model, variables, images).maps[0], "class 1 (p=0.30)")
+    large = attention_figure(picture, one, np.zeros((20, 28)), "class 1", all_blocks=True, footer="a\nb")
+    assert small.mode == "RGB" and large.height > small.height
+    assert small.width == large.width  # one column each for input, Grad-CAM and the two stages
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    model = ResNet(**TINY, attention="cbam", attention_options=ATTENTION["cbam"])
+    variables = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    metadata = {"class_names": ["a", "b", "c", "d"],
+                "preprocessing": {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}
+    return save_pretrained(tmp_path_factory.mktemp("models") / "tiny_cbam", model, variables, metadata=metadata)
+
+
+def write_photo(path, height=40, width=50, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_attention_cli_writes_a_figure_per_image(pretrained, tmp_path, capsys):
+    images = [write_photo(tmp_path / "one.png"), write_photo(tmp_path / "two.jpg", 60, 45, seed=1)]
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    images.append(write_photo(sub / "one.png", seed=2))  # same name, other folder
+    out = tmp_path / "figures"
+    assert main(["attention", "--pretrained", str(pretrained), "--out", str(out), "--class-index", "2",
+                 "--all-blocks", "--batch-size", "1", *images]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["one_2_attention.png", "one_attention.png", "two_attention.png"]
+    for name in written:
+        with Image.open(out / name) as figure:
+            figure.verify()  # a complete, valid PNG
+        with Image.open(out / name) as figure:
+            assert figure.format == "PNG" and figure.width > 4 * 224 and figure.height > 224
+    assert capsys.readouterr().out.count("Grad-CAM class: c (p=") == 3
+
+
+def test_attention_cli_reports_bad_input_and_still_processes_the_rest(pretrained, tmp_path, capsys):
+    good = write_photo(tmp_path / "good.png")
+    (tmp_path / "data.png").write_bytes(b"\x00" * 100)
+    out = tmp_path / "figures"
+    code = main(["attention", "--pretrained", str(pretrained), "--out", str(out), str(tmp_path / "missing.jpg"),
+                 str(tmp_path / "data.png"), good])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert [p.name for p in out.iterdir()] == ["good_attention.png"]
+    assert "missing.jpg: no such file" in captured.err and "data.png: not an image" in captured.err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["attention", "--pretrained", str(empty), "--out", str(out), good]) == 2
+    assert "no cbam-jax model could be loaded" in capsys.readouterr().err
+    assert main(["attention", "--pretrained", str(pretrained), "--out", str(out), "--class-index", "7", good]) == 2
+    assert "--class-index must be in [0, 4)" in capsys.readouterr().err

@@ -181,7 +181,8 @@ class ResNet(nn.Module):
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
                                  conv_general_dilated=cpu_ops.conv_general_dilated if cpu_kernels else None,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(cpu_ops.BatchNorm if cpu_kernels else nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        norm_cls = cpu_ops.BatchNorm if cpu_kernels else nn.BatchNorm
+        norm = functools.partial(norm_cls, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                  use_fast_variance=False, axis_name=self.bn_axis_name,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         block_attention, stage_attention = None, None

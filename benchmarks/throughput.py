@@ -15,8 +15,8 @@ Variants are compiled and warmed up first, then timed round-robin (one call of e
 round, the order rotated every round) so that the load of a shared machine hits all of them alike;
 the tables give the median over rounds and the min-max range. Compilation (JAX: lower + compile;
 PyTorch: the first call) is reported separately and never counted as throughput. Memory is the
-peak resident set size above the resting level during one extra call, sampled every 2 ms by a
-thread (psutil), because XLA's buffers are invisible to tracemalloc.
+peak resident set size above the resting level during the last warm-up call, sampled every 2 ms
+by a thread (psutil), because XLA's buffers are invisible to tracemalloc.
 """
 
 import argparse
@@ -253,9 +253,9 @@ def run(variants: list[Variant], repeats: int, warmup: int, log: Callable[[str],
     for variant in variants:
         log(f"setup {variant.impl:13s} {variant.arch:5s} {variant.mode:5s} {variant.dtype:8s} {variant.case.name}")
         (setup_jax if variant.impl in JAX_IMPLS else setup_torch)(variant)
-        for _ in range(warmup):
+        for _ in range(warmup - 1):
             variant.step()
-        variant.peak_mib = peak_rss_mib(variant.step)
+        variant.peak_mib = peak_rss_mib(variant.step)  # the last (or only) untimed call
     for round_index in range(repeats):
         shift = round_index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
@@ -385,7 +385,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), help="(overrides the preset)")
     parser.add_argument("--repeats", type=int, help="timed rounds (overrides the preset)")
-    parser.add_argument("--warmup", type=int, help="untimed calls per variant after compiling (overrides the preset)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per variant after compiling, at least 1 (overrides the preset)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the JSON report")
     parser.add_argument("--markdown", help="also write the Markdown tables to this file")
     parser.add_argument("--plot", help="write a PNG bar chart of images/s to this file")
@@ -395,8 +395,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for field in ("impls", "dtypes", "repeats", "warmup"):
         if getattr(args, field) is None:
             setattr(args, field, preset[field])
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0.")
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error("--repeats and --warmup must be >= 1 (the last warm-up call measures memory).")
     if args.plot:
         try:
             import matplotlib  # noqa: F401

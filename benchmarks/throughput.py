@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import psutil
 
 from cbam_jax.registry import create_model, parse_name
 
@@ -228,6 +227,8 @@ def setup_torch(variant: Variant) -> None:
 
 def peak_rss_mib(call: Callable[[], None], interval_s: float = 0.002) -> float:
     """Peak RSS above the level before `call`, in MiB, sampled by a thread while `call` runs."""
+    import psutil
+
     process = psutil.Process()
     base = process.memory_info().rss
     peak = [base]
@@ -287,6 +288,8 @@ def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
+    import psutil
+
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -397,6 +400,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, field, preset[field])
     if args.repeats < 1 or args.warmup < 1:
         parser.error("--repeats and --warmup must be >= 1 (the last warm-up call measures memory).")
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        parser.error("the benchmark measures memory with psutil: pip install psutil.")
     if args.plot:
         try:
             import matplotlib  # noqa: F401

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict
 
-from cbam_jax.layers import BAM, CBAM, SE
+from cbam_jax.layers import BAM, CBAM, SE, cpu_ops
 from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, is_int, torch_default_kernel_init
 
 ModuleDef = Any
@@ -33,7 +33,7 @@ ModuleDef = Any
 ATTENTION_LAYERS: dict[str, type[nn.Module]] = {"se": SE, "cbam": CBAM, "bam": BAM}
 STEMS = ("imagenet", "cifar")
 # ResNet fields that its attention layers take from it (when they have such a field).
-MODEL_WIDE_OPTIONS = ("dtype", "param_dtype", "bn_axis_name", "bn_momentum", "bn_epsilon")
+MODEL_WIDE_OPTIONS = ("dtype", "param_dtype", "bn_axis_name", "bn_momentum", "bn_epsilon", "kernels")
 
 
 def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -128,6 +128,8 @@ class ResNet(nn.Module):
       dtype: computation dtype (e.g. jnp.bfloat16); BatchNorm statistics, attention pooling and
         sigmoids and the returned logits are float32.
       param_dtype: parameter dtype.
+      kernels: 'auto' (the CPU fast path of `cbam_jax.layers.cpu_ops` on the CPU backend, XLA's own
+        kernels elsewhere), 'cpu' or 'xla'. Same parameters and results either way.
     """
 
     stage_sizes: Sequence[int]
@@ -143,6 +145,7 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         # Fail at construction, before any tracing, on an invalid configuration; keep the fields
@@ -155,6 +158,7 @@ class ResNet(nn.Module):
             object.__setattr__(self, dtype_field, jnp.dtype(getattr(self, dtype_field)))
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
+        _check_choice("kernels", self.kernels, cpu_ops.KERNELS)
         if self.attention is not None:
             _check_choice("attention", self.attention, ATTENTION_LAYERS)
             allowed = attention_options(ATTENTION_LAYERS[self.attention])
@@ -180,9 +184,12 @@ class ResNet(nn.Module):
         if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4) and x.shape[-1] > x.shape[1]:
             raise ValueError(f"ResNet expects NHWC images; shape {tuple(x.shape)} looks like NCHW. "
                              "Transpose with x.transpose(0, 2, 3, 1).")
+        cpu_kernels = cpu_ops.use_cpu_kernels(self.kernels)
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
+                                 conv_general_dilated=cpu_ops.conv_general_dilated if cpu_kernels else None,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        norm_cls = cpu_ops.BatchNorm if cpu_kernels else nn.BatchNorm
+        norm = functools.partial(norm_cls, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                  use_fast_variance=False, axis_name=self.bn_axis_name,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         block_attention, stage_attention = None, None

@@ -34,6 +34,7 @@ class CBAM(nn.Module):
       use_spatial: False keeps only the channel gate (the official `no_spatial=True`).
       bn_axis_name: mapped axis for cross-device batch statistics under pmap/shard_map.
       dtype, param_dtype: computation and parameter dtypes.
+      kernels: the spatial gate's conv and BatchNorm implementation ('auto', 'cpu', 'xla'; see `SpatialGate`).
     """
 
     reduction: int = 16
@@ -48,6 +49,7 @@ class CBAM(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -58,5 +60,5 @@ class CBAM(nn.Module):
             x = SpatialGate(kernel_size=self.kernel_size, pool_order=self.pool_order, use_bn=self.spatial_bn,
                             bn_momentum=self.spatial_bn_momentum, bn_zero_init=self.spatial_bn_zero_init,
                             bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name="spatial")(x, train=train)
+                            kernels=self.kernels, name="spatial")(x, train=train)
         return x

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cbam_jax.layers import cpu_ops
 from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, is_int, max_over, promote_to_float32
 
 # Pools over the channel axis of an NHWC map: (B, H, W, C) -> (B, H, W).
@@ -49,6 +50,7 @@ class SpatialGate(nn.Module):
       bn_axis_name: mapped axis for cross-device batch statistics under pmap/shard_map.
       dtype: computation dtype of the conv; pooling, BatchNorm statistics and sigmoid run in float32.
       param_dtype: parameter dtype.
+      kernels: 'auto' (the CPU fast conv and BatchNorm of `cpu_ops` on the CPU backend), 'cpu' or 'xla'.
     """
 
     kernel_size: int = 7
@@ -60,6 +62,7 @@ class SpatialGate(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -71,15 +74,18 @@ class SpatialGate(nn.Module):
         pooled = promote_to_float32(x)
         compressed = jnp.stack([CHANNEL_POOLS[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
         pad = self.kernel_size // 2
+        cpu_kernels = cpu_ops.use_cpu_kernels(self.kernels)
         y = nn.Conv(1, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
                     use_bias=False, kernel_init=conv_kernel_init,
+                    conv_general_dilated=cpu_ops.conv_general_dilated if cpu_kernels else None,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(compressed)
         if self.use_bn:
-            y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, use_fast_variance=False,
-                             scale_init=nn.initializers.zeros if self.bn_zero_init else nn.initializers.ones,
-                             axis_name=self.bn_axis_name, dtype=jnp.float32,
-                             param_dtype=self.param_dtype, name="bn")(y)
+            norm_cls = cpu_ops.BatchNorm if cpu_kernels else nn.BatchNorm
+            y = norm_cls(use_running_average=not train, momentum=self.bn_momentum,
+                         epsilon=self.bn_epsilon, use_fast_variance=False,
+                         scale_init=nn.initializers.zeros if self.bn_zero_init else nn.initializers.ones,
+                         axis_name=self.bn_axis_name, dtype=jnp.float32,
+                         param_dtype=self.param_dtype, name="bn")(y)
         scale = jax.nn.sigmoid(promote_to_float32(y))[..., 0]  # (B, H, W)
         self.sow("intermediates", "spatial_attention", scale)
         return x * scale[..., None].astype(x.dtype)

@@ -1,0 +1,457 @@
+"""Images/s of cbam-jax (jit) and the same networks in PyTorch, measured in one process.
+
+    python -m benchmarks.throughput --quick            # < ~5 min on 2 CPU cores
+    python -m benchmarks.throughput --plot bench.png   # the full preset (torch.compile, bf16, XLA baseline)
+
+For every case (model, input size, batch) it times inference and a full training step (forward,
+softmax cross-entropy, backward, SGD with momentum, BatchNorm in training mode) of the CBAM-ResNet
+and of the plain ResNet of the same depth, in
+
+- cbam-jax under `jax.jit`, with the CPU fast path of `cbam_jax.layers.cpu_ops` ('jax') and, for
+  the before/after comparison, with XLA's own kernels only ('jax-xla');
+- PyTorch eager NCHW ('torch'), eager channels-last ('torch-cl') and torch.compile ('torch-compile').
+
+Variants are compiled and warmed up first, then timed round-robin (one call of each variant per
+round, the order rotated every round) so that the load of a shared machine hits all of them alike;
+the tables give the median over rounds and the min-max range. Compilation (JAX: lower + compile;
+PyTorch: the first call) is reported separately and never counted as throughput. Memory is the
+peak resident set size above the resting level during the last warm-up call, sampled every 2 ms
+by a thread (psutil), because XLA's buffers are invisible to tracemalloc.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cbam_jax.registry import create_model, parse_name
+
+JAX_IMPLS = {"jax": "auto", "jax-xla": "xla"}  # benchmark name -> ResNet `kernels` option
+TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
+IMPLS = (*JAX_IMPLS, *TORCH_IMPLS)
+NUM_CLASSES = {"imagenet": 1000, "cifar": 10}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One network input: `model` is a registered CBAM name; its plain twin drops the 'cbam_' prefix."""
+
+    model: str
+    size: int
+    batch: int
+    stem: str = "imagenet"
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}{'-cifar' if self.stem == 'cifar' else ''} {self.size}px b{self.batch}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Case":
+        """'cbam_resnet50:224:8' or 'cbam_resnet18:32:64:cifar'."""
+        parts = text.split(":")
+        if len(parts) not in (3, 4) or not parts[1].isdigit() or not parts[2].isdigit():
+            raise argparse.ArgumentTypeError(f"case must be MODEL:SIZE:BATCH[:STEM], e.g. cbam_resnet18:32:64:cifar; "
+                                             f"got {text!r}.")
+        try:
+            parse_name(parts[0])
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        stem = parts[3] if len(parts) == 4 else "imagenet"
+        if stem not in NUM_CLASSES:
+            raise argparse.ArgumentTypeError(f"stem must be one of {sorted(NUM_CLASSES)}; got {stem!r}.")
+        return cls(parts[0], int(parts[1]), int(parts[2]), stem)
+
+
+PRESETS = {
+    "quick": {"cases": ["cbam_resnet50:224:8", "cbam_resnet18:32:64:cifar"], "impls": ["jax", "torch", "torch-cl"],
+              "dtypes": ["float32"], "repeats": 3, "warmup": 1},
+    "full": {"cases": ["cbam_resnet50:224:32", "cbam_resnet18:32:64:cifar"], "impls": list(IMPLS),
+             "dtypes": ["float32", "bfloat16"], "repeats": 7, "warmup": 2},
+}
+
+
+@dataclasses.dataclass
+class Variant:
+    """One timed configuration and its results."""
+
+    case: Case
+    arch: str  # 'cbam' or 'plain'
+    mode: str  # 'infer' or 'train'
+    dtype: str
+    impl: str
+    step: Callable[[], None] | None = None
+    compile_s: float = float("nan")
+    times: list[float] = dataclasses.field(default_factory=list)
+    peak_mib: float = float("nan")
+    flops: float | None = None  # per call, from XLA's cost analysis of the JAX program
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.case.name, self.arch, self.mode, self.dtype)
+
+    def summary(self) -> dict[str, Any]:
+        median = statistics.median(self.times)
+        return {"case": self.case.name, "model": self.model_name, "size": self.case.size, "batch": self.case.batch,
+                "arch": self.arch, "mode": self.mode, "dtype": self.dtype, "impl": self.impl,
+                "step_s_median": median, "step_s_all": self.times,
+                "images_per_s": self.case.batch / median,
+                "images_per_s_min": self.case.batch / max(self.times),
+                "images_per_s_max": self.case.batch / min(self.times),
+                "compile_s": self.compile_s, "peak_mib": self.peak_mib,
+                "gflops_per_s": None if self.flops is None else self.flops / median / 1e9}
+
+    @property
+    def model_name(self) -> str:
+        return self.case.model if self.arch == "cbam" else self.case.model.replace("cbam_", "", 1)
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def _cost_flops(compiled: Any) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
+    """(params, batch_stats, opt_state), images (B, H, W, 3), labels (B,) -> (new state, loss): one SGD step."""
+
+    def train_step(state, x, y):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(p):
+            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                          mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    return train_step
+
+
+def setup_jax(variant: Variant) -> None:
+    """Compile the variant's jitted program and store a blocking `step`."""
+    case = variant.case
+    model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
+                         dtype=jnp.dtype(variant.dtype), kernels=JAX_IMPLS[variant.impl])
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    start = time.perf_counter()
+    if variant.mode == "infer":
+        compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images).compile()
+        variant.step = lambda: compiled(variables, images).block_until_ready()
+    else:
+        optimizer = optax.sgd(0.1, momentum=0.9)
+        train_step = make_train_step(model, optimizer)
+        state = [(variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))]
+        compiled = jax.jit(train_step, donate_argnums=0).lower(state[0], images, labels).compile()
+
+        def step() -> None:
+            state[0], loss = compiled(state[0], images, labels)
+            loss.block_until_ready()
+
+        variant.step = step
+    variant.compile_s = time.perf_counter() - start
+    variant.flops = _cost_flops(compiled)
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def setup_torch(variant: Variant) -> None:
+    """Build the PyTorch twin and store a `step`; `compile_s` is the first call (compilation for torch.compile)."""
+    import torch
+    from torch.nn import functional as F
+
+    from benchmarks.torch_models import ResNet
+
+    case = variant.case
+    _, depth = parse_name(case.model)
+    torch.manual_seed(0)
+    model = ResNet(depth, NUM_CLASSES[case.stem], case.stem, attention=variant.arch == "cbam")
+    images = torch.randn(case.batch, 3, case.size, case.size)
+    labels = torch.randint(0, NUM_CLASSES[case.stem], (case.batch,))
+    if variant.impl in ("torch-cl", "torch-compile"):
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    forward = torch.compile(model) if variant.impl == "torch-compile" else model
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant.dtype == "bfloat16" \
+        else contextlib.nullcontext
+    if variant.mode == "infer":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast():
+                forward(images)
+    else:
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = F.cross_entropy(forward(images), labels)
+            loss.backward()
+            optimizer.step()
+
+    start = time.perf_counter()
+    step()
+    variant.compile_s = time.perf_counter() - start
+    variant.step = step
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def peak_rss_mib(call: Callable[[], None], interval_s: float = 0.002) -> float:
+    """Peak RSS above the level before `call`, in MiB, sampled by a thread while `call` runs."""
+    import psutil
+
+    process = psutil.Process()
+    base = process.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        call()
+    finally:
+        done.set()
+        sampler.join()
+    return (max(peak[0], process.memory_info().rss) - base) / 2**20
+
+
+def run(variants: list[Variant], repeats: int, warmup: int, log: Callable[[str], None]) -> None:
+    """Set up, warm up and time `variants` round-robin; fills their results in place."""
+    for variant in variants:
+        log(f"setup {variant.impl:13s} {variant.arch:5s} {variant.mode:5s} {variant.dtype:8s} {variant.case.name}")
+        (setup_jax if variant.impl in JAX_IMPLS else setup_torch)(variant)
+        for _ in range(warmup - 1):
+            variant.step()
+        variant.peak_mib = peak_rss_mib(variant.step)  # the last (or only) untimed call
+    for round_index in range(repeats):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            start = time.perf_counter()
+            variant.step()
+            variant.times.append(time.perf_counter() - start)
+        log(f"round {round_index + 1}/{repeats} done")
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """cbam-jax images/s over each PyTorch implementation's, and each implementation's CBAM cost."""
+    by_key = {(r["case"], r["arch"], r["mode"], r["dtype"], r["impl"]): r for r in rows}
+    out = []
+    for (case, arch, mode, dtype, impl), row in by_key.items():
+        entry = {"case": case, "arch": arch, "mode": mode, "dtype": dtype, "impl": impl}
+        if impl == "jax":
+            for other in (*TORCH_IMPLS, "jax-xla"):
+                if (case, arch, mode, dtype, other) in by_key:
+                    entry[f"jax_over_{other}"] = row["images_per_s"] / by_key[case, arch, mode, dtype, other]["images_per_s"]
+        if arch == "cbam" and (case, "plain", mode, dtype, impl) in by_key:
+            entry["cbam_cost"] = row["step_s_median"] / by_key[case, "plain", mode, dtype, impl]["step_s_median"]
+        if len(entry) > 5:
+            out.append(entry)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    with contextlib.suppress(ImportError):
+        import torch
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    return info
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (throughput, then ratios)."""
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']})"
+             + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else "")
+             + f"; load average {report['load_before']} before, {report['load_after']} after.", "",
+             "| case | net | mode | dtype | impl | images/s (median) | min-max | step ms | GFLOP/s | compile/first s | peak MiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        gflops = "" if r["gflops_per_s"] is None else f"{r['gflops_per_s']:.0f}"
+        lines.append(f"| {r['case']} | {r['arch']} | {r['mode']} | {r['dtype']} | {r['impl']} | "
+                     f"{r['images_per_s']:.1f} | {r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f} | "
+                     f"{1000 * r['step_s_median']:.0f} | {gflops} | {r['compile_s']:.1f} | {r['peak_mib']:.0f} |")
+    columns = [c for c in (*(f"jax_over_{i}" for i in (*TORCH_IMPLS, "jax-xla")), "cbam_cost")
+               if any(c in e for e in report["ratios"])]
+    if columns:
+        lines += ["", "| case | net | mode | dtype | impl | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+                  "|---|---|---|---|---|" + "---:|" * len(columns)]
+        for e in report["ratios"]:
+            cells = [f"{e[c]:.2f}" if c in e else "" for c in columns]
+            lines.append(f"| {e['case']} | {e['arch']} | {e['mode']} | {e['dtype']} | {e['impl']} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Call `write(temp_path)` beside `path`, then rename over it: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(temp)
+        os.chmod(temp, 0o644)  # mkstemp creates 0600
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """A PNG bar chart of images/s per (case, mode, dtype), one bar per (impl, net)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    groups = sorted({(r["case"], r["mode"], r["dtype"]) for r in report["results"]})
+    bars = sorted({(r["impl"], r["arch"]) for r in report["results"]}, key=lambda b: (IMPLS.index(b[0]), b[1]))
+    values = {(r["case"], r["mode"], r["dtype"], r["impl"], r["arch"]): r for r in report["results"]}
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.2), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for index, bar in enumerate(bars):
+            r = values.get((*group, *bar))
+            if r is not None:
+                ax.bar(index, r["images_per_s"], color=f"C{IMPLS.index(bar[0])}", alpha=1.0 if bar[1] == "cbam" else 0.5,
+                       yerr=[[r["images_per_s"] - r["images_per_s_min"]], [r["images_per_s_max"] - r["images_per_s"]]])
+        ax.set_xticks(range(len(bars)), [f"{i}\n{a}" for i, a in bars], fontsize=7)
+        ax.set_title(" ".join(group), fontsize=9)
+        ax.set_ylabel("images/s")
+    fig.suptitle(f"{report['machine']['cpu']}, {report['machine']['cores']} cores", fontsize=9)
+    fig.tight_layout()
+    write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the quick preset (< ~5 min on 2 cores): "
+                        + ", ".join(PRESETS["quick"]["cases"]) + "; float32; jax, torch, torch-cl")
+    parser.add_argument("--cases", nargs="+", type=Case.parse, help="MODEL:SIZE:BATCH[:STEM] (overrides the preset)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (overrides the preset)")
+    parser.add_argument("--nets", nargs="+", choices=("cbam", "plain"), default=["cbam", "plain"])
+    parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), help="(overrides the preset)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (overrides the preset)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per variant after compiling, at least 1 (overrides the preset)")
+    parser.add_argument("--json", default="benchmarks/results.json", help="where to write the JSON report")
+    parser.add_argument("--markdown", help="also write the Markdown tables to this file")
+    parser.add_argument("--plot", help="write a PNG bar chart of images/s to this file")
+    args = parser.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    args.cases = args.cases or [Case.parse(c) for c in preset["cases"]]
+    for field in ("impls", "dtypes", "repeats", "warmup"):
+        if getattr(args, field) is None:
+            setattr(args, field, preset[field])
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error("--repeats and --warmup must be >= 1 (the last warm-up call measures memory).")
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        parser.error("the benchmark measures memory with psutil: pip install psutil.")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib (or leave out --plot).")
+    if any(i in TORCH_IMPLS for i in args.impls):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            parser.error("PyTorch is not installed: install it (`make torch`) or pass --impls jax jax-xla.")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores, as XLA uses
+    variants = [Variant(case, arch, mode, dtype, impl)
+                for case in args.cases for dtype in args.dtypes for mode in args.modes
+                for arch in args.nets for impl in args.impls]
+    load_before = os.getloadavg()
+    # One case at a time keeps memory bounded; variants within a case are interleaved.
+    for case in args.cases:
+        run([v for v in variants if v.case == case], args.repeats, args.warmup, log)
+    results = [v.summary() for v in variants]
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "machine": machine(),
+              "load_before": [round(x, 2) for x in load_before],
+              "load_after": [round(x, 2) for x in os.getloadavg()],
+              "repeats": args.repeats, "warmup": args.warmup, "wall_s": time.perf_counter() - start,
+              "results": results, "ratios": ratios(results)}
+    table = markdown(report)
+    print(table)
+    write_atomic(args.json, lambda temp: _write_text(temp, json.dumps(report, indent=1)))
+    if args.markdown:
+        write_atomic(args.markdown, lambda temp: _write_text(temp, table))
+    if args.plot:
+        plot(report, args.plot)
+    log(f"wrote {args.json}" + (f", {args.markdown}" if args.markdown else "") + (f", {args.plot}" if args.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""CPU fast paths for training: a convolution and a BatchNorm with hand-written gradients.
+
+XLA:CPU lowers the kernel gradient of a convolution to another convolution whose "window" is
+the whole feature map, which its CPU backend runs at a few GFLOP/s: on the ResNets here that one
+op is most of a training step. Two custom VJPs fix it without changing any result beyond float
+rounding:
+
+- `conv_general_dilated`: the forward pass and the input gradient are XLA's own; the kernel
+  gradient is one matmul per kernel tap, sum_{b,h,w} x_pad[b, s*h + i, s*w + j, :]^T g[b, h, w, :].
+- `BatchNorm`: training mode with the closed-form BatchNorm gradient, so XLA fuses the backward
+  into two reductions and one elementwise pass instead of differentiating the statistics.
+
+Both are drop-in replacements for the Linen layers (same parameter and batch-stats tree), chosen
+per platform by `use_cpu_kernels`: GPUs and TPUs keep XLA's own kernels, which are fast there.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+from cbam_jax.layers.common import Dtype, Initializer
+
+# 'auto': the CPU fast path on the CPU backend only; 'cpu': always; 'xla': never (XLA's own gradients).
+KERNELS = ("auto", "cpu", "xla")
+
+Padding = tuple[tuple[int, int], ...]
+
+# Kernels with at most this many taps (kh * kw) get the matmul kernel gradient. Measured on a
+# 2-core AVX2 machine, jax 0.10.2 and 0.12: for 1x1 kernels one matmul is 2-2.5x faster than
+# XLA's kernel-gradient convolution (e.g. 14 vs 33 ms, batch 8, 14x14, 1024->256); for 3x3 and
+# 7x7 kernels the kh * kw shifted copies of the input cost more than they save (362 vs 162 ms,
+# batch 64, 32x32, 64->64), so those keep XLA's own gradient.
+MAX_MATMUL_TAPS = 1
+
+
+def use_cpu_kernels(kernels: str) -> bool:
+    """Whether a model with the `kernels` option ('auto', 'cpu' or 'xla') takes the CPU fast path now."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS} ('auto' = the CPU fast path on the CPU backend only); "
+                         f"got {kernels!r}.")
+    return kernels == "cpu" or (kernels == "auto" and jax.default_backend() == "cpu")
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def _nhwc_numbers(lhs: jax.Array, rhs: jax.Array) -> lax.ConvDimensionNumbers:
+    return lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]], lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1, precision=None,
+                         preferred_element_type=None) -> jax.Array:
+    """`lax.conv_general_dilated` with the per-tap-matmul kernel gradient (pass as `nn.Conv(conv_general_dilated=...)`).
+
+    The fast path covers 2-D NHWC/HWIO convolutions with at most `MAX_MATMUL_TAPS` taps, any
+    stride, kernel dilation and non-negative padding, no input dilation and no feature groups;
+    anything else is handed to `lax.conv_general_dilated` unchanged. lhs (B, H, W, Cin), rhs (kh, kw, Cin, Cout) -> (B, Ho, Wo, Cout).
+    """
+    plain = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding,
+                              lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                              dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                              batch_group_count=batch_group_count, precision=precision,
+                              preferred_element_type=preferred_element_type)
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        return plain()
+    nhwc = _nhwc_numbers(lhs, rhs)
+    dilation = tuple(rhs_dilation or (1, 1))
+    if isinstance(padding, str):
+        dilated_window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
+        padding = lax.padtype_to_pads(lhs.shape[1:3], dilated_window, window_strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    supported = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
+                 and feature_group_count == 1 and batch_group_count == 1
+                 and preferred_element_type is None and min(min(p) for p in padding) >= 0
+                 and rhs.shape[0] * rhs.shape[1] <= MAX_MATMUL_TAPS)
+    if not supported:
+        return plain()
+    return _conv(lhs, rhs, tuple(window_strides), padding, dilation, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
+          dilation: tuple[int, int], precision) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=_nhwc_numbers(x, kernel), precision=precision)
+
+
+def _conv_fwd(x, kernel, strides, padding, dilation, precision):
+    return _conv(x, kernel, strides, padding, dilation, precision), (x, kernel)
+
+
+def _conv_bwd(strides, padding, dilation, precision, residuals, grad):
+    x, kernel = residuals
+    # The input gradient is a transposed convolution that XLA:CPU runs well: keep XLA's own.
+    input_grad = jax.linear_transpose(
+        lambda x_: lax.conv_general_dilated(x_, kernel, strides, padding, rhs_dilation=dilation,
+                                            dimension_numbers=_nhwc_numbers(x, kernel), precision=precision),
+        x)(grad)[0]
+    return input_grad, _kernel_grad(x, grad, kernel.shape, strides, padding, dilation, precision).astype(kernel.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _kernel_grad(x: jax.Array, grad: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
+                 padding: Padding, dilation: tuple[int, int], precision) -> jax.Array:
+    """dL/dkernel (kh, kw, Cin, Cout) as kh * kw matmuls (B*Ho*Wo, Cin)^T @ (B*Ho*Wo, Cout), float32 accumulation."""
+    kh, kw, cin, _ = kernel_shape
+    batch, out_h, out_w, _ = grad.shape
+    if any(lo or hi for lo, hi in padding):
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilation[0], j * dilation[1]
+            shifted = lax.slice(x, (0, top, left, 0),
+                                (batch, top + strides[0] * (out_h - 1) + 1, left + strides[1] * (out_w - 1) + 1, cin),
+                                (1, strides[0], strides[1], 1))  # (B, Ho, Wo, Cin): the inputs tap (i, j) sees
+            taps.append(lax.dot_general(shifted, grad, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32))
+    return jnp.stack(taps).reshape(kh, kw, cin, -1)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def _pmean(value: jax.Array, axis_name: str | None) -> jax.Array:
+    return value if axis_name is None else lax.pmean(value, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm over all but the last axis: (y, batch mean, biased batch variance).
+
+    x (..., C), scale and bias (C,). Statistics and y are float32; with `axis_name` the statistics
+    are averaged over that mapped axis (pmap, shard_map, vmap), as Linen's BatchNorm does.
+    """
+    return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = _pmean(jnp.mean(x32, axes), axis_name)
+    var = _pmean(jnp.mean(jnp.square(x32 - mean), axes), axis_name)  # two-pass, like use_fast_variance=False
+    inv_std = lax.rsqrt(var + epsilon)
+    y = (x32 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return (y, mean, var), (x, scale, bias, mean, inv_std)
+
+
+def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
+    del epsilon
+    x, scale, bias, mean, inv_std = residuals
+    grad_y, grad_mean, grad_var = (c.astype(jnp.float32) for c in cotangents)
+    axes = tuple(range(x.ndim - 1))
+    centred = x.astype(jnp.float32) - mean
+    normalised = centred * inv_std
+    grad_bias = jnp.sum(grad_y, axes)
+    grad_scale = jnp.sum(grad_y * normalised, axes)
+    # d/dx of y = scale * (x - mean) * inv_std with mean and inv_std functions of the whole batch;
+    # the cotangents of the returned statistics (zero when they only feed the running averages) add
+    # d mean / dx = 1/N and d var / dx = 2 (x - mean) / N.
+    mean_grad_y = _pmean(jnp.mean(grad_y, axes), axis_name)
+    mean_grad_y_norm = _pmean(jnp.mean(grad_y * normalised, axes), axis_name)
+    scaled = scale.astype(jnp.float32) * inv_std
+    count = x.size // x.shape[-1] * (1 if axis_name is None else lax.psum(1, axis_name))
+    grad_x = (scaled * (grad_y - mean_grad_y - normalised * mean_grad_y_norm)
+              + grad_mean / count + grad_var * (2.0 / count) * centred)
+    return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+    """`nn.BatchNorm` over the last axis with the closed-form training gradient: (..., C) -> (..., C).
+
+    Same variables as `nn.BatchNorm` (params scale, bias; batch_stats mean, var, float32) and the
+    same options as the ResNets pass them; the variance is always the two-pass one
+    (`use_fast_variance=False`), the only setting accepted.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_fast_variance: bool = False
+    axis_name: str | None = None
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """Normalise `x` (..., C) with batch statistics (training) or the running averages."""
+        if self.use_fast_variance:
+            raise ValueError("cpu_ops.BatchNorm computes the two-pass variance only; use_fast_variance must be False.")
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        out_dtype = self.dtype or jnp.result_type(x, scale, bias)
+        if use_running_average:
+            factor = lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
+            y = (x.astype(jnp.float32) - ra_mean.value) * factor + bias.astype(jnp.float32)
+            return y.astype(out_dtype)
+        # Linen averages over the mapped axis only outside of init; so do we.
+        axis_name = None if self.is_initializing() else self.axis_name
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, axis_name)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(out_dtype)

@@ -1,0 +1,178 @@
+"""The CPU fast path (cbam_jax.layers.cpu_ops) gives the plain path's values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax import lax
+
+from cbam_jax.layers import cpu_ops
+from cbam_jax.registry import create_model
+from cbam_jax.resnet import ResNet
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _random(shape, seed, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _assert_trees_close(actual, expected, rtol, atol):
+    """Leaf-wise allclose; `atol` is relative to the leaf's largest magnitude (float sums of many terms)."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+        assert a.shape == e.shape and a.dtype == e.dtype, jax.tree_util.keystr(path)
+        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * max(1.0, float(np.abs(e).max(initial=0))),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("kernel_shape, strides, padding, dilation", [
+    ((3, 3, 5, 6), (1, 1), ((1, 1), (1, 1)), (1, 1)),   # BasicBlock conv
+    ((3, 3, 5, 6), (2, 2), ((1, 1), (1, 1)), (1, 1)),   # strided 3x3
+    ((1, 1, 5, 6), (2, 2), "VALID", (1, 1)),            # downsample 1x1/2
+    ((7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), (1, 1)),   # ImageNet stem
+    ((7, 7, 2, 1), (1, 1), ((3, 3), (3, 3)), (1, 1)),   # CBAM spatial gate
+    ((3, 3, 5, 6), (1, 1), "SAME", (2, 2)),             # dilated, string padding (BAM)
+    ((2, 3, 5, 6), (1, 2), ((0, 1), (2, 0)), (1, 1)),   # uneven kernel, stride and padding
+])
+def test_conv_matches_lax_conv_and_its_gradients(kernel_shape, strides, padding, dilation, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 49)  # the matmul kernel gradient for every kernel size
+    x, kernel = _random((3, 11, 10, kernel_shape[2]), 0), _random(kernel_shape, 1)
+
+    def loss(conv, x, kernel):
+        y = conv(x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+        return jnp.sum(y * jnp.cos(y)), y  # a non-linear loss: the cotangent varies per element
+
+    (_, y_fast), grads_fast = jax.jit(jax.value_and_grad(lambda *a: loss(cpu_ops.conv_general_dilated, *a),
+                                                         argnums=(0, 1), has_aux=True))(x, kernel)
+    (_, y_ref), grads_ref = jax.jit(jax.value_and_grad(lambda *a: loss(lax.conv_general_dilated, *a),
+                                                       argnums=(0, 1), has_aux=True))(x, kernel)
+    np.testing.assert_allclose(y_fast, y_ref, rtol=1e-6, atol=1e-6)
+    _assert_trees_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_hands_unsupported_settings_to_lax():
+    x, kernel = _random((2, 6, 6, 4), 0), _random((3, 3, 2, 6), 1)  # two feature groups
+    args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC, feature_group_count=2)
+    grad_fast = jax.grad(lambda k: cpu_ops.conv_general_dilated(x, k, **args).sum())(kernel)
+    grad_ref = jax.grad(lambda k: lax.conv_general_dilated(x, k, **args).sum())(kernel)
+    np.testing.assert_allclose(grad_fast, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_takes_the_matmul_gradient_only_up_to_max_taps(monkeypatch):
+    x = _random((2, 6, 6, 4), 0)
+
+    def kernel_grad_ops(kernel_shape):
+        grad = jax.grad(lambda k: cpu_ops.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC).sum())
+        return str(jax.make_jaxpr(grad)(_random(kernel_shape, 1)))
+
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 1)
+    assert "custom_vjp" in kernel_grad_ops((1, 1, 4, 3)) and "custom_vjp" not in kernel_grad_ops((3, 3, 4, 3))
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 9)
+    assert "custom_vjp" in kernel_grad_ops((3, 3, 4, 3))
+
+
+def test_conv_bfloat16_kernel_gradient_keeps_dtype(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 9)
+    x, kernel = _random((2, 8, 8, 4), 0, jnp.bfloat16), _random((3, 3, 4, 5), 1, jnp.bfloat16)
+    conv = lambda f, k: f(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC).astype(jnp.float32).sum()
+    grad_fast = jax.grad(lambda k: conv(cpu_ops.conv_general_dilated, k))(kernel)
+    grad_ref = jax.grad(lambda k: conv(lax.conv_general_dilated, k))(kernel)
+    assert grad_fast.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grad_fast, np.float32), np.asarray(grad_ref, np.float32), rtol=2e-2, atol=0.1)
+
+
+def _reference_batch_norm(x, scale, bias, epsilon):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    return (x - mean) * lax.rsqrt(var + epsilon) * scale + bias, mean, var
+
+
+def test_batch_norm_train_gradient_includes_the_statistics():
+    x, scale, bias = _random((4, 5, 3, 6), 0) * 3 + 1, _random((6,), 1), _random((6,), 2)
+    weights = _random((4, 5, 3, 6), 3)
+
+    def loss(norm, *args):  # depends on y, the mean and the variance
+        y, mean, var = norm(*args, 1e-5)
+        return jnp.sum(weights * y) + jnp.sum(jnp.sin(mean)) + jnp.sum(var**2)
+
+    grads_fast = jax.grad(lambda *a: loss(cpu_ops.batch_norm_train, *a), argnums=(0, 1, 2))(x, scale, bias)
+    grads_ref = jax.grad(lambda *a: loss(_reference_batch_norm, *a), argnums=(0, 1, 2))(x, scale, bias)
+    _assert_trees_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis_name", [None, "devices"])
+def test_batch_norm_module_matches_linen(axis_name):
+    """Same variables, outputs, running statistics and gradients as nn.BatchNorm (also over a mapped axis)."""
+    options = dict(momentum=0.9, epsilon=1e-5, use_fast_variance=False, axis_name=axis_name,
+                   scale_init=nn.initializers.normal(1.0), bias_init=nn.initializers.normal(1.0))
+    x = _random((2, 4, 3, 3, 5), 0) * 2 + 0.5  # (mapped axis, B, H, W, C)
+    weights = _random(x.shape, 1)
+
+    def step(module_cls):
+        module = module_cls(**options)
+        variables = module.init(jax.random.PRNGKey(0), x[0], use_running_average=False)
+
+        def loss(params, x, w):
+            y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                      use_running_average=False, mutable=["batch_stats"])
+            return jnp.sum(w * jnp.tanh(y)), updates
+
+        grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+        if axis_name is None:
+            (_, updates), grads = grad_fn(variables["params"], x[0], weights[0])
+        else:  # per-"device" gradients, as under pmap: each of the local loss, statistics over all
+            (_, updates), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0), axis_name=axis_name)(
+                variables["params"], x, weights)
+            updates = jax.tree.map(lambda u: u[0], updates)
+        evaluated = module.apply({"params": variables["params"], **updates}, x[0], use_running_average=True)
+        return variables, updates, grads, evaluated
+
+    fast, ref = step(cpu_ops.BatchNorm), step(nn.BatchNorm)
+    _assert_trees_close(fast[0], ref[0], rtol=0, atol=0)  # identical initial variables
+    _assert_trees_close(fast[1:], ref[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_rejects_fast_variance():
+    with pytest.raises(ValueError, match="use_fast_variance"):
+        cpu_ops.BatchNorm(use_fast_variance=True).init(jax.random.PRNGKey(0), jnp.ones((2, 3)), use_running_average=False)
+
+
+def test_kernels_option_is_checked():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        cpu_ops.use_cpu_kernels("fast")
+    with pytest.raises(ValueError, match="kernels"):
+        create_model("resnet18", kernels="fast")
+    assert cpu_ops.use_cpu_kernels("auto") == (jax.default_backend() == "cpu")
+    assert cpu_ops.use_cpu_kernels("cpu") and not cpu_ops.use_cpu_kernels("xla")
+
+
+@pytest.mark.parametrize("block, stem, size", [("basic", "cifar", 8), ("bottleneck", "imagenet", 32)])
+def test_model_fast_path_equals_xla_path(block, stem, size):
+    """Same parameter tree, logits, updated BatchNorm statistics and gradients on both paths.
+
+    Two-stage CBAM-ResNets (official variant) cover every conv and BatchNorm the family has: both
+    stems, basic and bottleneck blocks, strided and downsampling convs, the spatial gate.
+    """
+    x = _random((4, size, size, 3), 0)
+    labels = jnp.arange(4) % 10
+
+    def train_step(kernels):
+        model = ResNet(stage_sizes=(1, 1), block=block, stem=stem, width=8, num_classes=10, attention="cbam",
+                       attention_options={"reduction": 4, "spatial_bn_zero_init": False}, kernels=kernels)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+
+        def loss(params):
+            logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                          train=True, mutable=["batch_stats"])
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), (logits, updates)
+
+        (_, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        evaluated = jax.jit(model.apply)({"params": variables["params"], **updates}, x)
+        return variables, logits, updates, grads, evaluated
+
+    fast, ref = train_step("cpu"), train_step("xla")
+    _assert_trees_close(fast[0], ref[0], rtol=0, atol=0)
+    _assert_trees_close(fast[1:], ref[1:], rtol=1e-4, atol=1e-5)

@@ -25,10 +25,28 @@ def train_command(workdir, cache_dir, *overrides, config="configs/tiny.py"):
             f"--config.compilation_cache_dir={cache_dir}", *overrides]
 
 
+def train_env():
+    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def run_train(workdir, cache_dir, *overrides, config="configs/tiny.py"):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(train_command(workdir, cache_dir, *overrides, config=config), cwd=ROOT, env=env,
+    return subprocess.run(train_command(workdir, cache_dir, *overrides, config=config), cwd=ROOT, env=train_env(),
                           capture_output=True, text=True, timeout=600)
+
+
+# Checkpoints every 2 steps and an evaluation every step slow a tiny run down enough to signal it mid-way.
+SLOW_OVERRIDES = ("--config.checkpoint_every_steps=2", "--config.eval_every_steps=1")
+
+
+def start_train_until(workdir, cache_dir, ready, stdout=subprocess.DEVNULL):
+    """Start a slowed-down tiny run in the background and return it once `ready()` holds."""
+    process = subprocess.Popen(train_command(workdir, cache_dir, *SLOW_OVERRIDES), cwd=ROOT, env=train_env(),
+                               stdout=stdout, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    return process
 
 
 def final_state(workdir):
@@ -91,23 +109,13 @@ def test_stop_and_resume_is_exact(straight, tmp_path, cache_dir):
 
 
 def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path, cache_dir):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # Checkpoints every 2 steps and an evaluation every step slow the run down enough to kill it mid-way.
-    overrides = ("--config.checkpoint_every_steps=2", "--config.eval_every_steps=1")
-    process = subprocess.Popen(train_command(tmp_path, cache_dir, *overrides), cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if checkpoints.is_dir() and os.listdir(checkpoints):
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed"
+    process = start_train_until(tmp_path, cache_dir, lambda: checkpoints.is_dir() and bool(os.listdir(checkpoints)))
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = final_state(tmp_path)[0]
     assert killed_at is None or killed_at < 8
-    resumed = run_train(tmp_path, cache_dir, *overrides)
+    resumed = run_train(tmp_path, cache_dir, *SLOW_OVERRIDES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     step, state = final_state(tmp_path)
     assert step == 8
@@ -115,21 +123,15 @@ def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path, cache_dir):
 
 
 def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, cache_dir):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    overrides = ("--config.checkpoint_every_steps=2", "--config.eval_every_steps=1")  # as the SIGKILL test
-    process = subprocess.Popen(train_command(tmp_path, cache_dir, *overrides), cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not (tmp_path / "metrics.jsonl").exists():
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be signalled"
+    process = start_train_until(tmp_path, cache_dir, lambda: (tmp_path / "metrics.jsonl").exists(),
+                                stdout=subprocess.PIPE)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0
     assert "(preempted)" in out
     stopped_at = int(out.split("Stopped at step ")[1].split("/")[0])
     assert final_state(tmp_path)[0] == stopped_at < 8
-    resumed = run_train(tmp_path, cache_dir, *overrides)
+    resumed = run_train(tmp_path, cache_dir, *SLOW_OVERRIDES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_state(final_state(tmp_path)[1], straight[1][1])
 

@@ -148,7 +148,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
 
 
 def test_workdir_of_another_architecture_fails_early(straight, cache_dir):
-    started = time.time()
     result = run_train(straight[0], cache_dir, "--config.model.name=cbam_resnet34")
     assert result.returncode == 1
     assert "another architecture" in result.stderr and "stage_sizes" in result.stderr

@@ -31,6 +31,7 @@ from cbam_jax.training.export import export_pretrained
 from cbam_jax.training.metrics_log import MetricLog
 from cbam_jax.training.parallel import DataParallel
 
+
 def setup_runtime(config: ml_collections.ConfigDict) -> None:
     """jax.distributed (when asked) and the persistent compilation cache; call before any JAX op."""
     if config.distributed.enabled:

@@ -11,12 +11,18 @@ and of the plain ResNet of the same depth, in
   the before/after comparison, with XLA's own kernels only ('jax-xla');
 - PyTorch eager NCHW ('torch'), eager channels-last ('torch-cl') and torch.compile ('torch-compile').
 
-Variants are compiled and warmed up first, then timed round-robin (one call of each variant per
+On a GPU both frameworks run on it (PyTorch through CUDA) and the report adds model FLOPs
+utilisation (MFU). Variants are compiled and warmed up first, then timed round-robin (one call of each variant per
 round, the order rotated every round) so that the load of a shared machine hits all of them alike;
 the tables give the median over rounds and the min-max range. Compilation (JAX: lower + compile;
-PyTorch: the first call) is reported separately and never counted as throughput. Memory is the
-peak resident set size above the resting level during the last warm-up call, sampled every 2 ms
-by a thread (psutil), because XLA's buffers are invisible to tracemalloc.
+PyTorch: the first call) is reported separately and never counted as throughput. Memory on the CPU
+is the peak resident set size above the resting level during the last warm-up call, sampled every
+2 ms by a thread (psutil), because XLA's buffers are invisible to tracemalloc; on a GPU it is
+device memory (XLA's buffer assignment for the compiled program; PyTorch's allocator peak).
+
+Model FLOPs count the convolutions and matrix products of the forward pass (1 multiply-add = 2
+FLOPs; a training step = 3x the forward); MFU divides model FLOP/s by the dense matrix-product
+rate measured in the same run for that dtype on that device.
 """
 
 import argparse
@@ -34,12 +40,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# JAX would otherwise take 75% of a GPU's memory at start, leaving PyTorch too little.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from cbam_jax.registry import create_model, parse_name
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from cbam_jax.registry import create_model, parse_name  # noqa: E402
 
 JAX_IMPLS = {"jax": "auto", "jax-xla": "xla"}  # benchmark name -> ResNet `kernels` option
 TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
@@ -82,6 +91,9 @@ PRESETS = {
               "dtypes": ["float32"], "repeats": 3, "warmup": 1},
     "full": {"cases": ["cbam_resnet50:224:32", "cbam_resnet18:32:64:cifar"], "impls": list(IMPLS),
              "dtypes": ["float32", "bfloat16"], "repeats": 7, "warmup": 2},
+    # Batches that fill a data-centre GPU; jax-xla equals jax there (the CPU path is off).
+    "gpu": {"cases": ["cbam_resnet50:224:256", "cbam_resnet18:32:512:cifar"], "impls": ["jax", "torch", "torch-cl"],
+            "dtypes": ["float32", "bfloat16"], "repeats": 10, "warmup": 3},
 }
 
 
@@ -98,13 +110,14 @@ class Variant:
     compile_s: float = float("nan")
     times: list[float] = dataclasses.field(default_factory=list)
     peak_mib: float = float("nan")
-    flops: float | None = None  # per call, from XLA's cost analysis of the JAX program
+    flops: float = float("nan")  # model FLOPs per call (convolutions and matrix products)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
         return (self.case.name, self.arch, self.mode, self.dtype)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, peak_flops: dict[str, float]) -> dict[str, Any]:
+        """The variant's results; `peak_flops` maps a dtype to the measured matrix-product FLOP/s."""
         median = statistics.median(self.times)
         return {"case": self.case.name, "model": self.model_name, "size": self.case.size, "batch": self.case.batch,
                 "arch": self.arch, "mode": self.mode, "dtype": self.dtype, "impl": self.impl,
@@ -112,8 +125,9 @@ class Variant:
                 "images_per_s": self.case.batch / median,
                 "images_per_s_min": self.case.batch / max(self.times),
                 "images_per_s_max": self.case.batch / min(self.times),
-                "compile_s": self.compile_s, "peak_mib": self.peak_mib,
-                "gflops_per_s": None if self.flops is None else self.flops / median / 1e9}
+                "compile_s": self.compile_s, "peak_mib": self.peak_mib, "model_gflop": self.flops / 1e9,
+                "gflops_per_s": self.flops / median / 1e9,
+                "mfu": self.flops / median / peak_flops[self.dtype]}
 
     @property
     def model_name(self) -> str:
@@ -123,11 +137,56 @@ class Variant:
 # ----------------------------------------------------------------------------- JAX
 
 
-def _cost_flops(compiled: Any) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+def _subjaxprs(params: dict[str, Any]):
+    """The jaxprs nested in an equation's parameters (jit, custom_vjp, remat, scan, cond branches)."""
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "eqns"):
+                yield item
+            elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+                yield item.jaxpr
+
+
+def _jaxpr_flops(jaxpr: Any) -> float:
+    flops = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            flops += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(kernel) / out_features
+        elif eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            flops += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[a] for a in contract])
+        for sub in _subjaxprs(eqn.params):
+            flops += _jaxpr_flops(sub)
+    return flops
+
+
+def model_flops(case: Case, arch: str, mode: str) -> float:
+    """FLOPs of one call: convolutions and matrix products of the forward (x3 for a train step), 1 MAC = 2."""
+    name = case.model if arch == "cbam" else case.model.replace("cbam_", "", 1)
+    model = create_model(name, num_classes=NUM_CLASSES[case.stem], stem=case.stem, kernels="xla")
+    images = jax.ShapeDtypeStruct((case.batch, case.size, case.size, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    forward = _jaxpr_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images).jaxpr)
+    return forward * (3 if mode == "train" else 1)
+
+
+def matmul_peak_flops(dtype: str, repeats: int = 5) -> float:
+    """FLOP/s of a large square `jnp.dot` in `dtype` on JAX's default device (median of `repeats` timings)."""
+    n, calls = (4096, 1) if jax.default_backend() == "cpu" else (8192, 20)  # back-to-back calls hide launch gaps
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.dtype(dtype)) for i in (1, 2))
+    matmul = jax.jit(jnp.dot)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = matmul(a, b)
+        out.block_until_ready()
+        times.append((time.perf_counter() - start) / calls)
+    return 2.0 * n**3 / statistics.median(times)
 
 
 def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
@@ -174,10 +233,26 @@ def setup_jax(variant: Variant) -> None:
 
         variant.step = step
     variant.compile_s = time.perf_counter() - start
-    variant.flops = _cost_flops(compiled)
+    if jax.default_backend() != "cpu":
+        memory = compiled.memory_analysis()
+        variant.peak_mib = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
 
 
 # ----------------------------------------------------------------------------- PyTorch
+
+
+def torch_device() -> str:
+    """Where PyTorch runs: the GPU when JAX runs on one (both frameworks on the same device), else the CPU."""
+    import torch
+
+    if jax.default_backend() == "cpu":
+        return "cpu"
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    raise RuntimeError(f"JAX runs on {jax.default_backend()!r} but PyTorch cannot use that device, so the two would "
+                       f"not be compared on the same hardware: pass --impls jax (or run both on the CPU with "
+                       f"JAX_PLATFORMS=cpu).")
 
 
 def setup_torch(variant: Variant) -> None:
@@ -188,23 +263,27 @@ def setup_torch(variant: Variant) -> None:
     from benchmarks.torch_models import ResNet
 
     case = variant.case
+    device = torch_device()
     _, depth = parse_name(case.model)
     torch.manual_seed(0)
-    model = ResNet(depth, NUM_CLASSES[case.stem], case.stem, attention=variant.arch == "cbam")
-    images = torch.randn(case.batch, 3, case.size, case.size)
-    labels = torch.randint(0, NUM_CLASSES[case.stem], (case.batch,))
+    model = ResNet(depth, NUM_CLASSES[case.stem], case.stem, attention=variant.arch == "cbam").to(device)
+    images = torch.randn(case.batch, 3, case.size, case.size, device=device)
+    labels = torch.randint(0, NUM_CLASSES[case.stem], (case.batch,), device=device)
     if variant.impl in ("torch-cl", "torch-compile"):
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     forward = torch.compile(model) if variant.impl == "torch-compile" else model
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant.dtype == "bfloat16" \
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if variant.dtype == "bfloat16" \
         else contextlib.nullcontext
+    # CUDA runs asynchronously: a call ends when the device is done, as JAX's block_until_ready.
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
     if variant.mode == "infer":
         model.eval()
 
         def step() -> None:
             with torch.inference_mode(), autocast():
                 forward(images)
+            synchronize()
     else:
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -215,11 +294,16 @@ def setup_torch(variant: Variant) -> None:
                 loss = F.cross_entropy(forward(images), labels)
             loss.backward()
             optimizer.step()
+            synchronize()
 
     start = time.perf_counter()
     step()
     variant.compile_s = time.perf_counter() - start
     variant.step = step
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        variant.peak_mib = torch.cuda.max_memory_allocated() / 2**20
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -251,12 +335,20 @@ def peak_rss_mib(call: Callable[[], None], interval_s: float = 0.002) -> float:
 
 def run(variants: list[Variant], repeats: int, warmup: int, log: Callable[[str], None]) -> None:
     """Set up, warm up and time `variants` round-robin; fills their results in place."""
+    flops = {}
     for variant in variants:
         log(f"setup {variant.impl:13s} {variant.arch:5s} {variant.mode:5s} {variant.dtype:8s} {variant.case.name}")
         (setup_jax if variant.impl in JAX_IMPLS else setup_torch)(variant)
+        key = (variant.case, variant.arch, variant.mode)
+        if key not in flops:
+            flops[key] = model_flops(*key)
+        variant.flops = flops[key]
         for _ in range(warmup - 1):
             variant.step()
-        variant.peak_mib = peak_rss_mib(variant.step)  # the last (or only) untimed call
+        if jax.default_backend() == "cpu":
+            variant.peak_mib = peak_rss_mib(variant.step)  # the last (or only) untimed call
+        else:  # device memory was measured in the setup
+            variant.step()
     for round_index in range(repeats):
         shift = round_index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
@@ -296,27 +388,32 @@ def machine() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "device_kind": jax.devices()[0].device_kind,
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
     with contextlib.suppress(ImportError):
         import torch
 
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    torch_device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     return info
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (throughput, then ratios)."""
     m = report["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']})"
-             + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else "")
-             + f"; load average {report['load_before']} before, {report['load_after']} after.", "",
-             "| case | net | mode | dtype | impl | images/s (median) | min-max | step ms | GFLOP/s | compile/first s | peak MiB |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    peaks = ", ".join(f"{d} {f:.3g} TFLOP/s" for d, f in report["matmul_peak_tflops"].items())
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores; JAX {m['jax']} on {m['backend']} ({m['device_kind']})"
+             + (f", torch {m['torch']} on {m['torch_device']} ({m['torch_threads']} CPU threads)" if "torch" in m else "")
+             + f"; load average {report['load_before']} before, {report['load_after']} after; "
+             f"matrix-product peak measured: {peaks}.", "",
+             "| case | net | mode | dtype | impl | images/s (median) | min-max | step ms | model GFLOP/s | MFU | "
+             "compile/first s | peak MiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        gflops = "" if r["gflops_per_s"] is None else f"{r['gflops_per_s']:.0f}"
         lines.append(f"| {r['case']} | {r['arch']} | {r['mode']} | {r['dtype']} | {r['impl']} | "
                      f"{r['images_per_s']:.1f} | {r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f} | "
-                     f"{1000 * r['step_s_median']:.0f} | {gflops} | {r['compile_s']:.1f} | {r['peak_mib']:.0f} |")
+                     f"{1000 * r['step_s_median']:.0f} | {r['gflops_per_s']:.0f} | {100 * r['mfu']:.0f}% | {r['compile_s']:.1f} | "
+                     f"{r['peak_mib']:.0f} |")
     columns = [c for c in (*(f"jax_over_{i}" for i in (*TORCH_IMPLS, "jax-xla")), "cbam_cost")
                if any(c in e for e in report["ratios"])]
     if columns:
@@ -382,6 +479,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick preset (< ~5 min on 2 cores): "
                         + ", ".join(PRESETS["quick"]["cases"]) + "; float32; jax, torch, torch-cl")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                        help="cases, impls, dtypes, rounds: 'full' (default), 'quick' (= --quick), 'gpu' (large batches)")
     parser.add_argument("--cases", nargs="+", type=Case.parse, help="MODEL:SIZE:BATCH[:STEM] (overrides the preset)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (overrides the preset)")
     parser.add_argument("--nets", nargs="+", choices=("cbam", "plain"), default=["cbam", "plain"])
@@ -393,7 +492,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", help="also write the Markdown tables to this file")
     parser.add_argument("--plot", help="write a PNG bar chart of images/s to this file")
     args = parser.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "full"]
+    preset = PRESETS["quick" if args.quick else args.preset]
     args.cases = args.cases or [Case.parse(c) for c in preset["cases"]]
     for field in ("impls", "dtypes", "repeats", "warmup"):
         if getattr(args, field) is None:
@@ -428,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores, as XLA uses
+        torch.backends.cudnn.benchmark = True  # pick the fastest convolution algorithms, as XLA autotunes
+    peak_flops = {dtype: matmul_peak_flops(dtype) for dtype in args.dtypes}
+    log("matrix-product peak: " + ", ".join(f"{d} {f / 1e12:.3g} TFLOP/s" for d, f in peak_flops.items()))
     variants = [Variant(case, arch, mode, dtype, impl)
                 for case in args.cases for dtype in args.dtypes for mode in args.modes
                 for arch in args.nets for impl in args.impls]
@@ -435,12 +537,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One case at a time keeps memory bounded; variants within a case are interleaved.
     for case in args.cases:
         run([v for v in variants if v.case == case], args.repeats, args.warmup, log)
-    results = [v.summary() for v in variants]
+    results = [v.summary(peak_flops) for v in variants]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": machine(),
               "load_before": [round(x, 2) for x in load_before],
               "load_after": [round(x, 2) for x in os.getloadavg()],
               "repeats": args.repeats, "warmup": args.warmup, "wall_s": time.perf_counter() - start,
+              "matmul_peak_tflops": {d: f / 1e12 for d, f in peak_flops.items()},
               "results": results, "ratios": ratios(results)}
     table = markdown(report)
     print(table)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.throughput import Case, ratios
+from benchmarks.throughput import Case, model_flops, ratios
 from cbam_jax.registry import create_model
 
 
@@ -50,3 +50,12 @@ def test_ratios_compare_jax_with_torch_and_cbam_with_plain():
     assert by_impl["cbam", "torch"]["cbam_cost"] == pytest.approx(3.0 / 2.4)
     assert by_impl["plain", "jax"]["jax_over_torch"] == pytest.approx(40 / 25)
     assert ("plain", "torch") not in by_impl
+
+
+@pytest.mark.parametrize("model, giga_macs", [("resnet18", 1.814), ("resnet50", 4.089)])
+def test_model_flops_match_published_counts(model, giga_macs):
+    """torchvision's model table: 1.81 / 4.09 GFLOPS (multiply-adds) per 224px image; a train step is 3x."""
+    case = Case("cbam_" + model, 224, 2)
+    assert model_flops(case, "plain", "infer") == pytest.approx(2 * 2 * giga_macs * 1e9, rel=2e-3)
+    assert model_flops(case, "plain", "train") == pytest.approx(3 * model_flops(case, "plain", "infer"))
+    assert model_flops(case, "cbam", "infer") > model_flops(case, "plain", "infer")

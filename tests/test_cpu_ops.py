@@ -1,5 +1,7 @@
 """The CPU fast path (cbam_jax.layers.cpu_ops) gives the plain path's values and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,3 +178,29 @@ def test_model_fast_path_equals_xla_path(block, stem, size):
     fast, ref = train_step("cpu"), train_step("xla")
     _assert_trees_close(fast[0], ref[0], rtol=0, atol=0)
     _assert_trees_close(fast[1:], ref[1:], rtol=1e-4, atol=1e-5)
+
+
+def _torch_max_pool_grad(x: np.ndarray, grad: np.ndarray, window: int, stride: int, padding: int) -> np.ndarray:
+    """PyTorch max_pool2d's input gradient: each output's gradient to the first maximum of its window
+    in row-major scanning order (-inf padding)."""
+    padded = np.pad(x, ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)), constant_values=-np.inf)
+    out = np.zeros_like(padded)
+    for b, i, j, c in np.ndindex(grad.shape):
+        patch = padded[b, i * stride:i * stride + window, j * stride:j * stride + window, c]
+        di, dj = np.unravel_index(np.argmax(patch), patch.shape)
+        out[b, i * stride + di, j * stride + dj, c] += grad[b, i, j, c]
+    return out[:, padding:padding + x.shape[1], padding:padding + x.shape[2]]
+
+
+@pytest.mark.parametrize("shape, window, stride, padding", [((2, 9, 8, 3), 3, 2, 1), ((1, 6, 7, 2), 2, 2, 0),
+                                                            ((1, 5, 5, 2), 3, 1, 1)])
+def test_max_pool_matches_pytorch_forward_and_gradient(shape, window, stride, padding):
+    """Ties everywhere (small integers, as after a ReLU): the gradient follows PyTorch's first-maximum rule."""
+    x = np.random.default_rng(0).integers(0, 3, shape).astype(np.float32)
+    pool = functools.partial(cpu_ops.max_pool, window=window, stride=stride, padding=padding)
+    out = jax.jit(pool)(x)
+    expected = nn.max_pool(jnp.asarray(x), (window, window), strides=(stride, stride), padding=((padding, padding),) * 2)
+    np.testing.assert_array_equal(out, expected)
+    grad_out = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * grad_out)))(x)
+    np.testing.assert_allclose(grad, _torch_max_pool_grad(x, grad_out, window, stride, padding), rtol=1e-6, atol=1e-6)

@@ -8,6 +8,7 @@ from conftest import randomize, to_numpy
 
 import numpy_reference as ref
 from cbam_jax import BAM, CBAM, SE, ChannelGate, SpatialGate
+from cbam_jax.layers.common import max_over
 
 # Non-square on purpose: catches H/W mix-ups in pooling and padding.
 SHAPE = (3, 5, 7, 32)
@@ -154,3 +155,23 @@ def test_numpy_integers_are_valid_sizes():
 def test_bad_input_is_a_clear_value_error(layer, shape, message):
     with pytest.raises(ValueError, match=message):
         layer.init(jax.random.key(0), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("axes", [(1, 2), (3,), -1])
+def test_max_over_gradient_goes_to_the_first_maximum(axes):
+    """Ties everywhere (small integers): the gradient reaches only the first maximum in row-major
+    order over the reduced axes, as PyTorch's max pools and torch.max; under jit with a fused
+    producer, where jnp.max's equality-mask gradient once went wrong."""
+    x = np.random.default_rng(0).integers(0, 3, (2, 4, 5, 3)).astype(np.float32)
+    reduced = tuple(sorted(a % 4 for a in ((axes,) if isinstance(axes, int) else axes)))
+    weights = np.random.default_rng(1).standard_normal([s for i, s in enumerate(x.shape) if i not in reduced])
+    value, grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(max_over(x * 1.0 + 0.0, axes) * weights)))(x)
+
+    moved = np.moveaxis(x, reduced, range(4 - len(reduced), 4))
+    flat = moved.reshape(moved.shape[:4 - len(reduced)] + (-1,))
+    first = np.argmax(flat, axis=-1)  # NumPy's argmax returns the first maximum
+    expected = np.zeros_like(flat)
+    np.put_along_axis(expected, first[..., None], weights[..., None], axis=-1)
+    expected = np.moveaxis(expected.reshape(moved.shape), range(4 - len(reduced), 4), reduced)
+    np.testing.assert_allclose(value, np.sum(flat.max(-1) * weights), rtol=1e-6)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)

@@ -1,5 +1,6 @@
 """Shared pieces of the attention layers: input checks and PyTorch-matching initialisers."""
 
+import functools
 from typing import Any
 
 import jax
@@ -51,17 +52,47 @@ def promote_to_float32(x: jax.Array) -> jax.Array:
 
 
 def max_over(x: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
-    """`jnp.max(x, axis)` whose gradient flows to the (first) argmax, as PyTorch's max pools.
+    """`jnp.max(x, axis)` whose gradient goes to the first maximum only, as PyTorch's max pools.
 
-    jnp.max's own gradient finds the maxima by comparing the input with the result for equality.
-    Under jit, XLA:CPU may recompute the input of a fused max in a second fusion with slightly
-    different rounding, so the comparison can miss and the gradient goes wrong (seen in
-    CBAM-ResNets on jax 0.10.2 and 0.12: up to 60% off, training only). Gathering at argmax
-    indices needs no equality test.
+    The forward pass is XLA's plain max reduction, so inference pays nothing extra. The gradient
+    is written by hand: jnp.max's own finds the maxima by comparing the input with the result, and
+    under jit XLA:CPU may recompute a fused input in a second fusion with slightly different
+    rounding, so the comparison missed and the gradient was lost (seen in CBAM-ResNets on jax
+    0.10.2 and 0.12: up to 60% off, training only; an optimisation barrier before the max did not
+    prevent it on jax 0.10.2). Here the backward pass takes the argmax of the input (the first
+    maximum in row-major order over the reduced axes) in one reduction and needs no equality test.
     """
-    axes = tuple(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
+    axes = tuple(sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)))
+    return _max_first(x, axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_first(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.max(x, axes)
+
+
+def _max_first_fwd(x, axes):
+    return jnp.max(x, axes), x
+
+
+def _max_first_bwd(axes, x, grad):
+    # Merge the reduced axes into one (a free reshape when they are adjacent, as in every caller;
+    # a transpose otherwise), take the argmax along it and send the gradient there.
     kept = [a for a in range(x.ndim) if a not in axes]
-    moved = jnp.transpose(x, kept + list(axes))
-    flat = moved.reshape(moved.shape[:len(kept)] + (-1,))
-    index = jnp.argmax(flat, axis=-1)
-    return jnp.take_along_axis(flat, index[..., None], axis=-1)[..., 0]
+    if axes != tuple(range(axes[0], axes[0] + len(axes))):
+        x = jnp.transpose(x, kept + list(axes))
+        merged = len(kept)
+    else:
+        merged = axes[0]
+    shape = x.shape
+    flat = x.reshape(shape[:merged] + (-1,) + shape[merged + len(axes):])
+    first = jnp.argmax(flat, axis=merged, keepdims=True)
+    position = jax.lax.broadcasted_iota(first.dtype, flat.shape, merged)
+    flat_grad = jnp.where(position == first, jnp.expand_dims(grad, merged), 0).astype(x.dtype)
+    grad_x = flat_grad.reshape(shape)
+    if merged != axes[0]:
+        grad_x = jnp.transpose(grad_x, np.argsort(kept + list(axes)))
+    return (grad_x,)
+
+
+_max_first.defvjp(_max_first_fwd, _max_first_bwd)

@@ -22,7 +22,8 @@ device memory (XLA's buffer assignment for the compiled program; PyTorch's alloc
 
 Model FLOPs count the convolutions and matrix products of the forward pass (1 multiply-add = 2
 FLOPs; a training step = 3x the forward); MFU divides model FLOP/s by the dense matrix-product
-rate measured in the same run for that dtype on that device.
+rate measured in the same run for that dtype on that device (the faster of `jnp.dot` and
+`torch.mm` on square matrices of 4096 (CPU) or 8192 (GPU)).
 """
 
 import argparse
@@ -189,6 +190,26 @@ def matmul_peak_flops(dtype: str, repeats: int = 5) -> float:
     return 2.0 * n**3 / statistics.median(times)
 
 
+def torch_matmul_peak_flops(dtype: str, repeats: int = 5) -> float:
+    """FLOP/s of a large square `torch.mm` in `dtype` on PyTorch's benchmark device (as `matmul_peak_flops`)."""
+    import torch
+
+    device = torch_device()
+    n, calls = (4096, 1) if device == "cpu" else (8192, 20)
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    torch.mm(a, b)
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b)
+        synchronize()
+        times.append((time.perf_counter() - start) / calls)
+    return 2.0 * n**3 / statistics.median(times)
+
+
 def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
     """(params, batch_stats, opt_state), images (B, H, W, 3), labels (B,) -> (new state, loss): one SGD step."""
 
@@ -333,8 +354,9 @@ def peak_rss_mib(call: Callable[[], None], interval_s: float = 0.002) -> float:
     return (max(peak[0], process.memory_info().rss) - base) / 2**20
 
 
-def run(variants: list[Variant], repeats: int, warmup: int, log: Callable[[str], None]) -> None:
-    """Set up, warm up and time `variants` round-robin; fills their results in place."""
+def run(variants: list[Variant], repeats: int, warmup: int, settle_s: float, log: Callable[[str], None]) -> None:
+    """Set up, warm up and time `variants` round-robin, pausing `settle_s` before each timed call; fills their
+    results in place."""
     flops = {}
     for variant in variants:
         log(f"setup {variant.impl:13s} {variant.arch:5s} {variant.mode:5s} {variant.dtype:8s} {variant.case.name}")
@@ -352,6 +374,7 @@ def run(variants: list[Variant], repeats: int, warmup: int, log: Callable[[str],
     for round_index in range(repeats):
         shift = round_index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
+            time.sleep(settle_s)
             start = time.perf_counter()
             variant.step()
             variant.times.append(time.perf_counter() - start)
@@ -488,6 +511,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), help="(overrides the preset)")
     parser.add_argument("--repeats", type=int, help="timed rounds (overrides the preset)")
     parser.add_argument("--warmup", type=int, help="untimed calls per variant after compiling, at least 1 (overrides the preset)")
+    parser.add_argument("--settle", type=float, help="seconds to pause before each timed call (default: 0.5 on "
+                        "the CPU, where PyTorch's OpenMP threads keep spinning after a call and slow the next one "
+                        "down, JAX's by up to 2x; 0 on accelerators)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the JSON report")
     parser.add_argument("--markdown", help="also write the Markdown tables to this file")
     parser.add_argument("--plot", help="write a PNG bar chart of images/s to this file")
@@ -497,6 +523,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for field in ("impls", "dtypes", "repeats", "warmup"):
         if getattr(args, field) is None:
             setattr(args, field, preset[field])
+    if args.settle is None:
+        args.settle = 0.5 if jax.default_backend() == "cpu" else 0.0
     if args.repeats < 1 or args.warmup < 1:
         parser.error("--repeats and --warmup must be >= 1 (the last warm-up call measures memory).")
     try:
@@ -528,7 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores, as XLA uses
         torch.backends.cudnn.benchmark = True  # pick the fastest convolution algorithms, as XLA autotunes
-    peak_flops = {dtype: matmul_peak_flops(dtype) for dtype in args.dtypes}
+    # The machine's peak: the faster of the two frameworks' large matrix products.
+    uses_torch = any(i in TORCH_IMPLS for i in args.impls)
+    peak_flops = {dtype: max(matmul_peak_flops(dtype), torch_matmul_peak_flops(dtype) if uses_torch else 0.0)
+                  for dtype in args.dtypes}
     log("matrix-product peak: " + ", ".join(f"{d} {f / 1e12:.3g} TFLOP/s" for d, f in peak_flops.items()))
     variants = [Variant(case, arch, mode, dtype, impl)
                 for case in args.cases for dtype in args.dtypes for mode in args.modes
@@ -536,13 +567,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     # One case at a time keeps memory bounded; variants within a case are interleaved.
     for case in args.cases:
-        run([v for v in variants if v.case == case], args.repeats, args.warmup, log)
+        run([v for v in variants if v.case == case], args.repeats, args.warmup, args.settle, log)
     results = [v.summary(peak_flops) for v in variants]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": machine(),
               "load_before": [round(x, 2) for x in load_before],
               "load_after": [round(x, 2) for x in os.getloadavg()],
-              "repeats": args.repeats, "warmup": args.warmup, "wall_s": time.perf_counter() - start,
+              "repeats": args.repeats, "warmup": args.warmup, "settle_s": args.settle,
+              "wall_s": time.perf_counter() - start,
               "matmul_peak_tflops": {d: f / 1e12 for d, f in peak_flops.items()},
               "results": results, "ratios": ratios(results)}
     table = markdown(report)

@@ -174,20 +174,26 @@ def model_flops(case: Case, arch: str, mode: str) -> float:
     return forward * (3 if mode == "train" else 1)
 
 
-def matmul_peak_flops(dtype: str, repeats: int = 5) -> float:
-    """FLOP/s of a large square `jnp.dot` in `dtype` on JAX's default device (median of `repeats` timings)."""
-    n, calls = (4096, 1) if jax.default_backend() == "cpu" else (8192, 20)  # back-to-back calls hide launch gaps
-    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.dtype(dtype)) for i in (1, 2))
-    matmul = jax.jit(jnp.dot)
-    matmul(a, b).block_until_ready()
+def _matmul_flops(matmul: Callable[[], Any], synchronize: Callable[[Any], None], n: int, calls: int,
+                  repeats: int) -> float:
+    """FLOP/s of an n x n x n matrix product: median over `repeats` timings of `calls` back-to-back products."""
+    synchronize(matmul())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
-            out = matmul(a, b)
-        out.block_until_ready()
+            out = matmul()
+        synchronize(out)
         times.append((time.perf_counter() - start) / calls)
     return 2.0 * n**3 / statistics.median(times)
+
+
+def matmul_peak_flops(dtype: str, repeats: int = 5) -> float:
+    """FLOP/s of a large square `jnp.dot` in `dtype` on JAX's default device."""
+    n, calls = (4096, 1) if jax.default_backend() == "cpu" else (8192, 20)  # back-to-back calls hide launch gaps
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.dtype(dtype)) for i in (1, 2))
+    matmul = jax.jit(jnp.dot)
+    return _matmul_flops(lambda: matmul(a, b), lambda out: out.block_until_ready(), n, calls, repeats)
 
 
 def torch_matmul_peak_flops(dtype: str, repeats: int = 5) -> float:
@@ -197,17 +203,8 @@ def torch_matmul_peak_flops(dtype: str, repeats: int = 5) -> float:
     device = torch_device()
     n, calls = (4096, 1) if device == "cpu" else (8192, 20)
     a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
-    torch.mm(a, b)
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            torch.mm(a, b)
-        synchronize()
-        times.append((time.perf_counter() - start) / calls)
-    return 2.0 * n**3 / statistics.median(times)
+    synchronize = (lambda out: torch.cuda.synchronize()) if device == "cuda" else (lambda out: None)
+    return _matmul_flops(lambda: torch.mm(a, b), synchronize, n, calls, repeats)
 
 
 def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:

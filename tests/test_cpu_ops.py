@@ -1,6 +1,7 @@
 """The CPU fast path (cbam_jax.layers.cpu_ops) gives the plain path's values and gradients."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,8 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from cbam_jax.layers import cpu_ops
-from cbam_jax.registry import create_model
+from cbam_jax.layers import CBAM, SpatialGate, cpu_ops
+from cbam_jax.registry import create_model, model_config, model_from_config
 from cbam_jax.resnet import ResNet
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -142,13 +143,39 @@ def test_batch_norm_rejects_fast_variance():
         cpu_ops.BatchNorm(use_fast_variance=True).init(jax.random.PRNGKey(0), jnp.ones((2, 3)), use_running_average=False)
 
 
-def test_kernels_option_is_checked():
-    with pytest.raises(ValueError, match="kernels must be one of"):
-        cpu_ops.use_cpu_kernels("fast")
-    with pytest.raises(ValueError, match="kernels"):
-        create_model("resnet18", kernels="fast")
-    assert cpu_ops.use_cpu_kernels("auto") == (jax.default_backend() == "cpu")
-    assert cpu_ops.use_cpu_kernels("cpu") and not cpu_ops.use_cpu_kernels("xla")
+def test_implementation_option_is_checked():
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        cpu_ops.use_cpu_path("fast")
+    with pytest.raises(ValueError, match="implementation"):
+        create_model("resnet18", implementation="fast")
+    assert cpu_ops.use_cpu_path("auto") == (jax.default_backend() == "cpu")
+    assert cpu_ops.use_cpu_path("cpu") and not cpu_ops.use_cpu_path("xla")
+
+
+def test_renamed_options_are_still_accepted_with_a_warning():
+    """`kernels` (now `implementation`) and CBAM's `spatial_bn` (now `spatial_use_bn`) keep working."""
+    with pytest.warns(FutureWarning, match="'kernels' is deprecated, use 'implementation'"):
+        model = create_model("cbam_resnet18", kernels="xla")
+    assert model.implementation == "xla" and model.kernels is None
+    with pytest.warns(FutureWarning, match="'spatial_bn' is deprecated, use 'spatial_use_bn'"):
+        model = create_model("cbam_resnet18", spatial_bn=False)
+    assert model.attention_options["spatial_use_bn"] is False and "spatial_bn" not in model.attention_options
+    with pytest.warns(FutureWarning, match="'kernels' is deprecated"):
+        gate = SpatialGate(kernels="cpu")
+    assert gate.implementation == "cpu"
+    with pytest.warns(FutureWarning) as caught:
+        layer = CBAM(spatial_bn=False, kernels="xla")
+    assert sorted(str(w.message).split("'")[1] for w in caught) == ["kernels", "spatial_bn"]
+    assert (layer.spatial_use_bn, layer.implementation) == (False, "xla")
+    with pytest.raises(ValueError, match="give implementation= only"):
+        ResNet(stage_sizes=(1,), kernels="xla", implementation="cpu")
+    # Configs saved before the rename load silently and equal today's.
+    saved = model_config(create_model("cbam_resnet18", implementation="xla", spatial_use_bn=False))
+    saved["kernels"] = saved.pop("implementation")
+    saved["attention_options"]["spatial_bn"] = saved["attention_options"].pop("spatial_use_bn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model_from_config(saved) == create_model("cbam_resnet18", implementation="xla", spatial_use_bn=False)
 
 
 @pytest.mark.parametrize("block, stem, size", [("basic", "cifar", 8), ("bottleneck", "imagenet", 32)])
@@ -161,9 +188,9 @@ def test_model_fast_path_equals_xla_path(block, stem, size):
     x = _random((4, size, size, 3), 0)
     labels = jnp.arange(4) % 10
 
-    def train_step(kernels):
+    def train_step(implementation):
         model = ResNet(stage_sizes=(1, 1), block=block, stem=stem, width=8, num_classes=10, attention="cbam",
-                       attention_options={"reduction": 4, "spatial_bn_zero_init": False}, kernels=kernels)
+                       attention_options={"reduction": 4, "spatial_bn_zero_init": False}, implementation=implementation)
         variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
 
         def loss(params):

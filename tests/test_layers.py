@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomize, to_numpy
+from tests.helpers import randomize, to_numpy
 
-import numpy_reference as ref
+from tests import numpy_reference as ref
 from cbam_jax import BAM, CBAM, SE, ChannelGate, SpatialGate
 from cbam_jax.layers.common import max_over
 

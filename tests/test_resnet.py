@@ -144,7 +144,7 @@ def test_variant_presets():
     timm = create_model("cbam_resnet18", variant="timm")
     assert timm.attention_options["pool_order"] == "mean_max" and timm.zero_init_residual
     common = create_model("cbam_resnet18", variant="common", kernel_size=3)
-    assert not common.attention_options["spatial_bn"] and common.attention_options["kernel_size"] == 3
+    assert not common.attention_options["spatial_use_bn"] and common.attention_options["kernel_size"] == 3
     variables = jax.eval_shape(common.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert "bn" not in variables["params"]["layer1_0"]["attention"]["spatial"]
     zero_init = create_model("resnet18", variant="timm", width=8).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -138,7 +138,7 @@ def variant_of(model: ResNet) -> str:
         return "official"
     for name, preset in registry.VARIANTS.items():
         if all(model.attention_options.get(k) == v for k, v in preset["cbam"].items()
-               if k in ("mlp_bias", "pool_order", "spatial_bn")):
+               if k in ("mlp_bias", "pool_order", "spatial_use_bn")):
             return name
     raise ConversionError(f"The model's CBAM options {dict(model.attention_options)} match no PyTorch variant "
                           f"({', '.join(registry.VARIANTS)}); it has no PyTorch layout to export to.")

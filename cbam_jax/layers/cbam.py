@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cbam_jax.layers.channel_gate import ChannelGate
-from cbam_jax.layers.common import Dtype
+from cbam_jax.layers.common import Dtype, renamed_option_value
 from cbam_jax.layers.spatial_gate import SpatialGate
 
 
@@ -29,12 +29,13 @@ class CBAM(nn.Module):
     Attributes:
       reduction, pool_types, mlp_bias: the channel gate's options (see `ChannelGate`).
       kernel_size, pool_order: the spatial gate's conv size and pooled-map order (see `SpatialGate`).
-      spatial_bn, spatial_bn_momentum, spatial_bn_zero_init: the spatial gate's BatchNorm
-        (`use_bn`, `bn_momentum`, `bn_zero_init` of `SpatialGate`).
+      spatial_use_bn, spatial_bn_momentum, spatial_bn_zero_init: the spatial gate's BatchNorm
+        options (`use_bn`, `bn_momentum`, `bn_zero_init` of `SpatialGate`, prefixed with 'spatial_').
       use_spatial: False keeps only the channel gate (the official `no_spatial=True`).
       bn_axis_name: mapped axis for cross-device batch statistics under pmap/shard_map.
       dtype, param_dtype: computation and parameter dtypes.
-      kernels: the spatial gate's conv and BatchNorm implementation ('auto', 'cpu', 'xla'; see `SpatialGate`).
+      implementation: the spatial gate's conv and BatchNorm ('auto', 'cpu', 'xla'; see `SpatialGate`).
+      spatial_bn, kernels: deprecated names of `spatial_use_bn` and `implementation`.
     """
 
     reduction: int = 16
@@ -42,14 +43,21 @@ class CBAM(nn.Module):
     mlp_bias: bool = True
     kernel_size: int = 7
     pool_order: str = "max_mean"
-    spatial_bn: bool = True
+    spatial_use_bn: bool = True
     spatial_bn_momentum: float = 0.99
     spatial_bn_zero_init: bool = True
     use_spatial: bool = True
     bn_axis_name: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
-    kernels: str = "auto"
+    implementation: str = "auto"
+    spatial_bn: bool | None = None  # deprecated: `spatial_use_bn`
+    kernels: str | None = None  # deprecated: `implementation`
+
+    def __post_init__(self) -> None:
+        renamed_option_value(self, "spatial_bn")
+        renamed_option_value(self, "kernels")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -57,8 +65,8 @@ class CBAM(nn.Module):
         x = ChannelGate(reduction=self.reduction, pool_types=self.pool_types, mlp_bias=self.mlp_bias,
                         dtype=self.dtype, param_dtype=self.param_dtype, name="channel")(x)
         if self.use_spatial:
-            x = SpatialGate(kernel_size=self.kernel_size, pool_order=self.pool_order, use_bn=self.spatial_bn,
+            x = SpatialGate(kernel_size=self.kernel_size, pool_order=self.pool_order, use_bn=self.spatial_use_bn,
                             bn_momentum=self.spatial_bn_momentum, bn_zero_init=self.spatial_bn_zero_init,
                             bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernels=self.kernels, name="spatial")(x, train=train)
+                            implementation=self.implementation, name="spatial")(x, train=train)
         return x

@@ -13,7 +13,7 @@ result beyond float rounding:
   XLA:CPU's slow variadic window reduction.
 
 They are drop-in replacements for the Linen layers (same parameter and batch-stats tree), chosen
-per platform by `use_cpu_kernels`: GPUs and TPUs keep XLA's own kernels, which are fast there.
+per platform by `use_cpu_path`: GPUs and TPUs keep XLA's own kernels, which are fast there.
 """
 
 import functools
@@ -26,8 +26,9 @@ from jax import lax
 
 from cbam_jax.layers.common import Dtype, Initializer, max_over
 
-# 'auto': the CPU fast path on the CPU backend only; 'cpu': always; 'xla': never (XLA's own gradients).
-KERNELS = ("auto", "cpu", "xla")
+# The `implementation` option of the models: 'auto' = the CPU fast path on the CPU backend only;
+# 'cpu' = always; 'xla' = never (XLA's own gradients, the reference path).
+IMPLEMENTATIONS = ("auto", "cpu", "xla")
 
 Padding = tuple[tuple[int, int], ...]
 
@@ -39,12 +40,12 @@ Padding = tuple[tuple[int, int], ...]
 MAX_MATMUL_TAPS = 1
 
 
-def use_cpu_kernels(kernels: str) -> bool:
-    """Whether a model with the `kernels` option ('auto', 'cpu' or 'xla') takes the CPU fast path now."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS} ('auto' = the CPU fast path on the CPU backend only); "
-                         f"got {kernels!r}.")
-    return kernels == "cpu" or (kernels == "auto" and jax.default_backend() == "cpu")
+def use_cpu_path(implementation: str) -> bool:
+    """Whether a model with `implementation` ('auto', 'cpu' or 'xla') takes the CPU fast path now."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} ('auto' = the CPU fast path on the CPU "
+                         f"backend only, 'xla' = XLA's own kernels everywhere); got {implementation!r}.")
+    return implementation == "cpu" or (implementation == "auto" and jax.default_backend() == "cpu")
 
 
 # ----------------------------------------------------------------------------- convolution

@@ -12,7 +12,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cbam_jax.layers import cpu_ops
-from cbam_jax.layers.common import Dtype, check_nhwc, conv_kernel_init, is_int, max_over, promote_to_float32
+from cbam_jax.layers.common import (
+    Dtype,
+    check_nhwc,
+    conv_kernel_init,
+    is_int,
+    max_over,
+    promote_to_float32,
+    renamed_option_value,
+)
 
 # Pools over the channel axis of an NHWC map: (B, H, W, C) -> (B, H, W).
 CHANNEL_POOLS = {"max": lambda x: max_over(x, -1), "mean": lambda x: jnp.mean(x, axis=-1)}
@@ -50,7 +58,9 @@ class SpatialGate(nn.Module):
       bn_axis_name: mapped axis for cross-device batch statistics under pmap/shard_map.
       dtype: computation dtype of the conv; pooling, BatchNorm statistics and sigmoid run in float32.
       param_dtype: parameter dtype.
-      kernels: 'auto' (the CPU fast conv and BatchNorm of `cpu_ops` on the CPU backend), 'cpu' or 'xla'.
+      implementation: 'auto' (the CPU fast conv and BatchNorm of `cpu_ops` on the CPU backend), 'cpu'
+        or 'xla' (XLA's own kernels everywhere). Same parameters and results either way.
+      kernels: deprecated name of `implementation`.
     """
 
     kernel_size: int = 7
@@ -62,7 +72,12 @@ class SpatialGate(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
-    kernels: str = "auto"
+    implementation: str = "auto"
+    kernels: str | None = None  # deprecated: `implementation`
+
+    def __post_init__(self) -> None:
+        renamed_option_value(self, "kernels")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -74,13 +89,13 @@ class SpatialGate(nn.Module):
         pooled = promote_to_float32(x)
         compressed = jnp.stack([CHANNEL_POOLS[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
         pad = self.kernel_size // 2
-        cpu_kernels = cpu_ops.use_cpu_kernels(self.kernels)
+        cpu_path = cpu_ops.use_cpu_path(self.implementation)
         y = nn.Conv(1, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
                     use_bias=False, kernel_init=conv_kernel_init,
-                    conv_general_dilated=cpu_ops.conv_general_dilated if cpu_kernels else None,
+                    conv_general_dilated=cpu_ops.conv_general_dilated if cpu_path else None,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(compressed)
         if self.use_bn:
-            norm_cls = cpu_ops.BatchNorm if cpu_kernels else nn.BatchNorm
+            norm_cls = cpu_ops.BatchNorm if cpu_path else nn.BatchNorm
             y = norm_cls(use_running_average=not train, momentum=self.bn_momentum,
                          epsilon=self.bn_epsilon, use_fast_variance=False,
                          scale_init=nn.initializers.zeros if self.bn_zero_init else nn.initializers.ones,

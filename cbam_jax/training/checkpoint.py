@@ -13,13 +13,19 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from cbam_jax.layers.common import upgrade_renamed_options
+
 # Fields of model_config that describe the computation, not the architecture: a run may resume
-# with another precision or parallel mode.
-NON_ARCHITECTURE_FIELDS = ("dtype", "bn_axis_name")
+# with another precision, parallel mode or implementation of the same layers.
+NON_ARCHITECTURE_FIELDS = ("dtype", "bn_axis_name", "implementation")
 
 
 def architecture(model_config: dict) -> dict:
-    return {k: v for k, v in model_config.items() if k not in NON_ARCHITECTURE_FIELDS}
+    """The fields of a `registry.model_config` that fix the parameters (renamed options upgraded)."""
+    config = upgrade_renamed_options(model_config, "model config", warn=False)
+    config["attention_options"] = upgrade_renamed_options(config.get("attention_options", {}), "model config",
+                                                          warn=False)
+    return {k: v for k, v in config.items() if k not in NON_ARCHITECTURE_FIELDS}
 
 
 def _manager(directory: str, keep: int, name: str) -> ocp.CheckpointManager:

@@ -175,7 +175,7 @@ def check_study_dir(args: argparse.Namespace) -> None:
 
 def train_run(config, workdir: str, parameters: int) -> dict[str, Any]:
     """Train (or resume) one run; its result, also written to WORKDIR/result.json."""
-    from benchmarks.throughput import write_atomic
+    from benchmarks.throughput import _write_text, write_atomic
     from cbam_jax.training.trainer import train_and_evaluate
 
     summary = train_and_evaluate(config, workdir)
@@ -184,17 +184,13 @@ def train_run(config, workdir: str, parameters: int) -> dict[str, Any]:
                                f"({summary['status']}); run the same command again to resume")
     result = {"final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
               "best_step": summary["best_step"], "steps": summary["total_steps"],
-              "step_ms": 1000.0 * config.batch_size / summary["images_per_second"],
+              # None when this session trained no step (the run had finished before result.json was written)
+              "step_ms": 1000.0 * config.batch_size / summary["images_per_second"] if summary["images_per_second"] else None,
               "train_seconds": summary["train_seconds"], "first_step_seconds": summary["first_step_seconds"],
               "parameters": parameters, "model": config.model.name,
               "attention_options": config.model.attention_options.to_dict(), "seed": config.seed}
     write_atomic(os.path.join(workdir, "result.json"), lambda temp: _write_text(temp, json.dumps(result, indent=1)))
     return result
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def aggregate(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -205,9 +201,10 @@ def aggregate(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
     stats = {}
     for row, runs in results.items():
         if runs:
+            step_ms = [r["step_ms"] for r in runs if r["step_ms"] is not None]
             stats[row] = {"final": mean_std([100 * r["final_accuracy"] for r in runs]),
                           "best": mean_std([100 * r["best_accuracy"] for r in runs]),
-                          "step_ms": statistics.fmean(r["step_ms"] for r in runs),
+                          "step_ms": statistics.fmean(step_ms) if step_ms else None,
                           "parameters": runs[0]["parameters"], "seeds": len(runs)}
     return stats
 
@@ -224,9 +221,9 @@ def markdown(stats: dict[str, dict[str, Any]], title: str) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in rows:
             s, (what, top1, top5) = stats[row], PAPER[row]
+            step_ms = "-" if s["step_ms"] is None else f"{s['step_ms']:.1f}"
             lines.append(f"| `{row}` | {what} | {s['parameters']:,} | {s['final'][0]:.2f} ± {s['final'][1]:.2f} | "
-                         f"{s['best'][0]:.2f} ± {s['best'][1]:.2f} | {s['step_ms']:.1f} | {s['seeds']} | "
-                         f"{top1:.2f} / {top5:.2f} |")
+                         f"{s['best'][0]:.2f} ± {s['best'][1]:.2f} | {step_ms} | {s['seeds']} | {top1:.2f} / {top5:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -238,18 +235,18 @@ def plot(stats: dict[str, dict[str, Any]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.throughput import write_atomic
+    from benchmarks.throughput import _write_text, write_atomic
 
     tables = [(t, [r for r in rows if r in stats]) for t, rows in TABLES.items()]
     tables = [(t, rows) for t, rows in tables if rows]
+    low = min(s[k][0] - s[k][1] for s in stats.values() for k in ("final", "best"))
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4.4), squeeze=False)
     for ax, (table, rows) in zip(axes[0], tables):
         x = range(len(rows))
         for offset, key, alpha in ((-0.2, "final", 1.0), (0.2, "best", 0.45)):
             ax.bar([i + offset for i in x], [stats[r][key][0] for r in rows], width=0.4, alpha=alpha, color="C0",
                    yerr=[stats[r][key][1] for r in rows], capsize=3, label=f"{key} accuracy (this study)")
-        low = min(stats[r][k][0] - stats[r][k][1] for r in rows for k in ("final", "best"))
-        ax.set_ylim(max(0.0, low - 2.0), 100.0)
+        ax.set_ylim(max(0.0, low - 2.0), 100.0)  # one scale for all panels
         ax.set_ylabel("test accuracy %")
         ax.set_xticks(list(x), rows, rotation=35, ha="right", fontsize=8)
         ax.set_title(table, fontsize=9)
@@ -307,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m benchmarks.ablation: error: {error}", file=sys.stderr)
         return 2
 
-    from benchmarks.throughput import write_atomic
+    from benchmarks.throughput import _write_text, write_atomic
 
     os.makedirs(args.study_dir, exist_ok=True)
     write_atomic(os.path.join(args.study_dir, "study.json"), lambda temp: _write_text(temp, json.dumps(settings(args))))
@@ -339,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stats = aggregate(results)
     title = (f"CBAM ablation on {first.dataset.name or first.dataset.source} ({first.model.name.split('_')[-1]}, width "
-             f"{first.model.width}, {first.num_epochs if first.num_train_steps <= 0 else first.num_train_steps} "
+             f"{first.model.width}, {first.num_epochs if first.num_train_steps <= 0 else first.num_train_steps:g} "
              f"{'epochs' if first.num_train_steps <= 0 else 'steps'}), {args.seeds} seed(s); {machine()}")
     table = markdown(stats, title)
     print(table)

@@ -21,25 +21,29 @@ import os
 from cbam_jax.registry import parse_name
 from cbam_jax.training.config import load_config, validate
 
+
+def _channel_only(*pools: str) -> tuple[str, dict]:
+    return "cbam", {"use_spatial": False, "pool_types": pools}
+
+
+def _cbam(descriptor: str = "pool", kernel_size: int = 7, arrangement: str = "channel_first") -> tuple[str, dict]:
+    return "cbam", {"pool_types": ("avg", "max"), "spatial_descriptor": descriptor, "kernel_size": kernel_size,
+                    "arrangement": arrangement}
+
+
 # row -> (attention kind, attention options). CBAM rows spell out every ablated option, so that a
 # row means the same whatever the base recipe sets.
 ROWS: dict[str, tuple[str | None, dict]] = {
     "resnet": (None, {}),
-    "channel_avg": ("cbam", {"use_spatial": False, "pool_types": ("avg",)}),
-    "channel_max": ("cbam", {"use_spatial": False, "pool_types": ("max",)}),
-    "channel_avgmax": ("cbam", {"use_spatial": False, "pool_types": ("avg", "max")}),
-    "conv1x1_k3": ("cbam", {"pool_types": ("avg", "max"), "spatial_descriptor": "conv1x1", "kernel_size": 3,
-                            "arrangement": "channel_first"}),
-    "conv1x1_k7": ("cbam", {"pool_types": ("avg", "max"), "spatial_descriptor": "conv1x1", "kernel_size": 7,
-                            "arrangement": "channel_first"}),
-    "pool_k3": ("cbam", {"pool_types": ("avg", "max"), "spatial_descriptor": "pool", "kernel_size": 3,
-                         "arrangement": "channel_first"}),
-    "cbam": ("cbam", {"pool_types": ("avg", "max"), "spatial_descriptor": "pool", "kernel_size": 7,
-                      "arrangement": "channel_first"}),
-    "spatial_first": ("cbam", {"pool_types": ("avg", "max"), "spatial_descriptor": "pool", "kernel_size": 7,
-                               "arrangement": "spatial_first"}),
-    "parallel": ("cbam", {"pool_types": ("avg", "max"), "spatial_descriptor": "pool", "kernel_size": 7,
-                          "arrangement": "parallel"}),
+    "channel_avg": _channel_only("avg"),
+    "channel_max": _channel_only("max"),
+    "channel_avgmax": _channel_only("avg", "max"),
+    "conv1x1_k3": _cbam("conv1x1", kernel_size=3),
+    "conv1x1_k7": _cbam("conv1x1", kernel_size=7),
+    "pool_k3": _cbam("pool", kernel_size=3),
+    "cbam": _cbam(),
+    "spatial_first": _cbam(arrangement="spatial_first"),
+    "parallel": _cbam(arrangement="parallel"),
 }
 
 

@@ -13,17 +13,13 @@ import numpy as np
 import pytest
 
 from benchmarks import ablation
+from tests.helpers import count_params
 from cbam_jax import create_model
 from cbam_jax.training.config import base_config, validate
 from cbam_jax.training.trainer import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 recipe = ablation.load_recipe()
-
-
-def _count(model):
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
 
 
 def _params(config):
@@ -126,9 +122,9 @@ def test_aggregate_and_markdown():
         return {"final_accuracy": final, "best_accuracy": best, "step_ms": step_ms, "parameters": 1234}
 
     results = {"cbam": [run(0.90, 0.95, 10.0), run(0.92, 0.97, 12.0), run(0.94, 0.96, 14.0)],
-               "parallel": [run(0.80, 0.81, 20.0)], "spatial_first": []}
+               "parallel": [run(0.80, 0.81, 20.0)], "spatial_first": [], "conv1x1_k3": [run(0.5, 0.5, None)]}
     stats = ablation.aggregate(results)
-    assert set(stats) == {"cbam", "parallel"}  # rows without a finished run are left out
+    assert set(stats) == {"cbam", "parallel", "conv1x1_k3"}  # rows without a finished run are left out
     np.testing.assert_allclose(stats["cbam"]["final"], (92.0, 2.0))  # sample standard deviation
     np.testing.assert_allclose(stats["cbam"]["best"], (96.0, 1.0))
     assert stats["cbam"]["step_ms"] == pytest.approx(12.0) and stats["parallel"]["final"] == (80.0, 0.0)
@@ -137,6 +133,7 @@ def test_aggregate_and_markdown():
     assert table.count("| `cbam` |") == 2  # Table 2 and Table 3
     assert "| `cbam` | CBAM: channel, then spatial (pool, k=7) | 1,234 | 92.00 ± 2.00 | 96.00 ± 1.00 | 12.0 | 3 | 22.66 / 6.31 |" in table
     assert "| `parallel` | channel and spatial in parallel | 1,234 | 80.00 ± 0.00 |" in table
+    assert "| 50.00 ± 0.00 | 50.00 ± 0.00 | - | 1 |" in table  # no step time: a run resumed after its last step
 
 
 def test_plot_draws_a_png(tmp_path):
@@ -229,9 +226,9 @@ def test_tiny_study_runs_skips_finished_runs_and_resumes_an_interrupted_one(tmp_
     result = json.loads((workdir / "result.json").read_text())
     assert result["steps"] == 4 and result["attention_options"]["arrangement"] == "parallel"
     tiny_model = dict(num_classes=10, stem="cifar", width=8)  # configs/tiny.py
-    assert result["parameters"] == _count(create_model("cbam_resnet18", reduction=4, **tiny_model))
+    assert result["parameters"] == count_params(create_model("cbam_resnet18", reduction=4, **tiny_model), (1, 8, 8, 1))
     resnet = json.loads((study / "resnet" / "seed0" / "result.json").read_text())
-    assert resnet["parameters"] == _count(create_model("resnet18", **tiny_model))
+    assert resnet["parameters"] == count_params(create_model("resnet18", **tiny_model), (1, 8, 8, 1))
 
     metrics_before = {p: p.read_text() for p in study.glob("*/seed0/metrics.jsonl")}
     second = run_study(["resnet", "parallel"])  # everything finished: nothing trains again

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import traverse_util
-from tests.helpers import randomize, to_numpy
+from tests.helpers import count_params, randomize, to_numpy
 
 from tests import numpy_reference as ref
 from cbam_jax import CBAM, ChannelGate, SpatialGate, create_model
+from cbam_jax.convert import ConversionError, to_numpy_state_dict
 from cbam_jax.layers import cpu_ops
 from cbam_jax.layers.channel_gate import SPATIAL_POOLS
 from cbam_jax.layers.common import conv_kernel_init, promote_to_float32, torch_default_kernel_init
@@ -177,12 +178,21 @@ def test_bad_option_fails_in_a_model_too():
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
 
 
+@pytest.mark.parametrize("options, exports", [({"arrangement": "parallel"}, False), ({"arrangement": "spatial_first"}, False),
+                                              ({"spatial_descriptor": "conv1x1"}, False), ({}, True)])
+def test_designs_the_pytorch_codes_lack_do_not_export(options, exports):
+    """Same parameter shapes (parallel, spatial_first) must not make a silently different PyTorch model."""
+    model = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4, **options)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+    if exports:
+        assert "layer1.0.cbam.SpatialGate.spatial.conv.weight" in to_numpy_state_dict(variables, arch=model)
+    else:
+        with pytest.raises(ConversionError, match="has no PyTorch layout"):
+            to_numpy_state_dict(variables, arch=model)
+
+
 # ----------------------------------------------------------------------------- parameter counts
-
-
-def _count(model, shape=(1, 64, 64, 3)):
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
 
 
 # CBAM-ResNet-50: 16 blocks with C = 256 (3), 512 (4), 1024 (6), 2048 (3) channels at the gate.
@@ -202,13 +212,13 @@ R50_OFFICIAL = 28_089_624  # the paper's 28.09M; spatial gate per block: 7*7*2 c
 ])
 def test_parameter_counts_by_hand(options, change_per_block):
     expected = R50_OFFICIAL + sum(change_per_block(c) for c in R50_GATE_CHANNELS)
-    assert _count(create_model("cbam_resnet50", **options)) == expected
+    assert count_params(create_model("cbam_resnet50", **options), (1, 64, 64, 3)) == expected
 
 
 def test_layer_parameter_counts_by_hand():
-    x = jnp.zeros((1, 8, 8, 64))
-    count = lambda layer: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(  # noqa: E731
-        jax.eval_shape(layer.init, jax.random.key(0), x)["params"]))
+    def count(layer):
+        return count_params(layer, (1, 8, 8, 64))
+
     assert count(SpatialGate()) == 7 * 7 * 2 + 2
     assert count(SpatialGate(descriptor="conv1x1")) == 64 + 7 * 7 + 2
     assert count(SpatialGate(descriptor="conv1x1", kernel_size=3, use_bn=False)) == 64 + 3 * 3

@@ -320,9 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_start = time.perf_counter()
             result = train_run(config, workdir, parameters[row])
             results[row].append(result)
+            step_ms = "" if result["step_ms"] is None else f", {result['step_ms']:.1f} ms/step"
             log(f"{row} seed {seed}: final {100 * result['final_accuracy']:.2f}%, best "
-                f"{100 * result['best_accuracy']:.2f}%, {result['step_ms']:.1f} ms/step "
-                f"({time.perf_counter() - run_start:.0f} s)")
+                f"{100 * result['best_accuracy']:.2f}%{step_ms} ({time.perf_counter() - run_start:.0f} s)")
     except KeyboardInterrupt:
         print("python -m benchmarks.ablation: interrupted; run the same command again to resume (finished runs "
               "are kept, the interrupted one continues from its last checkpoint).", file=sys.stderr)

@@ -185,11 +185,12 @@ def test_a_study_folder_of_other_settings_is_refused(tmp_path, capsys):
 def test_without_matplotlib_the_table_still_comes(monkeypatch, tmp_path, capsys):
     """The plot is optional: no matplotlib, a note instead of results.png (with a fake run)."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    run = {"final_accuracy": 0.5, "best_accuracy": 0.6, "step_ms": 1.0, "parameters": 10, "best_step": 1, "steps": 1}
+    # step_ms None: a run that had finished before its result.json was written trains no step now
+    run = {"final_accuracy": 0.5, "best_accuracy": 0.6, "step_ms": None, "parameters": 10, "best_step": 1, "steps": 1}
     monkeypatch.setattr(ablation, "train_run", lambda config, workdir, parameters: run)
     assert ablation.main(["--study-dir", str(tmp_path / "s"), "--rows", "resnet", "--seeds", "1"]) == 0
     captured = capsys.readouterr()
-    assert "| `resnet` | ResNet, no attention | 10 | 50.00 ± 0.00 | 60.00 ± 0.00 |" in captured.out
+    assert "| `resnet` | ResNet, no attention | 10 | 50.00 ± 0.00 | 60.00 ± 0.00 | - | 1 |" in captured.out
     assert "no plot: matplotlib is not installed" in captured.err
     assert sorted(os.listdir(tmp_path / "s")) == ["results.json", "results.md", "study.json"]
 

@@ -137,7 +137,8 @@ PYTORCH_CBAM_DESIGN = {"arrangement": "channel_first", "spatial_descriptor": "po
 
 
 def variant_of(model: ResNet) -> str:
-    """The registry variant whose attention presets `model` uses ('official' for plain and BAM models)."""
+    """The registry variant whose attention presets `model` uses ('official' for plain and BAM models);
+    ConversionError for a CBAM that no PyTorch code has (another arrangement or spatial descriptor)."""
     if model.attention not in ("cbam",):
         return "official"
     # The PyTorch codes have only the paper's CBAM: channel first, channel pooling. The other

@@ -22,3 +22,9 @@ def randomize(variables, seed=0):
 def to_numpy(tree):
     """Every leaf as a float64 NumPy array."""
     return jax.tree.map(lambda a: np.asarray(a, dtype=np.float64), tree)
+
+
+def count_params(module, shape):
+    """Parameters of a Linen module (a layer or a model) for an input of `shape`, from shapes only."""
+    variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))

@@ -32,6 +32,11 @@ def batch_norm(x, scale, bias, mean, var, eps=1e-5, train=False):
 
 def channel_gate(x, w1, w2, b1=None, b2=None, pool_types=("avg", "max")):
     """CBAM Eq. 2: sigmoid(sum_p MLP(pool_p(x))) * x, one MLP shared by the pools."""
+    return x * sigmoid(channel_logits(x, w1, w2, b1, b2, pool_types))
+
+
+def channel_logits(x, w1, w2, b1=None, b2=None, pool_types=("avg", "max")):
+    """The channel gate's map before its sigmoid, (B, 1, 1, C)."""
     pools = {
         "avg": x.mean(axis=(1, 2)),
         "max": x.max(axis=(1, 2)),
@@ -42,18 +47,40 @@ def channel_gate(x, w1, w2, b1=None, b2=None, pool_types=("avg", "max")):
     for p in pool_types:
         h = pools[p] @ w1 + (0 if b1 is None else b1)
         logits = logits + np.maximum(h, 0) @ w2 + (0 if b2 is None else b2)
-    return x * sigmoid(logits)[:, None, None, :]
+    return logits[:, None, None, :]
 
 
-def spatial_gate(x, kernel, order="max_mean", bn=None, train=False):
-    """CBAM Eq. 3: sigmoid(BN(conv([pool_a; pool_b]))) * x; bn = (scale, bias, mean, var) or None."""
-    maps = {"max": x.max(axis=-1), "mean": x.mean(axis=-1)}
-    first, second = order.split("_")
-    stacked = np.stack([maps[first], maps[second]], axis=-1)
-    y = conv2d(stacked, kernel, padding=kernel.shape[0] // 2)
+def spatial_gate(x, kernel, order="max_mean", bn=None, train=False, compress=None):
+    """CBAM Eq. 3: sigmoid(BN(conv([pool_a; pool_b]))) * x; bn = (scale, bias, mean, var) or None.
+    With `compress` (C, 1), the paper's Sec. 4.1 alternative descriptor: x @ compress (a 1x1 conv)
+    instead of the two channel pools."""
+    return x * sigmoid(spatial_logits(x, kernel, order, bn, train, compress))
+
+
+def spatial_logits(x, kernel, order="max_mean", bn=None, train=False, compress=None):
+    """The spatial gate's map before its sigmoid, (B, H, W, 1)."""
+    if compress is None:
+        maps = {"max": x.max(axis=-1), "mean": x.mean(axis=-1)}
+        first, second = order.split("_")
+        descriptor = np.stack([maps[first], maps[second]], axis=-1)
+    else:
+        descriptor = x @ compress
+    y = conv2d(descriptor, kernel, padding=kernel.shape[0] // 2)
     if bn is not None:
         y = batch_norm(y, *bn, train=train)
-    return x * sigmoid(y)
+    return y
+
+
+def cbam(x, channel, spatial, arrangement="channel_first"):
+    """CBAM in the paper's three arrangements (Sec. 4.1, Table 3). `channel(x)` and `spatial(x)`
+    return a gate's logits, (B, 1, 1, C) and (B, H, W, 1)."""
+    if arrangement == "channel_first":
+        x = x * sigmoid(channel(x))
+        return x * sigmoid(spatial(x))
+    if arrangement == "spatial_first":
+        x = x * sigmoid(spatial(x))
+        return x * sigmoid(channel(x))
+    return x * sigmoid(channel(x) + spatial(x))  # parallel: one 3-D map from the summed logits
 
 
 def bam(x, p, combine="product", dilation=4):

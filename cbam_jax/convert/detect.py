@@ -132,10 +132,21 @@ def detect(state: Mapping[str, np.ndarray], *, arch: str | None = None, variant:
     return infer_model(flax_shapes(state, source), layout=source.name, variant=variant, arch=arch)
 
 
+# CBAM options of the paper's Sec. 4.1 ablation that every PyTorch layout has at these values.
+PYTORCH_CBAM_DESIGN = {"arrangement": "channel_first", "spatial_descriptor": "pool"}
+
+
 def variant_of(model: ResNet) -> str:
-    """The registry variant whose attention presets `model` uses ('official' for plain and BAM models)."""
+    """The registry variant whose attention presets `model` uses ('official' for plain and BAM models);
+    ConversionError for a CBAM that no PyTorch code has (another arrangement or spatial descriptor)."""
     if model.attention not in ("cbam",):
         return "official"
+    # The PyTorch codes have only the paper's CBAM: channel first, channel pooling. The other
+    # arrangements have the same parameters, so without this check they would export "fine".
+    design = {k: model.attention_options.get(k, v) for k, v in PYTORCH_CBAM_DESIGN.items()}
+    if design != PYTORCH_CBAM_DESIGN:
+        raise ConversionError(f"The model's CBAM design {design} has no PyTorch layout (the PyTorch codes have "
+                              f"{PYTORCH_CBAM_DESIGN} only).")
     for name, preset in registry.VARIANTS.items():
         if all(model.attention_options.get(k) == v for k, v in preset["cbam"].items()
                if k in ("mlp_bias", "pool_order", "spatial_use_bn")):

@@ -67,8 +67,13 @@ class ChannelGate(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Gate `x` (B, H, W, C) channel-wise; `train` is accepted for a uniform layer signature."""
+    def __call__(self, x: jax.Array, train: bool = False, *, return_logits: bool = False) -> jax.Array:
+        """Gate `x` (B, H, W, C) channel-wise; `train` is accepted for a uniform layer signature.
+
+        With `return_logits=True` the result is the attention logits (B, 1, 1, C) in float32 (the
+        map before its sigmoid) instead of the gated input (CBAM's parallel arrangement adds them
+        to the spatial gate's).
+        """
         del train  # no batch-dependent state
         layer = type(self).__name__
         check_nhwc(x, layer)
@@ -81,7 +86,9 @@ class ChannelGate(nn.Module):
         dense = functools.partial(nn.Dense, use_bias=self.mlp_bias, kernel_init=self.kernel_init,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
         hidden_act = nn.relu(dense(hidden, name="fc1")(descriptors))
-        logits = dense(channels, name="fc2")(hidden_act).sum(axis=0)  # shared MLP, outputs summed
-        scale = jax.nn.sigmoid(promote_to_float32(logits))  # (B, C)
+        logits = promote_to_float32(dense(channels, name="fc2")(hidden_act).sum(axis=0))  # shared MLP, outputs summed
+        scale = jax.nn.sigmoid(logits)  # (B, C)
         self.sow("intermediates", "channel_attention", scale)
+        if return_logits:
+            return logits[:, None, None, :]
         return x * scale[:, None, None, :].astype(x.dtype)

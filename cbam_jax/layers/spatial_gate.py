@@ -1,11 +1,26 @@
 """Spatial attention (CBAM paper, section 3, Eq. 3): where to look.
 
-    M_s(F) = sigmoid( BN( conv_kxk( [pool_a(F); pool_b(F)] ) ) )
+    M_s(F) = sigmoid( BN( conv_kxk( D(F) ) ) )
+
+    D(F) = [pool_a(F); pool_b(F)]   descriptor='pool' (the paper's CBAM): (B, H, W, 2)
+    D(F) = conv_1x1(F)              descriptor='conv1x1' (Sec. 4.1 ablation): (B, H, W, 1)
 
 The two maps pooled over channels are stacked in a source-dependent order: the official code
 puts MAX first, timm and the paper MEAN first. The official code and timm normalise the conv
 output with a one-channel BatchNorm (not in the paper's equation); the common variant does not.
+
+The paper's ablation (Sec. 4.1, Table 2) compares this channel pooling with "standard 1x1
+convolution reducing the channel dimension into 1", each followed by the k x k conv (k = 3 or 7);
+pooling won (22.66% vs 22.90% top-1 error at k = 7, ImageNet ResNet-50). The paper does not say
+whether that 1x1 conv has a bias or how it is initialised: here it has no bias (like every conv
+of the gate; a constant before the k x k conv and the BatchNorm adds nothing but a border effect
+of the zero padding) and PyTorch's default initialisation U(+-1/sqrt(C)), which keeps the
+descriptor on the scale of the input (standard deviation ~0.6x its); the kaiming fan-out rule of
+the gate's k x k conv would give each weight a standard deviation of sqrt(2) (fan-out 1), a
+descriptor ~sqrt(2C) times the input's scale.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +35,21 @@ from cbam_jax.layers.common import (
     max_over,
     promote_to_float32,
     renamed_option_value,
+    torch_default_kernel_init,
 )
 
 # Pools over the channel axis of an NHWC map: (B, H, W, C) -> (B, H, W).
 CHANNEL_POOLS = {"max": lambda x: max_over(x, -1), "mean": lambda x: jnp.mean(x, axis=-1)}
 # pool_order -> the pools in the order of the conv's input channels.
 POOL_ORDERS = {"max_mean": ("max", "mean"), "mean_max": ("mean", "max")}
+# How the (B, H, W, C) input is compressed to the conv's input: channel pooling or a learned 1x1 conv.
+DESCRIPTORS = ("pool", "conv1x1")
 
 
-def check_spatial_options(kernel_size: int, pool_order: str, layer: str) -> None:
-    """Raise a ValueError for an unsupported kernel size or pool order."""
+def check_spatial_options(kernel_size: int, pool_order: str, layer: str, descriptor: str = "pool",
+                          prefix: str = "") -> None:
+    """Raise a ValueError for an unsupported kernel size, pool order or descriptor (`prefix`: how
+    the caller spells the descriptor option, 'spatial_' in CBAM)."""
     if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(
             f"{layer}: kernel_size must be an odd positive integer (the paper uses 7, the common "
@@ -39,6 +59,12 @@ def check_spatial_options(kernel_size: int, pool_order: str, layer: str) -> None
         raise ValueError(
             f"{layer}: pool_order must be one of {sorted(POOL_ORDERS)} ('max_mean' = official "
             f"Jongchan/attention-module, 'mean_max' = paper, timm, common variant); got {pool_order!r}."
+        )
+    if descriptor not in DESCRIPTORS:
+        raise ValueError(
+            f"{layer}: {prefix}descriptor must be one of {DESCRIPTORS} ('pool' = max and mean over channels, "
+            f"the paper's CBAM; 'conv1x1' = a learned 1x1 conv to one channel, its Sec. 4.1 ablation); "
+            f"got {descriptor!r}."
         )
 
 
@@ -50,7 +76,8 @@ class SpatialGate(nn.Module):
 
     Attributes:
       kernel_size: odd size k of the k x k conv (7 in the paper), stride 1, padding k // 2, no bias.
-      pool_order: 'max_mean' (official code) or 'mean_max' (paper, timm, common variant).
+      pool_order: 'max_mean' (official code) or 'mean_max' (paper, timm, common variant); the
+        order of the conv's two input channels (unused with descriptor='conv1x1').
       use_bn: a one-channel BatchNorm after the conv (official, timm) or none (common variant).
       bn_momentum: Flax momentum of that BatchNorm (official 0.99 = PyTorch 0.01; timm 0.9).
       bn_epsilon: its epsilon.
@@ -60,6 +87,9 @@ class SpatialGate(nn.Module):
       param_dtype: parameter dtype.
       implementation: 'auto' (the CPU fast conv and BatchNorm of `cpu_ops` on the CPU backend), 'cpu'
         or 'xla' (XLA's own kernels everywhere). Same parameters and results either way.
+      descriptor: 'pool' (max and mean over channels, the paper's CBAM) or 'conv1x1' (a learned
+        1x1 conv C -> 1, no bias, params `compress/kernel` (1, 1, C, 1); the paper's Sec. 4.1
+        alternative); the k x k conv then has 2 or 1 input channel(s).
       kernels: deprecated name of `implementation`.
     """
 
@@ -73,6 +103,7 @@ class SpatialGate(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     implementation: str = "auto"
+    descriptor: str = "pool"
     kernels: str | None = None  # deprecated: `implementation`
 
     def __post_init__(self) -> None:
@@ -80,20 +111,29 @@ class SpatialGate(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Gate `x` (B, H, W, C) position-wise; `train` selects batch statistics for the BatchNorm."""
+    def __call__(self, x: jax.Array, train: bool = False, *, return_logits: bool = False) -> jax.Array:
+        """Gate `x` (B, H, W, C) position-wise; `train` selects batch statistics for the BatchNorm.
+
+        With `return_logits=True` the result is the attention logits (B, H, W, 1) in float32 (the
+        map before its sigmoid) instead of the gated input (CBAM's parallel arrangement adds them
+        to the channel gate's).
+        """
         layer = type(self).__name__
         check_nhwc(x, layer)
-        check_spatial_options(self.kernel_size, self.pool_order, layer)
+        check_spatial_options(self.kernel_size, self.pool_order, layer, self.descriptor)
 
-        pooled = promote_to_float32(x)
-        compressed = jnp.stack([CHANNEL_POOLS[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
-        pad = self.kernel_size // 2
         cpu_path = cpu_ops.use_cpu_path(self.implementation)
-        y = nn.Conv(1, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
-                    use_bias=False, kernel_init=conv_kernel_init,
-                    conv_general_dilated=cpu_ops.conv_general_dilated if cpu_path else None,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(compressed)
+        conv = functools.partial(nn.Conv, features=1, use_bias=False,
+                                 conv_general_dilated=cpu_ops.conv_general_dilated if cpu_path else None,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.descriptor == "pool":
+            pooled = promote_to_float32(x)
+            compressed = jnp.stack([CHANNEL_POOLS[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
+        else:
+            compressed = conv(kernel_size=(1, 1), kernel_init=torch_default_kernel_init, name="compress")(x)
+        pad = self.kernel_size // 2
+        y = conv(kernel_size=(self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
+                 kernel_init=conv_kernel_init, name="conv")(compressed)
         if self.use_bn:
             norm_cls = cpu_ops.BatchNorm if cpu_path else nn.BatchNorm
             y = norm_cls(use_running_average=not train, momentum=self.bn_momentum,
@@ -101,6 +141,9 @@ class SpatialGate(nn.Module):
                          scale_init=nn.initializers.zeros if self.bn_zero_init else nn.initializers.ones,
                          axis_name=self.bn_axis_name, dtype=jnp.float32,
                          param_dtype=self.param_dtype, name="bn")(y)
-        scale = jax.nn.sigmoid(promote_to_float32(y))[..., 0]  # (B, H, W)
+        logits = promote_to_float32(y)  # (B, H, W, 1)
+        scale = jax.nn.sigmoid(logits)[..., 0]  # (B, H, W)
         self.sow("intermediates", "spatial_attention", scale)
+        if return_logits:
+            return logits
         return x * scale[..., None].astype(x.dtype)

@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from cbam_jax.registry import VARIANTS, list_models
+from cbam_jax.registry import VARIANTS, create_model, list_models
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
         stem="cifar",  # 'cifar' (3x3/1 conv) for small images, 'imagenet' (7x7/2 + max-pool)
         width=64,  # channels of the first stage
         reduction=16,  # channel-attention MLP reduction (SE, CBAM, BAM); must be <= width
+        # Any other option of the attention layer (`create_model`'s), e.g. {'arrangement': 'parallel'};
+        # configs/ablation.py sets them for each row of the paper's ablation.
+        attention_options=ml_collections.ConfigDict(),
     ))
     config.dataset = ml_collections.ConfigDict(dict(
         source="digits",  # 'digits' (embedded), 'tfds' (tfds.data_source) or 'folder' (class sub-folders)
@@ -96,10 +99,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Raises:
       ValueError: an unknown or missing field, a wrong type or an invalid value, with the fix.
     """
+    if "model" in config and "attention_options" not in config.model and not config.is_locked:
+        config.model.attention_options = ml_collections.ConfigDict()  # a config saved before the field existed
     _check_fields(config, base_config(), "config")
     if config.model.name not in list_models():
         raise ValueError(f"config.model.name = {config.model.name!r} is not a model; choose from {list_models()}.")
     _choice("model.variant", config.model.variant, tuple(VARIANTS))
+    _check_attention_options(config.model)
     _choice("model.stem", config.model.stem, ("imagenet", "cifar"))
     _choice("dataset.source", config.dataset.source, SOURCES)
     _choice("dataset.train_augment", config.dataset.train_augment, TRAIN_AUGMENTS)
@@ -132,8 +138,26 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def _check_attention_options(model: ml_collections.ConfigDict) -> None:
+    """model.attention_options: names the model's attention layer takes (values are checked when it is built)."""
+    options = model.attention_options.to_dict()
+    if "reduction" in options:
+        raise ValueError("Set the reduction as config.model.reduction, not in config.model.attention_options.")
+    try:
+        built = create_model(model.name, variant=model.variant, **options)
+    except ValueError as error:
+        raise ValueError(f"config.model.attention_options: {error}") from None
+    not_attention = sorted(set(options) - set(built.attention_options))
+    if not_attention:
+        raise ValueError(f"config.model.attention_options: {not_attention} are model options, not options of "
+                         f"the attention layer (set the width in config.model.width, the dtype through config.precision).")
+
+
 def _check_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
-    """Same keys as the schema (recursively) and values of a compatible type."""
+    """Same keys as the schema (recursively; any keys in the free-form group model.attention_options)
+    and values of a compatible type."""
+    if prefix == "config.model.attention_options":
+        return
     unknown = sorted(set(config.keys()) - set(schema.keys()))
     missing = sorted(set(schema.keys()) - set(config.keys()))
     if unknown:

@@ -48,6 +48,7 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
 def build_model(config: ml_collections.ConfigDict):
     """The model of the config (compute dtype from config.precision, float32 parameters)."""
     attention_options = {} if config.model.name.startswith("resnet") else {"reduction": config.model.reduction}
+    attention_options.update(config.model.attention_options.to_dict())
     return create_model(config.model.name, num_classes=config.dataset.num_classes, stem=config.model.stem,
                         variant=config.model.variant, width=config.model.width,
                         dtype=config.precision, **attention_options)

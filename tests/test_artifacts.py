@@ -102,13 +102,14 @@ def test_run_exported_script_needs_only_jax(model_dir, tmp_path):
 @pytest.mark.parametrize("arguments, message", [
     (["--dynamic-size"], "symbolic batch only"),
     (["--height", "0", "--width", "8"], "positive integers"),
-    (["--height", "8"], "input size is unknown"),
+    (["--height", "8"], "give both --height and --width"),
+    ([], "input size is unknown"),
     (["--formats", "tflite"], "unknown format"),
 ])
 def test_unsupported_cases_fail_at_export_time_and_write_nothing(model_dir, tmp_path, capsys, arguments, message):
     path, _, _ = model_dir
     out = tmp_path / "out"
-    if arguments == ["--height", "8"]:  # no default size: a model whose metadata has no preprocessing
+    if not arguments:  # no default size: a model whose metadata has no preprocessing
         bare = tmp_path / "bare"
         save_pretrained(bare, *cbam_jax.load_pretrained(path))
         path = bare

@@ -123,6 +123,9 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
             _check("ONNX", run_onnx(proto, check_images), expected, ONNX_CHECK_TOLERANCE)
         (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary directory
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -132,6 +135,8 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
 
 def _fixed_size(height: int | None, width: int | None, preprocessing: dict | None) -> tuple[int, int]:
     """--height/--width, else the preprocessing's crop (or its [height, width] resize without crop)."""
+    if (height is None) != (width is None):
+        raise ExportError("give both --height and --width (or neither, for the preprocessing's crop).")
     if height is None and width is None and preprocessing:
         crop, resize = preprocessing.get("crop"), preprocessing.get("resize")
         if isinstance(crop, int):

@@ -126,3 +126,12 @@ def test_bad_layer_name_and_variables_are_refused():
         cbam_jax.nnx.from_linen(cbam_jax.CBAM(), {"batch_stats": {}})
     with pytest.raises(ValueError, match="must hold 'params'"):
         cbam_jax.nnx.Bridged(cbam_jax.CBAM(), {"params": {}, "intermediates": {}})
+
+
+@pytest.mark.slow
+def test_step_time_benchmark_runs_every_variant(capsys):
+    from benchmarks import nnx_step
+
+    assert nnx_step.main(["--model", "resnet18", "--size", "8", "--batch", "2", "--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| linen", "| nnx.jit", "| nnx split/merge"]

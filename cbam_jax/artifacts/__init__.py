@@ -14,7 +14,8 @@ Both take float32 NHWC images already preprocessed as the metadata says (resize,
 the pooled features when the model has no head. They are exported from the model's inference
 path (`model.apply(variables, x)`, running statistics) with `implementation='xla'`: XLA's own
 convolution, BatchNorm and max pool, no CPU-fast-path optimisation barriers or custom gradients,
-so the graph runs on any backend (the StableHLO is lowered for cpu, cuda and tpu).
+so the graph runs on any backend (the StableHLO is lowered for cpu, cuda and tpu). Computation is
+float32, also for models trained with bfloat16 compute.
 """
 
 import argparse
@@ -97,7 +98,9 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
             raise ExportError("give either --dynamic-size or --height/--width, not both.")
     else:
         height, width = _fixed_size(height, width, metadata.get("preprocessing"))
-    model = model.clone(implementation="xla")
+    # XLA's own kernels (portable graph) and float32 compute (a bfloat16-trained model's float32
+    # parameters; bfloat16 convolutions are not available in every runtime, e.g. onnxruntime's CPU).
+    model = model.clone(implementation="xla", dtype=jnp.float32)
 
     def apply(images: jax.Array) -> jax.Array:
         return model.apply(variables, images)
@@ -120,7 +123,11 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
 
             proto = export_onnx(apply, spec, metadata={"cbam_jax": json.dumps(document, sort_keys=True)})
             (staging / ONNX_FILE).write_bytes(proto)
-            _check("ONNX", run_onnx(proto, check_images), expected, ONNX_CHECK_TOLERANCE)
+            try:
+                outputs = run_onnx(proto, check_images)
+            except Exception as error:  # onnxruntime reports failures as its own exception types
+                raise ExportError(f"onnxruntime cannot run the exported graph: {str(error).splitlines()[0]}") from None
+            _check("ONNX", outputs, expected, ONNX_CHECK_TOLERANCE)
         (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
         umask = os.umask(0)
@@ -169,7 +176,8 @@ def _document(model, metadata: dict, channels: int, height: int | None, width: i
         "class_names": metadata.get("class_names"),
         "model": model_config(model),
         "files": {name: files[name] for name in formats},
-        "exported_with": {"cbam_jax": __version__, "jax": jax.__version__, "platforms": list(PLATFORMS)},
+        "exported_with": {"cbam_jax": __version__, "jax": jax.__version__, "platforms": list(PLATFORMS),
+                          "compute_dtype": "float32"},
     }
 
 

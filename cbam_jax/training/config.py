@@ -68,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.0
     config.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
     config.precision = "float32"  # 'bfloat16' compute (f32 params) or 'float16' with dynamic loss scaling
-    config.parallel = "jit"  # 'jit' (Mesh, sharded batch) or 'pmap'
+    config.parallel = "jit"  # 'jit' (Mesh, sharded batch) or 'pmap' (legacy)
+    config.bn_group_size = 0  # 'jit': BatchNorm statistics per group of this many devices; 0 = all devices
     config.seed = 0
     config.log_every_steps = 20
     config.eval_every_steps = 0  # 0: once per epoch
@@ -113,6 +114,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice("schedule", config.schedule, SCHEDULES)
     _choice("precision", config.precision, PRECISIONS)
     _choice("parallel", config.parallel, PARALLEL_MODES)
+    if config.bn_group_size < 0 or (config.bn_group_size and config.parallel != "jit"):
+        raise ValueError(f"config.bn_group_size = {config.bn_group_size} must be 0 (global BatchNorm statistics) or a "
+                         "positive device count with parallel='jit'.")
     if config.dataset.source == "tfds" and not config.dataset.name:
         raise ValueError("config.dataset.name must name the tfds dataset (e.g. 'cifar10') when source='tfds'.")
     if config.dataset.source == "folder" and not config.dataset.data_dir:

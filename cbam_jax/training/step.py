@@ -1,8 +1,10 @@
 """The train and eval steps, written once for every parallel mode.
 
 With `axis_name=None` the step runs under `jax.jit` on a (possibly sharded) global batch: means and
-BatchNorm statistics are global already. With `axis_name` set the step runs under `jax.pmap` on one
-device's share of the batch and averages gradients, batch statistics and metrics over the axis.
+BatchNorm statistics are global already. With `axis_name` set (one name or a tuple of mesh axes) the
+step runs per device, under `jax.pmap` or `jax.shard_map`, on that device's share of the batch and
+averages gradients, batch statistics and metrics over the axes (the model's own `bn_axis_name` says
+over which devices each BatchNorm shares its statistics).
 Metrics are sums (loss_sum, correct, count), so they add up exactly across devices and batches.
 """
 
@@ -60,7 +62,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
                num_classes: int, label_smoothing: float, mean: tuple, std: tuple, dynamic_loss_scale: bool,
-               axis_name: str | None = None) -> tuple[TrainState, dict]:
+               axis_name: str | tuple[str, ...] | None = None) -> tuple[TrainState, dict]:
     """One SGD step on `batch` {'image': uint8 (B, H, W, C), 'label': int (B,)}; returns (state, metric sums)."""
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
@@ -104,7 +106,7 @@ def _apply_loss_scaling(old: TrainState, new: TrainState, finite: jax.Array) -> 
 
 
 def eval_step(variables: dict, batch: dict, *, model: nn.Module, num_classes: int, mean: tuple, std: tuple,
-              axis_name: str | None = None) -> dict:
+              axis_name: str | tuple[str, ...] | None = None) -> dict:
     """Metric sums over the real examples of `batch` (its 'mask' marks padding False)."""
     logits = model.apply(variables, normalize(batch["image"], mean, std), train=False)
     mask = batch["mask"].astype(jnp.float32)

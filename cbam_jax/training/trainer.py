@@ -134,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     setup_runtime(config)
     DataParallel.check_batch_size(config.batch_size)
     DataParallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    DataParallel.check_bn_group_size(config.bn_group_size, config.parallel)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     model = build_model(config)
     arch = model_config(model)
@@ -174,8 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stream.set_state(data_state)
     parallel = DataParallel(config.parallel, model, tx, num_classes=config.dataset.num_classes,
                             label_smoothing=config.label_smoothing, mean=config.dataset.mean, std=config.dataset.std,
-                            dynamic_loss_scale=dynamic_loss_scale)
+                            dynamic_loss_scale=dynamic_loss_scale, bn_group_size=config.bn_group_size)
     placed = parallel.place_state(state)
+    batches = parallel.prefetch(stream)  # its get_state() is the stream's after the last batch trained on
     log = MetricLog(workdir, config.tensorboard)
     is_main = jax.process_index() == 0
     bar = _progress(total_steps, start_step, config.progress_bar and is_main)
@@ -223,14 +225,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def save(step: int, placed_state) -> None:
         nonlocal last_good_step
         flush_metrics(step)  # never checkpoint a state that has seen a NaN loss
-        checkpoints.save(step, parallel.to_host(placed_state), stream.get_state(), meta(step))
+        checkpoints.save(step, parallel.to_host(placed_state), batches.get_state(), meta(step))
         last_good_step = step
 
     try:
         with _Preemption() as preemption:
             for step in range(start_step + 1, total_steps + 1):
-                batch = next(stream)
-                placed, metrics = parallel.train_step(placed, parallel.place_batch(batch))
+                placed, metrics = parallel.train_step(placed, next(batches))
                 if step == start_step + 1:  # the first step compiles: keep it out of the throughput
                     jax.block_until_ready(metrics)
                     compile_seconds = time.perf_counter() - window_start
@@ -251,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              "examples": final_eval["count"], "epoch": step / steps_per_epoch})
                     if final_eval["accuracy"] > best["accuracy"]:
                         best = {"accuracy": final_eval["accuracy"], "step": step}
-                        checkpoints.save(step, parallel.to_host(placed), stream.get_state(), meta(step), best=True)
+                        checkpoints.save(step, parallel.to_host(placed), batches.get_state(), meta(step), best=True)
                     window_start += time.perf_counter() - eval_start  # eval time is not training time
                 preempted = preemption.should_stop(step)
                 stop = preempted or step == config.stop_at_step

@@ -1,0 +1,215 @@
+"""Portable inference artifacts of a pretrained model: `cbam-jax export MODEL_DIR OUT`.
+
+OUT (a new directory, written completely or not at all) holds:
+
+    artifact.json      input spec, preprocessing, class names, model config, versions, file names
+    model.jax_export   `jax.export` serialized StableHLO (weights inside), symbolic batch; runs
+                       with jax alone: `jax.export.deserialize(bytearray(data)).call(images)`
+    model.onnx         the same network as an ONNX graph (batch dimension 'batch'); the metadata
+                       is in its metadata_props['cbam_jax']
+    run_exported.py    a script that needs only jax (and numpy): top-k classes of .npy images
+
+Both take float32 NHWC images already preprocessed as the metadata says (resize, crop, scale to
+[0, 1], subtract mean, divide by std per channel) and return float32 logits (B, num_classes), or
+the pooled features when the model has no head. They are exported from the model's inference
+path (`model.apply(variables, x)`, running statistics) with `implementation='xla'`: XLA's own
+convolution, BatchNorm and max pool, no CPU-fast-path optimisation barriers or custom gradients,
+so the graph runs on any backend (the StableHLO is lowered for cpu, cuda and tpu). Computation is
+float32, also for models trained with bfloat16 compute.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT_VERSION = 1
+METADATA_FILE = "artifact.json"
+STABLEHLO_FILE = "model.jax_export"
+ONNX_FILE = "model.onnx"
+SCRIPT_FILE = "run_exported.py"
+FORMATS = ("stablehlo", "onnx")
+# The StableHLO artifact is lowered for these platforms (one module, dispatched at run time).
+PLATFORMS = ("cpu", "cuda", "tpu")
+# Export-time self-check: the artifact against the model on one random batch.
+STABLEHLO_CHECK_TOLERANCE = 1e-5
+ONNX_CHECK_TOLERANCE = 1e-4
+
+
+class ExportError(ValueError):
+    """A model, size or format that cannot be exported; the message says why and what to do."""
+
+
+def input_shape(height: int | None, width: int | None, channels: int) -> tuple:
+    """The exported input shape: symbolic batch, and symbolic height and width when they are None."""
+    names = "batch" if height is not None else "batch, height, width"
+    dims = jax.export.symbolic_shape(names)
+    if height is None:
+        return (*dims, channels)
+    return (dims[0], height, width, channels)
+
+
+def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, height: int | None = None,
+                     width: int | None = None, dynamic_size: bool = False,
+                     formats: Sequence[str] = FORMATS) -> dict[str, Any]:
+    """Export the pretrained model in `model_dir` to the new directory `out`; returns the metadata written.
+
+    Args:
+      model_dir: a `save_pretrained` / `cbam-jax convert` / training `pretrained/` directory.
+      out: the directory to create (must not exist).
+      height, width: the fixed input size (default: the metadata's preprocessing crop).
+      dynamic_size: symbolic height and width too (StableHLO only).
+      formats: any of 'stablehlo', 'onnx'.
+
+    Raises:
+      ExportError: a bad argument or a case the exporters cannot take (nothing is written).
+      FileNotFoundError / ValueError: `model_dir` is not a pretrained model directory.
+    """
+    from cbam_jax.pretrained import load_metadata, load_pretrained
+
+    out = Path(out).absolute()
+    formats = tuple(dict.fromkeys(formats))
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ExportError(f"unknown format(s) {unknown or formats}; choose from {list(FORMATS)}.")
+    if out.exists():
+        raise ExportError(f"{out} already exists; choose a new directory or remove it first.")
+    if "onnx" in formats:
+        from cbam_jax.artifacts import onnx_graph  # fails early with the install hint when onnx is missing
+
+        onnx_graph.require_onnx()
+        if dynamic_size:
+            raise ExportError("the ONNX export takes a symbolic batch only, not a symbolic height and width; "
+                              "drop --dynamic-size, or export --formats stablehlo.")
+    model, variables = load_pretrained(model_dir)
+    metadata = load_metadata(model_dir)
+    channels = int(np.shape(variables["params"]["conv1"]["kernel"])[2])
+    if dynamic_size:
+        if height is not None or width is not None:
+            raise ExportError("give either --dynamic-size or --height/--width, not both.")
+    else:
+        height, width = _fixed_size(height, width, metadata.get("preprocessing"))
+    # XLA's own kernels (portable graph) and float32 compute (a bfloat16-trained model's float32
+    # parameters; bfloat16 convolutions are not available in every runtime, e.g. onnxruntime's CPU).
+    model = model.clone(implementation="xla", dtype=jnp.float32)
+
+    def apply(images: jax.Array) -> jax.Array:
+        return model.apply(variables, images)
+
+    spec = jax.ShapeDtypeStruct(input_shape(height, width, channels), jnp.float32)
+    document = _document(model, metadata, channels, height, width, formats)
+    check_images = np.random.default_rng(0).standard_normal((2, height or 37, width or 29, channels)).astype(np.float32)
+    expected = np.asarray(jax.jit(apply)(check_images))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        if "stablehlo" in formats:
+            from cbam_jax.artifacts.stablehlo import export_stablehlo, run_stablehlo
+
+            data = export_stablehlo(apply, spec, PLATFORMS)
+            (staging / STABLEHLO_FILE).write_bytes(data)
+            _check("StableHLO", run_stablehlo(data, check_images), expected, STABLEHLO_CHECK_TOLERANCE)
+        if "onnx" in formats:
+            from cbam_jax.artifacts.onnx_graph import export_onnx, run_onnx
+
+            proto = export_onnx(apply, spec, metadata={"cbam_jax": json.dumps(document, sort_keys=True)})
+            (staging / ONNX_FILE).write_bytes(proto)
+            try:
+                outputs = run_onnx(proto, check_images)
+            except Exception as error:  # onnxruntime reports failures as its own exception types
+                raise ExportError(f"onnxruntime cannot run the exported graph: {str(error).splitlines()[0]}") from None
+            _check("ONNX", outputs, expected, ONNX_CHECK_TOLERANCE)
+        (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary directory
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return document
+
+
+def _fixed_size(height: int | None, width: int | None, preprocessing: dict | None) -> tuple[int, int]:
+    """--height/--width, else the preprocessing's crop (or its [height, width] resize without crop)."""
+    if (height is None) != (width is None):
+        raise ExportError("give both --height and --width (or neither, for the preprocessing's crop).")
+    if height is None and width is None and preprocessing:
+        crop, resize = preprocessing.get("crop"), preprocessing.get("resize")
+        if isinstance(crop, int):
+            height = width = crop
+        elif isinstance(resize, list | tuple) and len(resize) == 2:
+            height, width = resize
+    if height is None or width is None:
+        raise ExportError("the input size is unknown (the model's metadata has no preprocessing crop); give "
+                          "--height and --width, or --dynamic-size.")
+    if not all(isinstance(v, int) and v >= 1 for v in (height, width)):
+        raise ExportError(f"the input size must be positive integers; got height={height!r}, width={width!r}.")
+    return height, width
+
+
+def _document(model, metadata: dict, channels: int, height: int | None, width: int | None,
+              formats: Sequence[str]) -> dict[str, Any]:
+    from cbam_jax import __version__
+    from cbam_jax.registry import model_config
+
+    outputs = model.num_classes or model.width * 8 * (4 if model.block == "bottleneck" else 1)
+    files = {"stablehlo": STABLEHLO_FILE, "onnx": ONNX_FILE}
+    return {
+        "format_version": FORMAT_VERSION,
+        "input": {"name": "images", "shape": ["batch", height or "height", width or "width", channels],
+                  "dtype": "float32", "layout": "NHWC",
+                  "note": "preprocessed: resize, crop, x / 255, (x - mean) / std per channel"},
+        "output": {"name": "logits" if model.num_classes else "features", "shape": ["batch", outputs],
+                   "dtype": "float32"},
+        "preprocessing": metadata.get("preprocessing"),
+        "class_names": metadata.get("class_names"),
+        "model": model_config(model),
+        "files": {name: files[name] for name in formats},
+        "exported_with": {"cbam_jax": __version__, "jax": jax.__version__, "platforms": list(PLATFORMS),
+                          "compute_dtype": "float32"},
+    }
+
+
+def _check(kind: str, actual: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+    error = float(np.max(np.abs(np.asarray(actual) - expected)))
+    if not error <= tolerance:
+        raise ExportError(f"the {kind} artifact's output differs from the model's by {error:.3g} (> {tolerance}); "
+                          "this is a bug in the export, please report it.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a pretrained model directory (cbam-jax convert, "
+                        "save_pretrained, or a training run's WORKDIR/pretrained)")
+    parser.add_argument("out", metavar="OUT", help="the directory to create for the artifacts")
+    parser.add_argument("--height", type=int, help="input height (default: the preprocessing crop)")
+    parser.add_argument("--width", type=int, help="input width (default: the preprocessing crop)")
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="symbolic height and width as well as batch (StableHLO only)")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help=f"comma-separated, from {', '.join(FORMATS)} (default: both)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; print the files written, or one line on what is wrong (exit code 1, nothing written)."""
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    try:
+        document = export_artifacts(args.model_dir, args.out, height=args.height, width=args.width,
+                                    dynamic_size=args.dynamic_size, formats=formats)
+    except (ExportError, ValueError, FileNotFoundError, ImportError) as error:
+        print(f"cbam-jax export: error: {error} Nothing was written to {args.out}.", file=sys.stderr)
+        return 1
+    shape = "x".join(str(d) for d in document["input"]["shape"])
+    print(f"Exported {args.model_dir} -> {args.out}: {', '.join(document['files'].values())} "
+          f"(input {shape} float32 NHWC), {METADATA_FILE}, {SCRIPT_FILE}.")
+    return 0

@@ -1,0 +1,135 @@
+"""`cbam-jax export`: the StableHLO and ONNX artifacts equal the model at two batch sizes and two
+input sizes, carry the preprocessing metadata, run with jax alone, and bad input fails cleanly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cbam_jax
+from cbam_jax import cli
+from cbam_jax.artifacts import ExportError, onnx_graph
+from cbam_jax.pretrained import save_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREPROCESSING = {"resize": 18, "crop": 16, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small CBAM-ResNet (ImageNet stem: conv 7x7/2 and max pool) with the default (CPU fast path)
+    implementation, as training would save it."""
+    model = cbam_jax.ResNet(stage_sizes=(1, 1), block="basic", num_classes=4, stem="imagenet", attention="cbam",
+                            attention_options={"reduction": 4}, width=8)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    path = tmp_path_factory.mktemp("models") / "cbam"
+    save_pretrained(path, model, variables,
+                    metadata={"preprocessing": PREPROCESSING, "class_names": ["ant", "bee", "cat", "dog"]})
+    return path, model, variables
+
+
+def _images(batch, height, width, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, height, width, 3)).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_artifacts_equal_the_model_at_two_batch_and_input_sizes(model_dir, tmp_path, capsys):
+    path, model, variables = model_dir
+    reference = jax.jit(model.apply)
+    for size, out in ((None, tmp_path / "a"), ((20, 12), tmp_path / "b")):
+        options = [] if size is None else ["--height", str(size[0]), "--width", str(size[1])]
+        assert cli.main(["export", str(path), str(out), *options]) == 0
+        assert "model.jax_export" in capsys.readouterr().out
+        height, width = size or (16, 16)  # default: the preprocessing crop
+        document = json.loads((out / "artifact.json").read_text())
+        assert document["input"]["shape"] == ["batch", height, width, 3]
+        assert document["preprocessing"] == PREPROCESSING and document["class_names"][1] == "bee"
+        exported = jax.export.deserialize(bytearray((out / "model.jax_export").read_bytes()))
+        # Portable: lowered for every backend, without the CPU fast path's barriers.
+        assert set(exported.platforms) == {"cpu", "cuda", "tpu"}
+        assert "optimization_barrier" not in exported.mlir_module()
+        proto = (out / "model.onnx").read_bytes()
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load_from_string(proto).metadata_props}
+        assert json.loads(props["cbam_jax"])["preprocessing"] == PREPROCESSING
+        for batch in (1, 3):
+            images = _images(batch, height, width, seed=batch)
+            expected = np.asarray(reference(variables, images))
+            assert np.max(np.abs(np.asarray(exported.call(images)) - expected)) <= 1e-5
+            assert np.max(np.abs(onnx_graph.run_onnx(proto, images) - expected)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_dynamic_size_stablehlo_takes_any_height_and_width(model_dir, tmp_path):
+    path, model, variables = model_dir
+    out = tmp_path / "dynamic"
+    assert cli.main(["export", str(path), str(out), "--dynamic-size", "--formats", "stablehlo"]) == 0
+    assert sorted(os.listdir(out)) == ["artifact.json", "model.jax_export", "run_exported.py"]
+    exported = jax.export.deserialize(bytearray((out / "model.jax_export").read_bytes()))
+    for batch, height, width in ((1, 16, 16), (2, 23, 31)):
+        images = _images(batch, height, width)
+        expected = np.asarray(jax.jit(model.apply)(variables, images))
+        assert np.max(np.abs(np.asarray(exported.call(images)) - expected)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_run_exported_script_needs_only_jax(model_dir, tmp_path):
+    path, model, variables = model_dir
+    out = tmp_path / "served"
+    assert cli.main(["export", str(path), str(out), "--formats", "stablehlo"]) == 0
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", pixels)
+    # Every cbam-jax dependency but jax (and numpy) made unimportable.
+    blocked = ["cbam_jax", "flax", "optax", "orbax", "onnx", "onnxruntime", "grain", "PIL", "tensorflow_datasets"]
+    code = (f"import sys, runpy\nfor name in {blocked!r}: sys.modules[name] = None\n"
+            f"sys.argv = ['run_exported.py', {str(out)!r}, {str(tmp_path / 'images.npy')!r}, '--top-k', '2']\n"
+            f"runpy.run_path({str(out / 'run_exported.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    x = (pixels / 255.0 - np.asarray(PREPROCESSING["mean"])) / np.asarray(PREPROCESSING["std"])
+    expected = np.argsort(-np.asarray(jax.jit(model.apply)(variables, x.astype(np.float32))), axis=-1)[:, :2]
+    names = ["ant", "bee", "cat", "dog"]
+    assert [[entry["class"] for entry in row] for row in rows] == [[names[i] for i in r] for r in expected]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--dynamic-size"], "symbolic batch only"),
+    (["--height", "0", "--width", "8"], "positive integers"),
+    (["--height", "8"], "give both --height and --width"),
+    ([], "input size is unknown"),
+    (["--formats", "tflite"], "unknown format"),
+])
+def test_unsupported_cases_fail_at_export_time_and_write_nothing(model_dir, tmp_path, capsys, arguments, message):
+    path, _, _ = model_dir
+    out = tmp_path / "out"
+    if not arguments:  # no default size: a model whose metadata has no preprocessing
+        bare = tmp_path / "bare"
+        save_pretrained(bare, *cbam_jax.load_pretrained(path))
+        path = bare
+    assert cli.main(["export", str(path), str(out), *arguments]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Nothing was written" in err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
+def test_existing_output_and_missing_model_are_refused(model_dir, tmp_path, capsys):
+    path, _, _ = model_dir
+    (tmp_path / "taken").mkdir()
+    assert cli.main(["export", str(path), str(tmp_path / "taken")]) == 1
+    assert "already exists" in capsys.readouterr().err and os.listdir(tmp_path / "taken") == []
+    assert cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_onnx_names_a_primitive_it_cannot_translate():
+    spec = jax.ShapeDtypeStruct(cbam_jax.artifacts.input_shape(4, 4, 3), jnp.float32)
+    with pytest.raises(ExportError, match="primitive 'sort'"):
+        onnx_graph.export_onnx(lambda x: jnp.sort(x, axis=1), spec)

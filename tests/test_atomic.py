@@ -64,9 +64,12 @@ def test_saved_pretrained_directory_keeps_the_umask(tmp_path, umask):
     model = create_model("resnet18", num_classes=2, stem="cifar", width=4)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     variables = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), variables)
-    path = save_pretrained(tmp_path / "model", model, variables)
-    assert mode(path) == 0o750
-    assert mode(path / "cbam_jax.json") == 0o640
+    path = save_pretrained(tmp_path / "new" / "model", model, variables)
+    assert mode(tmp_path / "new") == mode(path) == 0o750
+    for root, folders, files in os.walk(path):  # orbax's files inside too
+        assert all(mode(os.path.join(root, name)) == 0o750 for name in folders)
+        assert all(mode(os.path.join(root, name)) == 0o640 for name in files)
+    assert (path / "cbam_jax.json").is_file()
 
 
 def test_nothing_partial_is_visible_and_a_failed_write_leaves_things_as_they_were(tmp_path):

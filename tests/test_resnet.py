@@ -158,7 +158,11 @@ def test_variant_presets():
     assert not common.attention_options["spatial_use_bn"] and common.attention_options["kernel_size"] == 3
     variables = jax.eval_shape(common.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert "bn" not in variables["params"]["layer1_0"]["attention"]["spatial"]
-    one_block = create_model("resnet18", variant="timm", width=8).clone(stage_sizes=(1,))  # a cheap init
+
+
+@pytest.mark.slow  # a real (eager) init: each initializer compiles for each parameter shape
+def test_timm_variant_zero_inits_the_last_batch_norm_of_each_block():
+    one_block = create_model("resnet18", variant="timm", width=8).clone(stage_sizes=(1,))  # the cheapest init
     zero_init = one_block.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert float(jnp.abs(zero_init["params"]["layer1_0"]["bn2"]["scale"]).max()) == 0.0
 

@@ -1,5 +1,6 @@
 # The two Quick start commands: `make train` and `make test`. Each sets up its own virtual
-# environment from scratch with nothing but Python and pip.
+# environment from scratch with nothing but Python and pip. `make test-fast` is the inner loop:
+# every test but the slow ones (subprocess runs, full-model parity, multi-process).
 #   PYTHON=...  the interpreter (default python3; on these machines Python 3.12 is
 #               `PYENV_VERSION=3.12.1 make test PYTHON=python3.12 VENV=.venv312`)
 #   VENV=...    where the environment lives (default .venv)
@@ -15,7 +16,7 @@ PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 # on Python 3.11 (torchvision is needed by timm, the oracle of the timm-layout parity tests).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 timm
 
-.PHONY: setup torch train test clean
+.PHONY: setup torch train test test-fast clean
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ train: setup
 
 test: torch
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf .venv .venv312 build *.egg-info

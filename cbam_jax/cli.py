@@ -14,7 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("cbam_jax.convert.cli", "convert PyTorch checkpoints to Flax (and back with --to-torch)"),
     "eval": ("cbam_jax.training.evaluate", "evaluate a training workdir or a pretrained model on a dataset split"),
     "predict": ("cbam_jax.predict", "top-k classes of images with a pretrained model"),
-    "attention": ("cbam_jax.visualize", "attention-map and Grad-CAM figures of images"),
+    "attention": ("cbam_jax.visualize.command", "attention-map and Grad-CAM figures of images"),
     "export": ("cbam_jax.artifacts", "portable inference artifacts of a pretrained model (StableHLO, ONNX)"),
 }
 

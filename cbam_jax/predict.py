@@ -1,12 +1,9 @@
-"""`cbam-jax predict --pretrained DIR IMAGE...`: the top-k classes of images, and the image loading
-and eval preprocessing that `cbam-jax attention` shares.
+"""`cbam-jax predict --pretrained DIR IMAGE...`: the top-k classes of images, and the loading of a
+pretrained model with its preprocessing that `cbam-jax attention` shares.
 
 The preprocessing is the one the weights were trained with, read from the model's saved metadata
-(`"preprocessing": {"resize", "crop", "mean", "std"[, "channels"]}`), never guessed: convert to
-`channels` (3: RGB, the default; 1: greyscale 'L', as the training pipeline does), resize the short
-side to `resize` (bilinear, as torchvision's `Resize` on PIL images; a [height, width] pair resizes
-to exactly that size), center-crop `crop` x `crop` (as torchvision's `CenterCrop`), scale to
-[0, 1], subtract `mean` and divide by `std` per channel (one value per channel).
+(`"preprocessing": {"resize", "crop", "mean", "std"[, "channels"]}`), never guessed; it is applied by
+`cbam_jax.images` (loading, resize, crop and normalisation shared with the training pipeline).
 """
 
 import argparse
@@ -14,77 +11,28 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import linen as nn
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Re-exported: they lived here before cbam_jax.images, and users import them from here.
+from cbam_jax.images import (  # noqa: F401
+    InputError,
+    Preprocessing,
+    load_image,
+    load_images,
+    normalize,
+    preprocess,
+    resize_and_crop,
+    same_shape_batches,
+    to_model_channels,
+)
 
 DEFAULT_TOP_K = 5
-# Transparent pixels are shown over white, as an image viewer shows them.
-ALPHA_BACKGROUND = (255, 255, 255)
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class InputError(Exception):
-    """A user input (image file, model directory, option) that cannot be used; the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """Eval preprocessing of a model: `channels`, short side -> `resize` (or exactly (height, width)),
-    center crop `crop`, (x/255 - mean) / std.
-
-    `resize` or `crop` None skips that step; `mean` and `std` have one value per channel on the
-    [0, 1] scale; `channels` is 3 (RGB) or 1 (greyscale).
-    """
-
-    resize: int | tuple[int, int] | None
-    crop: int | None
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    channels: int = 3
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "preprocessing") -> "Preprocessing":
-        """Validate a metadata dict {"resize", "crop", "mean", "std"[, "channels"]}; InputError names
-        what is wrong."""
-        missing = sorted({"resize", "crop", "mean", "std"} - set(values))
-        if missing:
-            raise InputError(f"{source} lacks {missing}; it needs resize, crop, mean and std.")
-        channels = values.get("channels", 3)
-        if channels not in (1, 3) or isinstance(channels, bool):
-            raise InputError(f"{source}: channels must be 1 (greyscale) or 3 (RGB); got {channels!r}.")
-        resize, crop = values["resize"], values["crop"]
-        if isinstance(resize, Sequence) and not isinstance(resize, str):
-            if len(resize) != 2 or not all(_is_positive_int(v) for v in resize):
-                raise InputError(f"{source}: resize must be a positive integer (short side), a pair [height, width] "
-                                 f"of positive integers, or null; got {resize!r}.")
-            resize = tuple(resize)
-        elif resize is not None and not _is_positive_int(resize):
-            raise InputError(f"{source}: resize must be a positive integer (short side), a pair [height, width] "
-                             f"of positive integers, or null; got {resize!r}.")
-        if crop is not None and not _is_positive_int(crop):
-            raise InputError(f"{source}: crop must be a positive integer or null; got {crop!r}.")
-        stats = {}
-        for key in ("mean", "std"):
-            value = values[key]
-            if (not isinstance(value, Sequence) or len(value) != channels
-                    or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
-                expected = "three numbers (R, G, B" if channels == 3 else "one number (grey"
-                raise InputError(f"{source}: {key} must be {expected} on the [0, 1] scale; channels={channels}); "
-                                 f"got {value!r}.")
-            stats[key] = tuple(float(v) for v in value)
-        if min(stats["std"]) <= 0:
-            raise InputError(f"{source}: std must be positive; got {stats['std']}.")
-        return cls(resize, crop, **stats, channels=channels)
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,95 +43,6 @@ class LoadedModel:
     variables: Any
     class_names: list[str]
     preprocessing: Preprocessing
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Read a JPEG/PNG (any mode: greyscale, 16-bit, palette, RGBA, CMYK) as RGB uint8 (H, W, 3).
-
-    EXIF orientation is applied; transparent pixels are composited over white.
-
-    Raises:
-      InputError: the file is missing, is a directory, or is not a readable image.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file.")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not an image file.")
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not later
-            image = ImageOps.exif_transpose(image)
-    except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image Pillow can read (expected JPEG, PNG or another common format).") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise InputError(f"{path}: the image cannot be decoded ({error}); is the file truncated or corrupt?") from None
-    return _to_rgb(image)
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit greyscale: scale to 8 bits instead of clipping at 255
-        grey = np.asarray(image, dtype=np.float64)
-        grey = np.round(grey * (255.0 / 65535.0) if grey.max() > 255 else grey)
-        return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-    if image.mode == "F":
-        raise InputError("floating-point images are not supported; save the image as 8- or 16-bit PNG.")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def to_model_channels(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> uint8 (H, W, channels): greyscale as the training pipeline makes it."""
-    from cbam_jax.data.transforms import ensure_channels  # the training code itself, so both agree exactly
-
-    return ensure_channels(image, preprocessing.channels)
-
-
-def resize_and_crop(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """The geometric part of the preprocessing: uint8 (H, W, C) -> uint8 (crop, crop, C), C = 1 or 3.
-
-    Short side to `resize` keeping the aspect ratio (long side truncated, as torchvision), or to
-    exactly `resize` = (height, width); then the centred `crop` x `crop` window (zero-padded where
-    the image is smaller, as torchvision).
-    """
-    channels = image.shape[-1]
-    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    if isinstance(preprocessing.resize, tuple):
-        height, width = preprocessing.resize
-        if (width, height) != pil.size:
-            pil = pil.resize((width, height), Image.Resampling.BILINEAR)
-    elif preprocessing.resize is not None:
-        width, height = pil.size
-        short, long = sorted((width, height))
-        new_long = int(preprocessing.resize * long / short)
-        size = (preprocessing.resize, new_long) if width <= height else (new_long, preprocessing.resize)
-        if size != pil.size:
-            pil = pil.resize(size, Image.Resampling.BILINEAR)
-    array = np.asarray(pil).reshape(pil.size[1], pil.size[0], channels)
-    if preprocessing.crop is None:
-        return array
-    crop = preprocessing.crop
-    pad_h, pad_w = max(crop - array.shape[0], 0), max(crop - array.shape[1], 0)
-    if pad_h or pad_w:
-        array = np.pad(array, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-    top = int(round((array.shape[0] - crop) / 2.0))
-    left = int(round((array.shape[1] - crop) / 2.0))
-    return array[top:top + crop, left:left + crop]
-
-
-def normalize(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """uint8 (H, W, C) -> float32 (H, W, C): (x / 255 - mean) / std."""
-    mean = np.asarray(preprocessing.mean, np.float32)
-    std = np.asarray(preprocessing.std, np.float32)
-    return (image.astype(np.float32) / 255.0 - mean) / std
-
-
-def preprocess(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """The full eval preprocessing: RGB uint8 (H, W, 3) -> float32 model input (crop, crop, channels)."""
-    return normalize(resize_and_crop(to_model_channels(image, preprocessing), preprocessing), preprocessing)
 
 
 def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
@@ -245,18 +104,6 @@ def top_k(model: nn.Module, variables: Any, images: np.ndarray, k: int = DEFAULT
     return np.take_along_axis(probabilities, order, axis=-1), order
 
 
-def same_shape_batches(items: Sequence[tuple[str, np.ndarray]], batch_size: int) -> Iterator[list[tuple[str, np.ndarray]]]:
-    """Consecutive runs of at most `batch_size` (name, array) items whose arrays share one shape."""
-    batch: list[tuple[str, np.ndarray]] = []
-    for item in items:
-        if batch and (len(batch) == batch_size or item[1].shape != batch[0][1].shape):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
-
-
 def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     """--resize/--crop/--mean/--std: override or supply the preprocessing saved with the model."""
     group = parser.add_argument_group("preprocessing (default: as saved with the model)")
@@ -268,23 +115,6 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std}
-
-
-def load_images(paths: Sequence[str], preprocessing: Preprocessing) -> tuple[list[tuple[str, np.ndarray]], int]:
-    """Load, convert to the model's channels and crop each image (uint8); an unusable one is reported
-    on stderr and skipped.
-
-    Returns:
-      ([(path, cropped uint8 image (crop, crop, channels))], number of failures).
-    """
-    loaded, failures = [], 0
-    for path in paths:
-        try:
-            loaded.append((path, resize_and_crop(to_model_channels(load_image(path), preprocessing), preprocessing)))
-        except InputError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failures += 1
-    return loaded, failures
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     items, failures = load_images(args.images, loaded_model.preprocessing)
     k = min(args.top_k, len(loaded_model.class_names))
     for batch in same_shape_batches(items, args.batch_size):
-        inputs = np.stack([normalize(image, loaded_model.preprocessing) for _, image in batch])
+        inputs = normalize(np.stack([image for _, image in batch]), loaded_model.preprocessing.mean,
+                           loaded_model.preprocessing.std)
         probabilities, indices = top_k(loaded_model.model, loaded_model.variables, inputs, k)
         for (path, _), probs, classes in zip(batch, probabilities, indices):
             ranked = [{"index": int(c), "class": loaded_model.class_names[c], "probability": float(p)}

@@ -15,8 +15,6 @@ the PyTorch file and its layout; training exports record the workdir).
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax.core import unfreeze
 
 from cbam_jax import registry
+from cbam_jax.atomic import atomic_output
 from cbam_jax.resnet import ResNet
 
 FORMAT_VERSION = 1
@@ -40,11 +39,11 @@ IMAGENET_PREPROCESSING: dict[str, Any] = {
 
 
 def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[str, Any], *,
-                    metadata: dict[str, Any] | None = None) -> Path:
+                    metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write `model` and its `variables` ('params' and, if any, 'batch_stats') to the directory `path`.
 
-    The directory appears complete or not at all: it is written under a temporary name beside
-    `path` and renamed at the end. An existing `path` is an error (nothing is overwritten).
+    The directory appears complete or not at all (`cbam_jax.atomic.atomic_output`): it is written
+    under a temporary name beside `path` and renamed at the end.
 
     Args:
       path: the directory to create.
@@ -52,12 +51,14 @@ def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[s
       variables: `model.init(...)`-style variables; collections other than params/batch_stats
         (e.g. 'intermediates') are not saved.
       metadata: JSON-serialisable extras (see the module docstring for the conventions).
+      overwrite: replace an existing `path` (readers see the old directory or the new one, never a
+        mix); by default an existing `path` is an error and nothing is overwritten.
 
     Returns:
       The directory as a Path.
     """
     path = Path(path).absolute()
-    if path.exists():
+    if path.exists() and not overwrite:
         raise FileExistsError(f"save_pretrained: {path} already exists; choose a new path or remove it first.")
     if "params" not in variables:
         raise ValueError(f"save_pretrained: variables must contain 'params'; got collections {sorted(variables)}.")
@@ -68,15 +69,9 @@ def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[s
     except TypeError as error:
         raise ValueError(f"save_pretrained: metadata must be JSON-serialisable ({error}).") from None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with atomic_output(path, folder=True, replace=overwrite) as staging:
         process_local_checkpointer().save(staging / VARIABLES_DIR, tree)
         (staging / CONFIG_FILE).write_text(document_text + "\n")
-        os.rename(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
@@ -154,12 +149,13 @@ def _check_matches_model(path: Path, model: ResNet, variables: dict[str, Any]) -
                          f"missing {missing[:10]}, unexpected {unexpected[:10]}, wrong shape {reshaped[:10]}.")
 
 
-def process_local_checkpointer() -> ocp.Checkpointer:
-    """A checkpointer that reads and writes from the calling process alone: in a multi-process run
-    (e.g. process 0 exporting at the end of training) the default one would wait for the others."""
+def process_local_checkpointer(handler: type = ocp.PyTreeCheckpointHandler) -> ocp.Checkpointer:
+    """A checkpointer (of arrays, or of `handler`'s items, e.g. ocp.JsonCheckpointHandler) that reads
+    and writes from the calling process alone: in a multi-process run (e.g. process 0 exporting at
+    the end of training) the default one would wait for the others."""
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                               active_processes={jax.process_index()})
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone), multiprocessing_options=alone)
+    return ocp.Checkpointer(handler(multiprocessing_options=alone), multiprocessing_options=alone)
 
 
 def _to_numpy(tree: Any) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from cbam_jax.atomic import atomic_output
 from cbam_jax.cli import main as cli_main
 from cbam_jax.data import digits_source
 
@@ -42,9 +43,8 @@ def stack_vertically(paths: list[Path], out: Path) -> None:
     for figure in figures:
         canvas.paste(figure, (0, y))
         y += figure.height
-    temporary = out.with_name(f".{out.name}.tmp")
-    canvas.save(temporary, format="PNG")
-    temporary.replace(out)
+    with atomic_output(out, replace=True) as temporary:
+        canvas.save(temporary, format="PNG")
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ import jax
 
 from cbam_jax import create_model
 from cbam_jax.cli import main as cli_main
-from cbam_jax.predict import Preprocessing, load_image, preprocess
+from cbam_jax.images import Preprocessing, load_image, preprocess
 from cbam_jax.pretrained import IMAGENET_PREPROCESSING, save_pretrained
 
 DOCS = Path(__file__).resolve().parent

@@ -7,15 +7,19 @@ import numpy as np
 
 def randomize(variables, seed=0):
     """Replace every leaf by random values (positive for BatchNorm variances), so that no
-    parameter sits at a special initial value (zero BN scale, zero bias) that could hide a bug."""
+    parameter sits at a special initial value (zero BN scale, zero bias) that could hide a bug.
+
+    The leaves may be arrays or the ShapeDtypeStructs of `jax.eval_shape(model.init, ...)`:
+    tests that need only random parameters then skip the real initialisation. The values come
+    from NumPy: an eager `jax.random` call would compile once per leaf shape."""
+    rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
     new = []
-    for (path, leaf), key in zip(leaves, keys):
-        value = 0.5 * jax.random.normal(key, leaf.shape, leaf.dtype)
+    for path, leaf in leaves:
+        value = 0.5 * rng.standard_normal(leaf.shape, dtype=np.float32)
         if getattr(path[-1], "key", None) == "var":
-            value = jnp.abs(value) + 0.5
-        new.append(value)
+            value = np.abs(value) + 0.5
+        new.append(jnp.asarray(value, dtype=leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, new)
 
 

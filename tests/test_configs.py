@@ -62,6 +62,7 @@ def test_missing_recipe_file_lists_the_recipes():
         load_config("configs/nope.py")
 
 
+@pytest.mark.slow
 def test_train_py_rejects_unknown_override():
     result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--config.batchsize=3",
                              "--workdir", "/nonexistent"], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -11,6 +11,7 @@ import copy
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # full models in both frameworks, trained for two steps
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")

@@ -178,6 +178,7 @@ def test_renamed_options_are_still_accepted_with_a_warning():
         assert model_from_config(saved) == create_model("cbam_resnet18", implementation="xla", spatial_use_bn=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block, stem, size", [("basic", "cifar", 8), ("bottleneck", "imagenet", 32)])
 def test_model_fast_path_equals_xla_path(block, stem, size):
     """Same parameter tree, logits, updated BatchNorm statistics and gradients on both paths.

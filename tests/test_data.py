@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbam_jax.data import ArraySource, ImageFolderSource, digits_source, eval_batches, tfds_source, train_dataset
+from cbam_jax.data import (ArraySource, ImageFolderSource, digits_source, eval_batches, eval_preprocessing, tfds_source,
+                           train_dataset)
 from cbam_jax.data import transforms
+from cbam_jax.images import ensure_channels, resize_and_crop
 from cbam_jax.training.config import base_config
 
 
@@ -88,15 +90,16 @@ def test_transforms_shapes():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)
     assert transforms.random_resized_crop(image, rng, 24).shape == (24, 24, 3)
-    assert transforms.resize_center_crop(image, 24, 28).shape == (24, 24, 3)
-    assert transforms.resize_center_crop(image, 24, 0).shape == (24, 24, 3)
+    for eval_resize in (28, 0):
+        preprocessing = eval_preprocessing(dataset_config(image_size=24, eval_resize=eval_resize))
+        assert resize_and_crop(image, preprocessing).shape == (24, 24, 3)
     crop = transforms.pad_crop(image[:16, :16], rng, 16, 4)
     assert crop.shape == (16, 16, 3)
     flips = [transforms.maybe_flip(image, np.random.default_rng(seed)) for seed in range(20)]
     mirrored = [np.array_equal(f, image[:, ::-1]) for f in flips]
     assert all(m or np.array_equal(f, image) for m, f in zip(mirrored, flips)) and 0 < sum(mirrored) < 20
-    assert transforms.ensure_channels(image[..., :1], 3).shape == (50, 80, 3)
-    assert transforms.ensure_channels(image, 1).shape == (50, 80, 1)
+    assert ensure_channels(image[..., :1], 3).shape == (50, 80, 3)
+    assert ensure_channels(image, 1).shape == (50, 80, 1)
 
 
 def _write_folder(root, bad: bool):

@@ -16,7 +16,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _setup(layer, x, seed=1):
-    variables = randomize(layer.init(jax.random.key(0), jnp.asarray(x)), seed)
+    variables = randomize(jax.eval_shape(layer.init, jax.random.key(0), jnp.asarray(x)), seed)
     return variables, to_numpy(variables)
 
 
@@ -61,7 +61,7 @@ def test_pool_order_matters(rng):
     """Loading official (max, mean) weights with the paper's (mean, max) order must change the output."""
     x = rng.normal(size=SHAPE).astype(np.float32)
     official = SpatialGate(pool_order="max_mean", use_bn=False)
-    variables = randomize(official.init(jax.random.key(0), x))
+    variables = randomize(jax.eval_shape(official.init, jax.random.key(0), x))
     paper = SpatialGate(pool_order="mean_max", use_bn=False)
     assert np.abs(official.apply(variables, x) - paper.apply(variables, x)).max() > 1e-3
     flipped = jax.tree.map(lambda k: k[:, :, ::-1, :], variables)  # swap the conv's input channels
@@ -121,7 +121,7 @@ def test_official_initialisation():
 ])
 def test_sown_attention_maps(rng, layer, names):
     x = rng.normal(size=SHAPE).astype(np.float32)
-    variables = randomize(layer.init(jax.random.key(0), x))
+    variables = randomize(jax.eval_shape(layer.init, jax.random.key(0), x))
     _, state = layer.apply(variables, x, mutable=["intermediates"])
     for path, shape in names.items():
         node = state["intermediates"]
@@ -134,9 +134,10 @@ def test_sown_attention_maps(rng, layer, names):
 
 def test_numpy_integers_are_valid_sizes():
     x = jnp.zeros((1, 8, 8, 16))
-    variables = SpatialGate(kernel_size=np.int64(3)).init(jax.random.key(0), x)
+    variables = jax.eval_shape(SpatialGate(kernel_size=np.int64(3)).init, jax.random.key(0), x)
     assert variables["params"]["conv"]["kernel"].shape == (3, 3, 2, 1)
-    assert ChannelGate(reduction=np.int32(4)).init(jax.random.key(0), x)["params"]["fc1"]["kernel"].shape == (16, 4)
+    variables = jax.eval_shape(ChannelGate(reduction=np.int32(4)).init, jax.random.key(0), x)
+    assert variables["params"]["fc1"]["kernel"].shape == (16, 4)
 
 
 @pytest.mark.parametrize("layer, shape, message", [
@@ -154,7 +155,7 @@ def test_numpy_integers_are_valid_sizes():
 ])
 def test_bad_input_is_a_clear_value_error(layer, shape, message):
     with pytest.raises(ValueError, match=message):
-        layer.init(jax.random.key(0), jnp.zeros(shape))
+        jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros(shape))
 
 
 @pytest.mark.parametrize("axes", [(1, 2), (3,), -1])

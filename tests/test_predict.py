@@ -11,6 +11,7 @@ from cbam_jax.cli import main
 from cbam_jax.predict import InputError, Preprocessing, load_image, preprocess, resize_and_crop, to_model_channels
 from cbam_jax.pretrained import save_pretrained
 from cbam_jax.resnet import ResNet
+from tests.helpers import randomize
 
 IMAGENET = {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 SMALL = {"resize": 40, "crop": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
@@ -30,7 +31,7 @@ def pretrained(tmp_path_factory):
     so that the classes are well separated."""
     model = ResNet(stage_sizes=(1, 1), block="basic", width=8, stem="cifar", num_classes=len(CLASS_NAMES),
                    attention="cbam", attention_options={"reduction": 4})
-    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
     variables["params"]["fc"]["kernel"] = variables["params"]["fc"]["kernel"] * 20.0
     path = save_pretrained(tmp_path_factory.mktemp("models") / "tiny", model, variables,
                            metadata={"class_names": CLASS_NAMES, "preprocessing": SMALL})
@@ -119,13 +120,17 @@ def test_crop_larger_than_image_pads_with_zeros():
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("resize", [20, [16, 16]])
 def test_geometry_equals_the_training_eval_transform(rng, channels, resize):
-    from cbam_jax.data.transforms import resize_center_crop
+    from cbam_jax.data import ArraySource, eval_batches
+    from cbam_jax.training.config import base_config
 
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     preprocessing = Preprocessing.from_dict({"resize": resize, "crop": 16, "mean": [0.5] * channels,
                                              "std": [0.5] * channels, "channels": channels})
     ours = resize_and_crop(to_model_channels(image, preprocessing), preprocessing)
-    training = resize_center_crop(to_model_channels(image, preprocessing), 16, 0 if isinstance(resize, list) else resize)
+    dataset = base_config().dataset
+    dataset.update(image_size=16, channels=channels, eval_resize=0 if isinstance(resize, list) else resize,
+                   mean=(0.5,) * channels, std=(0.5,) * channels, num_threads=1)
+    training = next(eval_batches(ArraySource(image[None], np.zeros(1)), dataset, global_batch=1))["image"][0]
     assert ours.shape == (16, 16, channels)
     np.testing.assert_array_equal(ours, training)
 

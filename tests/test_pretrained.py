@@ -9,6 +9,7 @@ import pytest
 
 from cbam_jax import create_model
 from cbam_jax.pretrained import CONFIG_FILE, load_metadata, load_pretrained, save_pretrained
+from tests.helpers import randomize
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +17,9 @@ def tiny():
     model = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, variant="timm",
                          reduction=4)
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
-    # Move the running statistics away from their defaults so the round trip checks them too.
-    _, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
-    return model, {"params": variables["params"], "batch_stats": updates["batch_stats"]}, x
+    # Random parameters and running statistics (none at its default), so the round trip checks them all.
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(0), x))
+    return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}, x
 
 
 def test_round_trip_is_exact(tmp_path, tiny):
@@ -38,7 +38,7 @@ def test_round_trip_is_exact(tmp_path, tiny):
 
 def test_bfloat16_params_and_no_batch_stats(tmp_path):
     model = create_model("resnet18", num_classes=3, stem="cifar", width=4, param_dtype=jnp.bfloat16)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 1))))
     save_pretrained(tmp_path / "m", model, {"params": variables["params"]})
     with pytest.raises(ValueError, match="missing"):  # batch_stats were not saved: the model needs them
         load_pretrained(tmp_path / "m")

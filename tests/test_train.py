@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # every test runs train.py in a subprocess (or needs such a run)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,7 @@ def test_eval_subcommand_counts_every_example(straight, capsys):
     assert result["count"] == 359 and result["split"] == "test"
     assert result["accuracy"] == pytest.approx(summary["best_accuracy"], abs=1e-6)
     assert main(["eval", "--workdir", str(straight[0]) + "/missing"]) == 1
+    assert not (straight[0] / "missing").exists()  # a failed eval creates no folders
 
 
 def test_default_recipe_learns_the_digits(tmp_path, cache_dir):
@@ -178,26 +180,23 @@ def _eval_arrays_and_best_logits(workdir, count=24):
     """The first `count` digits test images as the eval pipeline makes them (uint8) and the logits of
     the best checkpoint on them."""
     from cbam_jax.data import eval_batches, make_source
+    from cbam_jax.images import normalize
     from cbam_jax.registry import model_from_config
-    from cbam_jax.training.checkpoint import Checkpoints
+    from cbam_jax.training.checkpoint import restore_variables
     from cbam_jax.training.config import load_config
-    from cbam_jax.training.step import normalize
-    from cbam_jax.training.trainer import restore_variables
 
     config = load_config(os.path.join(ROOT, "configs/tiny.py"))
     batch = next(eval_batches(make_source(config.dataset, "test"), config.dataset, global_batch=count))
-    checkpoints = Checkpoints(str(workdir), keep=2)
-    model = model_from_config(checkpoints.meta(best=True)["model_config"])
-    variables = restore_variables(checkpoints, best=True)
-    checkpoints.close()
+    variables, meta = restore_variables(workdir, "best")
+    model = model_from_config(meta["model_config"])
     logits = model.apply(variables, normalize(batch["image"], config.dataset.mean, config.dataset.std), train=False)
     return batch["image"], np.asarray(logits), config
 
 
 def test_finished_run_exports_the_best_model_as_a_pretrained_directory(straight):
     from cbam_jax.pretrained import load_metadata, load_pretrained
+    from cbam_jax.images import normalize
     from cbam_jax.training.export import export_pretrained
-    from cbam_jax.training.step import normalize
 
     workdir = straight[0]
     images, logits, config = _eval_arrays_and_best_logits(workdir)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("--config.num_train_steps=4", "--config.eval_every_steps=4", "--config.checkpoint_every_steps=4")
@@ -50,6 +51,7 @@ def _state(workdir):
     return step, state
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     overrides = [s.lstrip("-").removeprefix("config.") for s in STEPS]

@@ -12,13 +12,12 @@ from flax import traverse_util
 from cbam_jax import create_model
 from cbam_jax.pretrained import save_pretrained
 from cbam_jax.training.trainer import init_from_pretrained
+from tests.helpers import randomize
 
 
 def _variables(model, seed=0):
     """Variables of the model's shapes filled with random numbers (no compile: only shapes are traced)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) + 2.0 * seed, shapes)
+    return randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)), seed)
 
 
 def test_init_from_pretrained_copies_all_but_a_new_head(tmp_path):
@@ -47,8 +46,7 @@ def test_eval_subcommand_on_a_pretrained_directory(tmp_path, capsys):
     from cbam_jax.cli import main
 
     model = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4)
-    variables = _variables(model)
-    variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])  # valid variances
+    variables = _variables(model)  # (variances positive)
     save_pretrained(tmp_path / "pretrained", model, variables)
     assert main(["eval", "--pretrained", str(tmp_path / "pretrained"), "--config", "configs/tiny.py",
                  "--batch-size", "100"]) == 0

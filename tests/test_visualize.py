@@ -10,6 +10,7 @@ from cbam_jax.cli import main
 from cbam_jax.pretrained import save_pretrained
 from cbam_jax.resnet import ResNet
 from cbam_jax.visualize import attention_figure, attention_maps, colorize, grad_cam, last_block_name
+from tests.helpers import randomize
 
 # Tiny two-stage networks; 'timm' options give the spatial gate a BatchNorm scale of 1, so its
 # map is not the constant 0.5 of the official zero-initialised gate.
@@ -25,7 +26,7 @@ ATTENTION = {
 def tiny_model(attention):
     model = ResNet(**TINY, attention=attention, attention_options=ATTENTION[attention])
     images = jax.random.normal(jax.random.key(0), (2, 20, 28, 3))  # non-square
-    return model, model.init(jax.random.key(1), images), images
+    return model, randomize(jax.eval_shape(model.init, jax.random.key(1), images)), images
 
 
 @pytest.mark.parametrize("attention", ["cbam", "bam", "se", None])
@@ -84,7 +85,7 @@ def two_region_model():
     zero MLP weight, a constant gate, so that no global pooling lets one region reach the other's logit."""
     model = ResNet(stage_sizes=(1, 1), block="basic", width=8, stem="cifar", num_classes=2, attention="cbam",
                    attention_options=ATTENTION["cbam"])
-    variables = model.init(jax.random.key(2), jnp.zeros((1, 32, 32, 3)))
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(2), jnp.zeros((1, 32, 32, 3))))
 
     def rewrite(path, leaf):
         names = [getattr(key, "key", None) for key in path]
@@ -141,7 +142,7 @@ def test_grad_cam_rejects_a_bad_class_or_layer():
         grad_cam(headless, {}, images)
 
 
-def test_colour_scale_and_figure():
+def test_color_scale_and_figure():
     scale = colorize(np.linspace(0, 1, 50))
     assert scale.shape == (50, 3) and scale.dtype == np.uint8
     assert (scale[0] != scale[-1]).any() and scale[0].sum() < 200  # dark low end
@@ -160,7 +161,7 @@ def test_colour_scale_and_figure():
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     model = ResNet(**TINY, attention="cbam", attention_options=ATTENTION["cbam"])
-    variables = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(3), jnp.zeros((1, 32, 32, 3))))
     metadata = {"class_names": ["a", "b", "c", "d"],
                 "preprocessing": {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}
     return save_pretrained(tmp_path_factory.mktemp("models") / "tiny_cbam", model, variables, metadata=metadata)

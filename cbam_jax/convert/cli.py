@@ -8,10 +8,9 @@ The output appears complete or not at all; on any error the exit code is 1 and n
 """
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
+from cbam_jax.atomic import atomic_output
 from cbam_jax.convert.detect import detect, variant_of
 from cbam_jax.convert.layouts import LAYOUTS, get_layout
 from cbam_jax.convert.mapping import load_variables, to_numpy_state_dict
@@ -78,13 +77,10 @@ def _to_torch(args: argparse.Namespace) -> str:
     if args.variant and args.variant != variant:
         raise ConversionError(f"{args.src} holds a {variant!r}-variant model; it cannot be written as {args.variant!r}.")
     arrays = to_numpy_state_dict(variables, arch=model, layout=args.layout)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{destination.name}.partial-", dir=destination.parent)
-    os.close(handle)
-    try:
+    with atomic_output(destination) as partial:
         if destination.suffix == ".safetensors":
             from safetensors.numpy import save_file
-            save_file(arrays, partial)
+            save_file(arrays, str(partial))
         else:
             try:
                 import torch
@@ -92,10 +88,6 @@ def _to_torch(args: argparse.Namespace) -> str:
                 raise ConversionError("Writing .pth needs PyTorch (`pip install torch`); write .safetensors "
                                       "instead, which needs no torch.") from None
             torch.save({key: torch.from_numpy(value.copy()) for key, value in arrays.items()}, partial)
-        os.replace(partial, destination)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
     layout = args.layout or variant
     return f"Wrote {len(arrays)} tensors of {args.src} ({variant} variant) in the {layout!r} layout to {destination}."
 

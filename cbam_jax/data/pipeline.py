@@ -17,6 +17,7 @@ import numpy as np
 
 from cbam_jax.data import transforms
 from cbam_jax.data.sources import ImageFolderSource, digits_source, tfds_source
+from cbam_jax.images import Preprocessing, ensure_channels, resize, resize_and_crop
 
 
 def make_source(dataset: ml_collections.ConfigDict, split: str):
@@ -29,23 +30,35 @@ def make_source(dataset: ml_collections.ConfigDict, split: str):
                              verify=dataset.verify_images)
 
 
+def eval_preprocessing(dataset: ml_collections.ConfigDict) -> Preprocessing:
+    """The eval preprocessing of the config's `dataset` group: what `eval_batches` does to every image
+    before the step normalises it, and what a training run's exported model records for `cbam-jax predict`.
+
+    `eval_resize == 0` resizes the whole image to image_size x image_size (aspect not kept);
+    otherwise the short side goes to `eval_resize`, then a center crop of image_size.
+    """
+    size = dataset.image_size
+    return Preprocessing(resize=(size, size) if dataset.eval_resize <= 0 else dataset.eval_resize, crop=size,
+                         mean=tuple(float(v) for v in dataset.mean), std=tuple(float(v) for v in dataset.std),
+                         channels=dataset.channels)
+
+
 def _train_example(example: dict, rng: np.random.Generator, dataset: ml_collections.ConfigDict) -> dict:
-    image = transforms.ensure_channels(np.asarray(example["image"]), dataset.channels)
+    image = ensure_channels(np.asarray(example["image"]), dataset.channels)
     size = dataset.image_size
     if dataset.train_augment == "pad_crop":
         image = transforms.pad_crop(image, rng, size, dataset.crop_padding)
     elif dataset.train_augment == "random_resized_crop":
         image = transforms.random_resized_crop(image, rng, size)
     else:
-        image = transforms.resize(image, size, size)
+        image = resize(image, size, size)
     if dataset.flip:
         image = transforms.maybe_flip(image, rng)
     return {"image": np.ascontiguousarray(image), "label": np.int32(example["label"])}
 
 
-def _eval_example(example: dict, dataset: ml_collections.ConfigDict) -> dict:
-    image = transforms.ensure_channels(np.asarray(example["image"]), dataset.channels)
-    image = transforms.resize_center_crop(image, dataset.image_size, dataset.eval_resize)
+def _eval_example(example: dict, preprocessing: Preprocessing) -> dict:
+    image = resize_and_crop(ensure_channels(np.asarray(example["image"]), preprocessing.channels), preprocessing)
     return {"image": np.ascontiguousarray(image), "label": np.int32(example["label"])}
 
 
@@ -110,7 +123,8 @@ def eval_batches(source, dataset: ml_collections.ConfigDict, *, global_batch: in
     """
     batch = local_batch_size(global_batch, process_count)
     ds = grain.MapDataset.source(source)[process_index::process_count]
-    ds = ds.map(functools.partial(_eval_example, dataset=dataset)).batch(batch, drop_remainder=False)
+    ds = ds.map(functools.partial(_eval_example, preprocessing=eval_preprocessing(dataset)))
+    ds = ds.batch(batch, drop_remainder=False)
     options = grain.ReadOptions(num_threads=dataset.num_threads, prefetch_buffer_size=dataset.prefetch * batch)
     count = 0
     shape = None

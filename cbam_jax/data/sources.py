@@ -9,7 +9,8 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
+
+from cbam_jax.images import InputError, ensure_channels, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 DIGITS_TEST_FRACTION = 0.2
@@ -74,9 +75,11 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
 class ImageFolderSource:
     """Images in `root/CLASS_NAME/...` (any depth below the class folder); label = sorted class index.
 
-    Files without an image extension are ignored. An unreadable image raises a ValueError naming the
-    file when it is read; with `verify=True` every image is opened once up front and unreadable ones
-    are skipped with a warning instead.
+    Images are read as `cbam-jax predict` reads them (`cbam_jax.images.load_image`: EXIF orientation
+    applied, transparency over white, 16-bit scaled to 8), then converted to `channels`. Files without
+    an image extension are ignored. An unreadable image raises a ValueError naming the file when it is
+    read; with `verify=True` every image is decoded once up front and unreadable ones are skipped with
+    a warning instead.
     """
 
     def __init__(self, root: str, channels: int = 3, verify: bool = False):
@@ -85,7 +88,9 @@ class ImageFolderSource:
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not self.classes:
             raise ValueError(f"Image folder {root!r} has no class sub-folders; expected {root}/CLASS_NAME/image.jpg.")
-        self.mode = {1: "L", 3: "RGB"}[channels]
+        if channels not in (1, 3):
+            raise ValueError(f"ImageFolderSource: channels must be 1 (greyscale) or 3 (RGB); got {channels!r}.")
+        self.channels = channels
         self.files: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
             for folder, _, names in sorted(os.walk(os.path.join(root, name))):
@@ -95,11 +100,10 @@ class ImageFolderSource:
             readable = []
             for path, label in self.files:
                 try:
-                    with Image.open(path) as image:
-                        image.load()
+                    load_image(path)
                     readable.append((path, label))
-                except Exception as error:  # PIL raises many types for broken files
-                    warnings.warn(f"Skipping unreadable image {path}: {error}")
+                except InputError as error:
+                    warnings.warn(f"Skipping unreadable image {error}")
             self.files = readable
         if not self.files:
             raise ValueError(f"Image folder {root!r} has no images with extensions {IMAGE_EXTENSIONS}.")
@@ -110,9 +114,8 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> dict:
         path, label = self.files[index]
         try:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert(self.mode))
-        except Exception as error:
-            raise ValueError(f"Cannot read image {path}: {error}. Remove or replace it, or set "
+            image = load_image(path)
+        except InputError as error:
+            raise ValueError(f"Cannot read image {error} Remove or replace it, or set "
                              "config.dataset.verify_images=True to skip unreadable files with a warning.") from error
-        return {"image": array.reshape(array.shape[0], array.shape[1], -1), "label": label}
+        return {"image": ensure_channels(image, self.channels), "label": label}

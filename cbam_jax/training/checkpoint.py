@@ -6,14 +6,22 @@ iterator state: where the training stream stands) and 'meta' (JSON: the model's 
 `cbam_jax.registry.model_config`, the training config, step, best accuracy). Saves are asynchronous;
 `close()` waits for them, and orbax writes to a temporary directory then renames, so an interrupted
 save never leaves a half-written checkpoint.
+
+`Checkpoints` saves and resumes a run (all processes together); `restore_variables` reads the
+model of a finished checkpoint (latest or best) from the calling process alone, for `cbam-jax eval`
+and the export at the end of training.
 """
 
 import os
+from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 from cbam_jax.layers.common import upgrade_renamed_options
+from cbam_jax.pretrained import process_local_checkpointer
+
+LATEST_DIR, BEST_DIR = "checkpoints", "best"
 
 # Fields of model_config that describe the computation, not the architecture: a run may resume
 # with another precision, parallel mode or implementation of the same layers.
@@ -39,19 +47,19 @@ class Checkpoints:
     """The periodic and best checkpoint managers of a workdir."""
 
     def __init__(self, workdir: str, keep: int):
-        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, "latest")
-        self.best = _manager(os.path.join(workdir, "best"), 1, "best")
+        self.workdir = workdir
+        self.latest = _manager(os.path.join(workdir, LATEST_DIR), keep, "latest")
+        self.best = _manager(os.path.join(workdir, BEST_DIR), 1, "best")
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def meta(self, best: bool = False) -> dict | None:
-        """The 'meta' item of the latest (or best) checkpoint, None if there is none."""
-        manager = self.best if best else self.latest
-        step = manager.latest_step()
+    def meta(self) -> dict | None:
+        """The 'meta' item of the latest periodic checkpoint, None if there is none."""
+        step = self.latest.latest_step()
         if step is None:
             return None
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, template: Any, best: bool = False) -> tuple[Any, dict, dict]:
         """(state like `template` as host arrays, data iterator state, meta) of the latest (or best) step."""
@@ -80,6 +88,38 @@ class Checkpoints:
         for manager in (self.latest, self.best):
             manager.wait_until_finished()
             manager.close()
+
+
+def restore_variables(workdir: str | os.PathLike, which: str = "best") -> tuple[dict, dict]:
+    """The model variables {'params', 'batch_stats'} (host arrays) and the 'meta' item of the newest
+    checkpoint of `workdir`, read by the calling process alone.
+
+    `which`: 'best' (`best/`, or the latest periodic checkpoint when no best was saved) or
+    'latest' (`checkpoints/`).
+
+    Raises:
+      FileNotFoundError: the workdir has no such checkpoint.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"restore_variables: which must be 'best' or 'latest'; got {which!r}.")
+    folders = (BEST_DIR, LATEST_DIR) if which == "best" else (LATEST_DIR,)
+    for folder in folders:
+        steps = _finished_steps(Path(workdir) / folder)
+        if steps:
+            directory = Path(workdir) / folder / str(steps[-1])
+            state = process_local_checkpointer().restore(directory / "state")
+            meta = process_local_checkpointer(ocp.JsonCheckpointHandler).restore(directory / "meta")
+            return {"params": state["params"], "batch_stats": state["batch_stats"]}, meta
+    expected = " or ".join(f"{workdir}/{folder}/STEP" for folder in folders)
+    raise FileNotFoundError(f"No checkpoint in {str(workdir)!r} (expected {expected}).")
+
+
+def _finished_steps(folder: Path) -> list[int]:
+    """The saved steps in an orbax manager's folder, oldest first (temporary step folders, named
+    'STEP.orbax-checkpoint-tmp-...', are not finished)."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
 
 
 def check_architecture(saved_meta: dict, model_config: dict, workdir: str) -> None:

@@ -14,7 +14,7 @@ import ml_collections
 
 from cbam_jax.data import eval_batches, make_source
 from cbam_jax.registry import model_from_config
-from cbam_jax.training.checkpoint import Checkpoints
+from cbam_jax.training.checkpoint import restore_variables
 from cbam_jax.training.config import load_config, validate
 from cbam_jax.training.parallel import DataParallel
 
@@ -61,19 +61,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from cbam_jax.training.trainer import restore_variables  # (the trainer imports this module)
-
     if args.workdir:
-        checkpoints = Checkpoints(args.workdir, keep=1)
-        use_best = args.checkpoint == "best" and checkpoints.best.latest_step() is not None
-        meta = checkpoints.meta(best=use_best)
-        if meta is None:
-            raise FileNotFoundError(f"No checkpoint in {args.workdir!r} (expected {args.workdir}/checkpoints or /best).")
+        variables, meta = restore_variables(args.workdir, args.checkpoint)
         config = load_config(args.config) if args.config else validate(ml_collections.ConfigDict(json.loads(meta["config"])))
         model = model_from_config(meta["model_config"])
-        variables = restore_variables(checkpoints, best=use_best)
         step = meta["step"]
-        checkpoints.close()
     else:
         if not args.config:
             raise ValueError("--pretrained needs --config configs/NAME.py to say which dataset to evaluate on.")

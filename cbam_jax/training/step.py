@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from cbam_jax.images import normalize
+
 # fp16 dynamic loss scaling: start high, halve on overflow, double after this many finite steps.
 LOSS_SCALE_INIT = 2.0**15
 LOSS_SCALE_PERIOD = 2000
@@ -48,12 +50,6 @@ def state_from_variables(variables: Any, tx: optax.GradientTransformation, dynam
                       opt_state=tx.init(params),
                       loss_scale=jnp.asarray(LOSS_SCALE_INIT if dynamic_loss_scale else 1.0, jnp.float32),
                       finite_steps=jnp.zeros((), jnp.int32))
-
-
-def normalize(images: jax.Array, mean: tuple, std: tuple) -> jax.Array:
-    """uint8 (B, H, W, C) -> float32 ((x / 255) - mean) / std per channel."""
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def _all_finite(tree: Any) -> jax.Array:

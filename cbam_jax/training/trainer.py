@@ -10,13 +10,11 @@ import json
 import math
 import os
 import signal
-import sys
-import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
@@ -28,7 +26,7 @@ from cbam_jax.training import step as step_lib
 from cbam_jax.training.checkpoint import Checkpoints, check_architecture
 from cbam_jax.training.evaluate import evaluate_split
 from cbam_jax.training.export import export_pretrained
-from cbam_jax.training.metrics_log import MetricLog
+from cbam_jax.training.metrics_log import MetricLog, MetricWindow
 from cbam_jax.training.parallel import DataParallel
 
 
@@ -72,13 +70,6 @@ def init_from_pretrained(path: str, variables: dict) -> dict:
     return traverse_util.unflatten_dict(merged, sep="/")
 
 
-def restore_variables(checkpoints: Checkpoints, best: bool = False) -> dict:
-    """{'params', 'batch_stats'} of the latest (or best) checkpoint, as host arrays."""
-    manager = checkpoints.best if best else checkpoints.latest
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return {"params": restored["state"]["params"], "batch_stats": restored["state"]["batch_stats"]}
-
-
 class _Preemption:
     """SIGTERM sets a flag; the loop saves a checkpoint and stops cleanly at the next step.
 
@@ -112,19 +103,46 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+class Best(NamedTuple):
+    """The best eval accuracy so far and its step (None before the first evaluation)."""
+
+    accuracy: float = -1.0
+    step: int | None = None
+
+
+def _checkpoint_meta(run: dict, step: int, steps_per_epoch: int, best: Best) -> dict:
+    """The 'meta' item of a checkpoint: the run's model and config, where it stands, the best so far."""
+    return {**run, "step": step, "epoch": step / steps_per_epoch, "best_accuracy": best.accuracy,
+            "best_step": best.step}
+
+
+def _model_variables(state: step_lib.TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _log_train_window(step: int, window: MetricWindow, log: MetricLog, checkpoints: Checkpoints) -> None:
+    """Log the train metrics of the steps since the last call; stop on a non-finite loss before
+    anything evaluates or checkpoints the state that produced it (so the last checkpoint is good)."""
+    record = window.flush(step)
+    if record is None:
+        return
+    if not math.isfinite(record["loss"]):
+        last_good = checkpoints.latest_step()
+        raise FloatingPointError(
+            f"The training loss became {record['loss']} by step {step}. Training stopped; "
+            + (f"the last good checkpoint (step {last_good}) in {checkpoints.workdir}/checkpoints is intact. "
+               if last_good is not None else "no checkpoint was written. ")
+            + "Lower config.learning_rate, set config.grad_clip_norm, or use precision='float32'.")
+    log.write(step, "train", record)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (or resume) in `workdir`; returns the summary printed at the end.
 
     Returns:
-      {'status': 'finished'|'stopped', 'step', 'final_accuracy', 'best_accuracy', 'best_step',
-       'train_seconds', 'images_per_second', 'workdir'}.
+      {'status': 'finished'|'stopped'|'preempted', 'step', 'total_steps', 'final_accuracy',
+       'best_accuracy', 'best_step', 'train_seconds', 'first_step_seconds', 'images_per_second',
+       'workdir'} (+ 'pretrained': the exported model's directory, when finished).
 
     Raises:
       ValueError / FileNotFoundError: bad config, devices, dataset or workdir (before compiling).
@@ -137,11 +155,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     DataParallel.check_bn_group_size(config.bn_group_size, config.parallel)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     model = build_model(config)
-    arch = model_config(model)
+    run = {"model_config": model_config(model), "config": config.to_json()}
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     saved_meta = checkpoints.meta()
     if saved_meta is not None:
-        check_architecture(saved_meta, arch, workdir)
+        check_architecture(saved_meta, run["model_config"], workdir)
 
     train_source = make_source(config.dataset, config.dataset.train_split)
     eval_source = make_source(config.dataset, config.dataset.eval_split)
@@ -156,16 +174,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dynamic_loss_scale = config.precision == "float16"
     image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
 
-    rng = jax.random.key(config.seed)
-    state = jax.device_get(step_lib.create_state(model, tx, rng, image_shape, dynamic_loss_scale))
-    if config.init_from and saved_meta is None:
-        variables = init_from_pretrained(config.init_from, {"params": state.params, "batch_stats": state.batch_stats})
-        state = jax.device_get(step_lib.state_from_variables(variables, tx, dynamic_loss_scale))
-    data_state = None
-    best = {"accuracy": -1.0, "step": None}
+    # The state: fresh, resumed from the workdir, or fine-tuned from a pretrained model.
+    state = jax.device_get(step_lib.create_state(model, tx, jax.random.key(config.seed), image_shape,
+                                                 dynamic_loss_scale))
+    data_state, best = None, Best()
     if saved_meta is not None:
         state, data_state, saved_meta = checkpoints.restore(state)
-        best = {"accuracy": saved_meta["best_accuracy"], "step": saved_meta["best_step"]}
+        best = Best(saved_meta["best_accuracy"], saved_meta["best_step"])
+    elif config.init_from:
+        variables = init_from_pretrained(config.init_from, {"params": state.params, "batch_stats": state.batch_stats})
+        state = jax.device_get(step_lib.state_from_variables(variables, tx, dynamic_loss_scale))
     start_step = int(state.step)
     checkpoints.discard_best_after(start_step)
 
@@ -178,105 +196,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             dynamic_loss_scale=dynamic_loss_scale, bn_group_size=config.bn_group_size)
     placed = parallel.place_state(state)
     batches = parallel.prefetch(stream)  # its get_state() is the stream's after the last batch trained on
-    log = MetricLog(workdir, config.tensorboard)
-    is_main = jax.process_index() == 0
-    bar = _progress(total_steps, start_step, config.progress_bar and is_main)
-
-    def meta(step: int) -> dict:
-        return {"model_config": arch, "config": config.to_json(), "step": step, "epoch": step / steps_per_epoch,
-                "best_accuracy": best["accuracy"], "best_step": best["step"]}
-
-    pending, last_good_step = [], checkpoints.latest_step()
-    window_start, window_images = time.perf_counter(), 0
-    train_time, train_images = 0.0, 0
-    status, final_eval, step, compile_seconds = "finished", None, start_step, 0.0
-
-    def flush_metrics(step: int) -> None:
-        """Fetch the pending step metrics, stop on a non-finite loss, log the window."""
-        nonlocal pending, window_start, window_images, train_time, train_images
-        if not pending:
-            return
-        sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        for metrics in pending:
-            host = parallel.metrics_to_host(metrics)
-            for key in sums:
-                sums[key] += host[key]
-            loss_scale = host["loss_scale"]
-        pending = []
-        elapsed = time.perf_counter() - window_start
-        train_time += elapsed
-        train_images += window_images
-        if not math.isfinite(sums["loss_sum"]):
-            raise FloatingPointError(
-                f"The training loss became {sums['loss_sum'] / sums['count']} by step {step}. Training stopped; "
-                + (f"the last good checkpoint (step {last_good_step}) in {workdir}/checkpoints is intact. "
-                   if last_good_step is not None else "no checkpoint was written. ")
-                + "Lower config.learning_rate, set config.grad_clip_norm, or use precision='float32'.")
-        values = {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
-                  "learning_rate": float(schedule(step - 1)), "images_per_second": window_images / max(elapsed, 1e-9)}
-        if dynamic_loss_scale:
-            values["loss_scale"] = loss_scale
-        log.write(step, "train", values)
-        if bar is not None:
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
-                            lr=f"{values['learning_rate']:.3g}", img_s=f"{values['images_per_second']:.0f}")
-        window_start, window_images = time.perf_counter(), 0
-
-    def save(step: int, placed_state) -> None:
-        nonlocal last_good_step
-        flush_metrics(step)  # never checkpoint a state that has seen a NaN loss
-        checkpoints.save(step, parallel.to_host(placed_state), batches.get_state(), meta(step))
-        last_good_step = step
-
+    log = MetricLog(workdir, config.tensorboard, progress_bar=config.progress_bar, total_steps=total_steps,
+                    start_step=start_step)
+    window = MetricWindow(parallel.metrics_to_host, schedule, loss_scaled=dynamic_loss_scale)
+    status, step, final_eval, compile_seconds = "finished", start_step, None, 0.0
     try:
         with _Preemption() as preemption:
             for step in range(start_step + 1, total_steps + 1):
                 placed, metrics = parallel.train_step(placed, next(batches))
                 if step == start_step + 1:  # the first step compiles: keep it out of the throughput
-                    jax.block_until_ready(metrics)
-                    compile_seconds = time.perf_counter() - window_start
-                    window_start = time.perf_counter()
+                    compile_seconds = window.exclude_first_step(metrics)
                 else:
-                    window_images += config.batch_size
-                pending.append(metrics)
-                if bar is not None:
-                    bar.update(1)
+                    window.add(metrics, images=config.batch_size)
+                log.advance()
                 if step % config.log_every_steps == 0:
-                    flush_metrics(step)
+                    _log_train_window(step, window, log, checkpoints)
                 if step % eval_every == 0 or step == total_steps:
-                    flush_metrics(step)
-                    eval_start = time.perf_counter()
-                    final_eval = evaluate_split(parallel, {"params": placed.params, "batch_stats": placed.batch_stats},
-                                                eval_source, config.dataset, config.eval_batch_size)
-                    log.write(step, "eval", {"loss": final_eval["loss"], "accuracy": final_eval["accuracy"],
-                                             "examples": final_eval["count"], "epoch": step / steps_per_epoch})
-                    if final_eval["accuracy"] > best["accuracy"]:
-                        best = {"accuracy": final_eval["accuracy"], "step": step}
-                        checkpoints.save(step, parallel.to_host(placed), batches.get_state(), meta(step), best=True)
-                    window_start += time.perf_counter() - eval_start  # eval time is not training time
+                    _log_train_window(step, window, log, checkpoints)
+                    with window.paused():  # evaluation is not training time
+                        final_eval = evaluate_split(parallel, _model_variables(placed), eval_source, config.dataset,
+                                                    config.eval_batch_size)
+                        log.write(step, "eval", {"loss": final_eval["loss"], "accuracy": final_eval["accuracy"],
+                                                 "examples": final_eval["count"], "epoch": step / steps_per_epoch})
+                        if final_eval["accuracy"] > best.accuracy:
+                            best = Best(final_eval["accuracy"], step)
+                            checkpoints.save(step, parallel.to_host(placed), batches.get_state(),
+                                             _checkpoint_meta(run, step, steps_per_epoch, best), best=True)
                 preempted = preemption.should_stop(step)
                 stop = preempted or step == config.stop_at_step
                 if step % checkpoint_every == 0 or step == total_steps or stop:
-                    save(step, placed)
+                    _log_train_window(step, window, log, checkpoints)
+                    checkpoints.save(step, parallel.to_host(placed), batches.get_state(),
+                                     _checkpoint_meta(run, step, steps_per_epoch, best))
                 if stop:
                     status = "preempted" if preempted else "stopped"
                     break
-            flush_metrics(step)
+            _log_train_window(step, window, log, checkpoints)
             if final_eval is None and status == "finished":  # resumed a run that had already finished
-                final_eval = evaluate_split(parallel, {"params": placed.params, "batch_stats": placed.batch_stats},
-                                            eval_source, config.dataset, config.eval_batch_size)
+                final_eval = evaluate_split(parallel, _model_variables(placed), eval_source, config.dataset,
+                                            config.eval_batch_size)
     finally:
-        if bar is not None:
-            bar.close()
         checkpoints.close()
         log.close()
     summary = {"status": status, "step": step, "total_steps": total_steps,
                "final_accuracy": final_eval["accuracy"] if final_eval else None,
-               "best_accuracy": best["accuracy"] if best["step"] is not None else None, "best_step": best["step"],
-               "train_seconds": round(train_time, 2), "first_step_seconds": round(compile_seconds, 2),
-               "images_per_second": round(train_images / train_time, 1) if train_time > 0 else None,
+               "best_accuracy": best.accuracy if best.step is not None else None, "best_step": best.step,
+               "train_seconds": round(window.train_seconds, 2), "first_step_seconds": round(compile_seconds, 2),
+               "images_per_second": (round(window.train_images / window.train_seconds, 1)
+                                     if window.train_seconds > 0 else None),
                "workdir": workdir}
-    if is_main:
+    if jax.process_index() == 0:
         log.write(step, "summary", {k: v for k, v in summary.items() if k != "workdir"})
         if status == "finished":  # the best model, ready for `cbam-jax predict` / `attention`
             summary["pretrained"] = str(export_pretrained(workdir, model, config.dataset, eval_source))

@@ -9,8 +9,8 @@ softmax cross-entropy, backward, SGD with momentum, BatchNorm in training mode) 
 and of the plain ResNet of the same depth, in
 
 - cbam-jax under `jax.jit` with donation, with the CPU fast path of `cbam_jax.layers.cpu_ops`
-  ('jax': oneDNN convolutions where available), without oneDNN ('jax-nodnn') and with XLA's own
-  kernels only ('jax-xla');
+  ('jax': oneDNN convolutions and native max gradients where available), without the native kernels
+  ('jax-nodnn') and with XLA's own kernels only ('jax-xla');
 - PyTorch eager NCHW ('torch'), eager channels-last ('torch-cl') and torch.compile ('torch-compile');
   bfloat16 there is PyTorch's autocast (CPU or CUDA), beside JAX's bfloat16 activations.
 
@@ -63,7 +63,7 @@ import optax  # noqa: E402
 
 from cbam_jax.registry import create_model, parse_name  # noqa: E402
 
-# benchmark name -> (ResNet `implementation` option, oneDNN convolutions on the CPU path)
+# benchmark name -> (ResNet `implementation` option, native kernels (oneDNN) on the CPU path)
 JAX_IMPLS = {"jax": ("auto", True), "jax-nodnn": ("auto", False), "jax-xla": ("xla", False)}
 TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
 IMPLS = (*JAX_IMPLS, *TORCH_IMPLS)
@@ -265,26 +265,26 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Call
 def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
-    implementation, use_onednn = JAX_IMPLS[variant.impl]
+    implementation, use_native = JAX_IMPLS[variant.impl]
     model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
                          dtype=jnp.dtype(variant.dtype), implementation=implementation)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
-    with _onednn_convolutions(use_onednn):  # read when tracing
+    with _native_kernels(use_native):  # read when tracing
         _compile_jax(variant, model, variables, images, labels)
 
 
 @contextlib.contextmanager
-def _onednn_convolutions(enabled: bool):
-    from cbam_jax.layers import cpu_ops
+def _native_kernels(enabled: bool):
+    from cbam_jax.layers import native
 
-    saved, cpu_ops.USE_ONEDNN = cpu_ops.USE_ONEDNN, enabled and cpu_ops.USE_ONEDNN
+    saved, native.ENABLED = native.ENABLED, enabled and native.ENABLED
     try:
         yield
     finally:
-        cpu_ops.USE_ONEDNN = saved
+        native.ENABLED = saved
 
 
 def _compile_jax(variant: Variant, model: Any, variables: Any, images: jax.Array, labels: jax.Array) -> None:
@@ -448,8 +448,12 @@ def process_order(variants: Sequence[Variant], rounds: int) -> list[tuple[int, V
 
 
 def run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """Run one variant (or the matmul probe) in a fresh Python process and return what it measured."""
-    command = [sys.executable, "-m", "benchmarks.throughput", "--child", json.dumps(spec)]
+    """Run one variant (or the matmul probe) in a fresh Python process and return what it measured.
+
+    The interpreter is `spec['python']` (default: this one), so that each framework may come from
+    its own environment (e.g. JAX from a Python 3.12 venv, PyTorch from a 3.11 one).
+    """
+    command = [spec.get("python") or sys.executable, "-m", "benchmarks.throughput", "--child", json.dumps(spec)]
     result = subprocess.run(command, capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [line for line in result.stdout.splitlines() if line.startswith(CHILD_MARK)]
@@ -459,13 +463,15 @@ def run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
 
 
 def run_processes(variants: list[Variant], rounds: int, repeats: int, warmup: int, log: Callable[[str], None],
-                  env: dict[str, str], launch: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] = run_child
-                  ) -> None:
+                  env: dict[str, str], launch: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] = run_child,
+                  pythons: dict[str, str | None] | None = None) -> None:
     """Each variant in its own process, `rounds` times, alternating implementations (`process_order`);
-    fills the variants' results in place. `launch(spec, env)` runs one process."""
+    fills the variants' results in place. `launch(spec, env)` runs one process; `pythons` maps
+    'jax' / 'torch' to the interpreter of that framework's processes (None: this one)."""
     order = process_order(variants, rounds)
     for index, (round_index, variant) in enumerate(order):
-        spec = {**variant.spec(), "repeats": repeats, "warmup": warmup}
+        framework = "jax" if variant.impl in JAX_IMPLS else "torch"
+        spec = {**variant.spec(), "repeats": repeats, "warmup": warmup, "python": (pythons or {}).get(framework)}
         measured = launch(spec, env)
         variant.times += measured["times"]
         variant.round_medians.append(statistics.median(measured["times"]))
@@ -487,8 +493,8 @@ def child_main(spec: dict[str, Any]) -> int:
     """A child process: time one variant (or measure the matmul peak) and print the result as one JSON line."""
     _set_torch_threads()
     if spec.get("probe") == "matmul":
-        result = {d: max(matmul_peak_flops(d), torch_matmul_peak_flops(d) if spec["torch"] else 0.0)
-                  for d in spec["dtypes"]}
+        result = {d: max(matmul_peak_flops(d) if spec.get("jax", True) else 0.0,
+                         torch_matmul_peak_flops(d) if spec["torch"] else 0.0) for d in spec["dtypes"]}
         result["machine"] = machine()
     else:
         variant = Variant.from_spec(spec)
@@ -592,9 +598,9 @@ def machine() -> dict[str, Any]:
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
                     torch_device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     with contextlib.suppress(ImportError):
-        from cbam_jax.layers import onednn
+        from cbam_jax.layers import native
 
-        info["onednn"] = jax.default_backend() == "cpu" and onednn.available()
+        info["native_kernels"] = jax.default_backend() == "cpu" and native.available()
     return info
 
 
@@ -617,7 +623,7 @@ def markdown(report: dict[str, Any]) -> str:
            else f"all variants in one process, {report['repeats']} round-robin rounds")
     lines = [f"Machine: {m['cpu']} (lscpu flags: {' '.join(m.get('cpu_shown_flags', [])) or 'none of interest'}), "
              f"{m['cores']} cores; JAX {m['jax']} on {m['backend']} ({m['device_kind']})"
-             + (", oneDNN convolutions" if m.get("onednn") else "")
+             + (", native kernels (oneDNN)" if m.get("native_kernels") else "")
              + (f", torch {m['torch']} on {m['torch_device']} ({m['torch_threads']} CPU threads)" if "torch" in m else "")
              + f"; load average {report['load_before']} before, {report['load_after']} after; "
              f"matrix-product peak measured: {peaks}; {how}.", "",
@@ -707,6 +713,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--in-process", action="store_true",
                         help="all variants of a case in this one process, timed round-robin (the old mode)")
     parser.add_argument("--rounds", type=int, help="process rounds per variant (overrides the preset)")
+    parser.add_argument("--jax-python", help="the Python interpreter of the JAX processes (default: this one)")
+    parser.add_argument("--torch-python", help="the Python interpreter of the PyTorch processes (default: this one), "
+                        "e.g. a venv with torch while JAX runs from another")
     parser.add_argument("--repeats", type=int, help="timed calls per process, or round-robin rounds with "
                         "--in-process (overrides the preset)")
     parser.add_argument("--warmup", type=int, help="untimed calls per variant after compiling, at least 1 (overrides the preset)")
@@ -738,11 +747,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install matplotlib (or leave out --plot).")
-    if any(i in TORCH_IMPLS for i in args.impls):
+    if args.in_process and (args.jax_python or args.torch_python):
+        parser.error("--jax-python and --torch-python choose the interpreters of the processes; not with --in-process.")
+    for python in (args.jax_python, args.torch_python):
+        if python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            parser.error(f"no Python interpreter at {python!r}: give the path of an executable python.")
+    if any(i in TORCH_IMPLS for i in args.impls) and not args.torch_python:
         try:
             import torch  # noqa: F401
         except ImportError:
-            parser.error("PyTorch is not installed: install it (`make torch`) or pass --impls jax jax-xla.")
+            parser.error("PyTorch is not installed: install it (`make torch`), pass --torch-python with an "
+                         "interpreter that has it, or pass --impls jax jax-xla.")
     return args
 
 
@@ -770,8 +785,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             peak_flops = {d: max(matmul_peak_flops(d), torch_matmul_peak_flops(d) if uses_torch else 0.0)
                           for d in args.dtypes}
             info = machine()
+        elif args.torch_python and uses_torch:  # one probe per environment
+            probe = run_child({"probe": "matmul", "dtypes": args.dtypes, "torch": False, "python": args.jax_python}, env)
+            torch_probe = run_child({"probe": "matmul", "dtypes": args.dtypes, "torch": True, "jax": False,
+                                     "python": args.torch_python}, env)
+            info = probe.pop("machine")
+            torch_info = torch_probe.pop("machine")
+            info.update({k: v for k, v in torch_info.items() if k.startswith("torch")},
+                        torch_python=torch_info["python"])
+            peak_flops = {d: max(probe[d], torch_probe[d]) for d in args.dtypes}
         else:
-            probe = run_child({"probe": "matmul", "dtypes": args.dtypes, "torch": uses_torch}, env)
+            probe = run_child({"probe": "matmul", "dtypes": args.dtypes, "torch": uses_torch, "python": args.jax_python},
+                              env)
             info = probe.pop("machine")
             peak_flops = probe
         log("matrix-product peak: " + ", ".join(f"{d} {f / 1e12:.3g} TFLOP/s" for d, f in peak_flops.items()))
@@ -780,7 +805,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for case in args.cases:
                 run([v for v in variants if v.case == case], args.repeats, args.warmup, args.settle, log)
         else:
-            run_processes(variants, args.rounds, args.repeats, args.warmup, log, env)
+            run_processes(variants, args.rounds, args.repeats, args.warmup, log, env,
+                          pythons={"jax": args.jax_python, "torch": args.torch_python})
     results = [v.summary(peak_flops) for v in variants]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": info,

@@ -34,7 +34,7 @@ class CBAM(nn.Module):
       use_spatial: False keeps only the channel gate (the official `no_spatial=True`).
       bn_axis_name: mapped axis for cross-device batch statistics under pmap/shard_map.
       dtype, param_dtype: computation and parameter dtypes.
-      implementation: the spatial gate's conv and BatchNorm ('auto', 'cpu', 'xla'; see `SpatialGate`).
+      implementation: the gates' CPU kernels ('auto', 'cpu', 'xla'; see `SpatialGate`, `ChannelGate`).
       spatial_bn, kernels: deprecated names of `spatial_use_bn` and `implementation`.
     """
 
@@ -63,7 +63,8 @@ class CBAM(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply channel then spatial attention to `x` (B, H, W, C)."""
         x = ChannelGate(reduction=self.reduction, pool_types=self.pool_types, mlp_bias=self.mlp_bias,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name="channel")(x)
+                        dtype=self.dtype, param_dtype=self.param_dtype, implementation=self.implementation,
+                        name="channel")(x)
         if self.use_spatial:
             x = SpatialGate(kernel_size=self.kernel_size, pool_order=self.pool_order, use_bn=self.spatial_use_bn,
                             bn_momentum=self.spatial_bn_momentum, bn_zero_init=self.spatial_bn_zero_init,

@@ -6,7 +6,7 @@ through unvectorised variadic reductions. These replacements avoid both without 
 result beyond float rounding:
 
 - `conv_general_dilated`: oneDNN's convolutions (forward, input and kernel gradient; see
-  `cbam_jax.layers.onednn`) where oneDNN is available; otherwise the forward pass and the input
+  `cbam_jax.layers.native`) where oneDNN is available; otherwise the forward pass and the input
   gradient are XLA's own and the kernel gradient of a 1x1 convolution is one matmul,
   sum_{b,h,w} x_pad[b, s*h, s*w, :]^T g[b, h, w, :].
 - `BatchNorm`: training mode with the closed-form BatchNorm gradient, so XLA fuses the backward
@@ -19,7 +19,6 @@ per platform by `use_cpu_path`: GPUs and TPUs keep XLA's own kernels, which are 
 """
 
 import functools
-import os
 from collections.abc import Sequence
 
 import jax
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from cbam_jax.layers import onednn
+from cbam_jax.layers import native
 from cbam_jax.layers.common import Dtype, Initializer, max_over
 
 # The `implementation` option of the models: 'auto' = the CPU fast path on the CPU backend only;
@@ -43,12 +42,10 @@ Padding = tuple[tuple[int, int], ...]
 # batch 64, 32x32, 64->64), so those keep XLA's own gradient.
 MAX_MATMUL_TAPS = 1
 
-# oneDNN convolutions on the CPU backend where the library is available (`CBAM_JAX_ONEDNN=0` or
-# setting this False before tracing keeps XLA's). Measured on a 2-core Sapphire Rapids, jax 0.12,
-# float32, ms XLA -> oneDNN: forward 61 -> 46, input gradient 111 -> 55, kernel gradient 292 -> 54
-# (batch 64, 32x32, 64->64, 3x3); 1x1 256->64 at 56x56 b8 kernel gradient 240 -> 9; bfloat16
-# (AMX) 5-15x faster than XLA's in every pass.
-USE_ONEDNN = os.environ.get("CBAM_JAX_ONEDNN", "1") != "0"
+# oneDNN convolutions on the CPU backend where `native.enabled()`. Measured on a 2-core Sapphire
+# Rapids, jax 0.12, float32, ms XLA -> oneDNN: forward 61 -> 46, input gradient 111 -> 55, kernel
+# gradient 292 -> 54 (batch 64, 32x32, 64->64, 3x3); 1x1 256->64 at 56x56 b8 kernel gradient
+# 240 -> 9; bfloat16 (AMX) 5-15x faster than XLA's in every pass.
 # Convolutions with fewer output channels keep XLA's kernels: the CBAM spatial gate's 7x7 2->1
 # conv took 4-8 ms for its kernel gradient in oneDNN against 0.2 ms in XLA.
 ONEDNN_MIN_OUT_CHANNELS = 8
@@ -78,7 +75,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
     The fast paths cover 2-D NHWC/HWIO convolutions with any stride, kernel dilation and
     non-negative padding, no input dilation and no feature groups: oneDNN's (float32 or bfloat16,
-    at least `ONEDNN_MIN_OUT_CHANNELS` outputs, on the CPU backend, where `onednn.available()`),
+    at least `ONEDNN_MIN_OUT_CHANNELS` outputs, on the CPU backend, where `native.enabled()`),
     else the matmul kernel gradient for at most `MAX_MATMUL_TAPS` taps; anything else is handed to
     `lax.conv_general_dilated` unchanged. lhs (B, H, W, Cin), rhs (kh, kw, Cin, Cout) -> (B, Ho, Wo, Cout).
     """
@@ -100,15 +97,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                  and feature_group_count == 1 and batch_group_count == 1
                  and preferred_element_type is None and min(min(p) for p in padding) >= 0)
     if supported and _use_onednn(lhs, rhs):
-        return onednn.conv(lhs, rhs, tuple(window_strides), padding, dilation)
+        return native.conv(lhs, rhs, tuple(window_strides), padding, dilation)
     if not supported or rhs.shape[0] * rhs.shape[1] > MAX_MATMUL_TAPS:
         return plain()
     return _conv(lhs, rhs, tuple(window_strides), padding, dilation, precision)
 
 
 def _use_onednn(lhs: jax.Array, rhs: jax.Array) -> bool:
-    return (USE_ONEDNN and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
-            and rhs.shape[3] >= ONEDNN_MIN_OUT_CHANNELS and jax.default_backend() == "cpu" and onednn.available())
+    return (lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
+            and rhs.shape[3] >= ONEDNN_MIN_OUT_CHANNELS and jax.default_backend() == "cpu" and native.enabled())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -171,7 +168,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     for axis in (2, 1):
         size = (x.shape[axis] - window) // stride + 1
         taps = [lax.slice_in_dim(x, i, i + stride * (size - 1) + 1, stride, axis) for i in range(window)]
-        x = max_over(jnp.stack(taps), 0)
+        x = max_over(jnp.stack(taps), 0, native=True)
     return x
 
 

@@ -58,7 +58,7 @@ class SpatialGate(nn.Module):
       bn_axis_name: mapped axis for cross-device batch statistics under pmap/shard_map.
       dtype: computation dtype of the conv; pooling, BatchNorm statistics and sigmoid run in float32.
       param_dtype: parameter dtype.
-      implementation: 'auto' (the CPU fast conv and BatchNorm of `cpu_ops` on the CPU backend), 'cpu'
+      implementation: 'auto' (the CPU fast conv, BatchNorm and max gradient of `cpu_ops` on the CPU backend), 'cpu'
         or 'xla' (XLA's own kernels everywhere). Same parameters and results either way.
       kernels: deprecated name of `implementation`.
     """
@@ -87,9 +87,10 @@ class SpatialGate(nn.Module):
         check_spatial_options(self.kernel_size, self.pool_order, layer)
 
         pooled = promote_to_float32(x)
-        compressed = jnp.stack([CHANNEL_POOLS[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
-        pad = self.kernel_size // 2
         cpu_path = cpu_ops.use_cpu_path(self.implementation)
+        pools = {**CHANNEL_POOLS, "max": lambda x: max_over(x, -1, native=cpu_path)}
+        compressed = jnp.stack([pools[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
+        pad = self.kernel_size // 2
         y = nn.Conv(1, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
                     use_bias=False, kernel_init=conv_kernel_init,
                     conv_general_dilated=cpu_ops.conv_general_dilated if cpu_path else None,

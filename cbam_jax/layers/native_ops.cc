@@ -1,4 +1,6 @@
-// oneDNN 2-D convolutions (forward, input gradient, kernel gradient) as XLA:CPU FFI handlers.
+// oneDNN 2-D convolutions (forward, input gradient, kernel gradient) as XLA:CPU FFI handlers, and
+// the gradient of a max reduction sent to the first maximum (one vectorisable pass; XLA:CPU's
+// variadic argmax reduction is not vectorised).
 //
 // Layouts are JAX's: activations NHWC, kernels HWIO. Activations stay NHWC (oneDNN's JIT kernels
 // run channels-last directly, as PyTorch's channels-last path does); the kernel is reordered into
@@ -6,6 +8,9 @@
 // AVX-512 bf16 where the CPU has them), float32 accumulation. Built by cbam_jax/layers/onednn.py.
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -228,7 +233,92 @@ ffi::Error KernelGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::
   });
 }
 
+// ----------------------------------------------------------------------------- max gradient
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(uint16_t bf16) {
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// x (P, N, Q), grad (P, Q) -> out (P, N, Q): grad[p, q] at the first n maximising x[p, n, q], 0
+// elsewhere (NaN counts as the maximum, as jnp.argmax). Blocks of Q run in parallel.
+template <typename T>
+void MaxGrad(const T* x, const T* grad, T* out, int64_t P, int64_t N, int64_t Q) {
+  if (Q == 1) {  // a max over the last axis (the spatial gate's channel max): contiguous rows
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+      const T* row = x + p * N;
+      float best = ToFloat(row[0]);
+      int64_t index = 0;
+      for (int64_t n = 1; n < N; ++n) {
+        const float v = ToFloat(row[n]);
+        if (v > best || (v != v && best == best)) best = v, index = n;
+      }
+      T* out_row = out + p * N;
+      std::fill(out_row, out_row + N, T(0));
+      out_row[index] = grad[p];
+    }
+    return;
+  }
+  constexpr int64_t kBlock = 512;
+  const int64_t blocks = (Q + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < P * blocks; ++task) {
+    const int64_t p = task / blocks, q0 = (task % blocks) * kBlock, width = std::min(kBlock, Q - q0);
+    float best[kBlock];
+    int32_t index[kBlock];
+    const T* xp = x + p * N * Q + q0;
+    for (int64_t q = 0; q < width; ++q) {
+      best[q] = ToFloat(xp[q]);
+      index[q] = 0;
+    }
+    for (int64_t n = 1; n < N; ++n) {
+      const T* row = xp + n * Q;
+      for (int64_t q = 0; q < width; ++q) {
+        const float v = ToFloat(row[q]);
+        // strictly greater keeps the first maximum; a NaN wins once and stays (v > NaN is false)
+        const bool take = (v > best[q]) || (v != v && best[q] == best[q]);
+        best[q] = take ? v : best[q];
+        index[q] = take ? static_cast<int32_t>(n) : index[q];
+      }
+    }
+    T* op = out + p * N * Q + q0;
+    const T* gp = grad + p * Q + q0;
+    for (int64_t n = 0; n < N; ++n) {
+      T* row = op + n * Q;
+      for (int64_t q = 0; q < width; ++q) row[q] = index[q] == n ? gp[q] : T(0);
+    }
+  }
+}
+
+ffi::Error MaxGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer grad, ffi::Result<ffi::AnyBuffer> out) {
+  auto dims = x.dimensions();
+  if (dims.size() != 3 || grad.dimensions().size() != 2 || x.element_type() != grad.element_type() ||
+      out->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("max_grad: expected x (P, N, Q) and grad (P, Q) of one dtype");
+  }
+  const int64_t P = dims[0], N = dims[1], Q = dims[2];
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      MaxGrad(static_cast<const float*>(x.untyped_data()), static_cast<const float*>(grad.untyped_data()),
+              static_cast<float*>(out->untyped_data()), P, N, Q);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      MaxGrad(static_cast<const uint16_t*>(x.untyped_data()), static_cast<const uint16_t*>(grad.untyped_data()),
+              static_cast<uint16_t*>(out->untyped_data()), P, N, Q);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("max_grad: only float32 and bfloat16 are supported");
+  }
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxGrad, MaxGradImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 #define CONV_BINDING                                           \
   ffi::Ffi::Bind()                                             \

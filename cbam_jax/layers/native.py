@@ -1,19 +1,20 @@
-"""oneDNN convolutions on the CPU backend, called from XLA through `jax.ffi`.
+"""Native CPU kernels called from XLA through `jax.ffi`: oneDNN convolutions and a max gradient.
 
-XLA:CPU's convolution kernel gradient runs at a few to a few tens of GFLOP/s, and its bfloat16
-convolutions do not use AMX. oneDNN (the library behind PyTorch's CPU convolutions) does all three
-convolution passes at the matrix units' rate. This module compiles the small FFI shim
-`onednn_conv.cc` against the pip package `onednn-devel-cpu-gomp` (oneDNN with GNU OpenMP threads,
-a dependency of cbam-jax on Linux x86-64) on first use, caches the shared library
-(`$CBAM_JAX_CACHE_DIR` or `~/.cache/cbam-jax`), and registers three XLA:CPU custom calls.
-
-Where anything is missing (no oneDNN package, no C++ compiler, another OS or CPU, or
-`CBAM_JAX_ONEDNN=0`) `available()` is False after one warning and the models keep XLA's own
-convolutions: same results within float rounding, slower.
+XLA:CPU's convolution kernel gradient runs at a few to a few tens of GFLOP/s, its bfloat16
+convolutions do not use AMX, and it differentiates a max reduction through a variadic argmax
+reduction that it does not vectorise. This module compiles the small FFI shim `native_ops.cc`
+against the pip package `onednn-devel-cpu-gomp` (oneDNN, the library behind PyTorch's CPU
+convolutions, with GNU OpenMP threads; a dependency of cbam-jax on Linux x86-64) on first use,
+caches the shared library (`$CBAM_JAX_CACHE_DIR`, else `~/.cache/cbam-jax`), and registers its
+XLA:CPU custom calls:
 
     conv(x, kernel, strides, padding, dilation)  x (B, H, W, Cin), kernel (KH, KW, Cin, Cout) -> (B, Ho, Wo, Cout)
+        differentiable (`jax.custom_vjp`: oneDNN's forward, input gradient and kernel gradient);
+    max_grad(x, grad)  x (P, N, Q), grad (P, Q) -> (P, N, Q): grad at the first maximum along N.
 
-is differentiable (a `jax.custom_vjp` whose backward is oneDNN's input and kernel gradients).
+Where anything is missing (no oneDNN package, no C++ compiler, another OS, or
+`CBAM_JAX_NATIVE=0`) `available()` is False after one warning and the callers keep XLA's own
+kernels: same results within float rounding, slower.
 """
 
 import ctypes
@@ -34,10 +35,15 @@ import jax
 import numpy as np
 from jax import lax
 
-SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
-TARGETS = {"forward": "CbamOnednnConvForward", "input_grad": "CbamOnednnConvInputGrad",
-           "kernel_grad": "CbamOnednnConvKernelGrad"}
+SOURCE = pathlib.Path(__file__).with_name("native_ops.cc")
+# XLA custom-call target -> the shim's handler symbol
+TARGETS = {"cbam_onednn_conv_forward": "CbamOnednnConvForward", "cbam_onednn_conv_input_grad": "CbamOnednnConvInputGrad",
+           "cbam_onednn_conv_kernel_grad": "CbamOnednnConvKernelGrad", "cbam_max_grad": "CbamMaxGrad"}
 Padding = tuple[tuple[int, int], tuple[int, int]]
+
+# Set False (before tracing) to keep XLA's own kernels everywhere, e.g. to compare; the environment
+# variable CBAM_JAX_NATIVE=0 does the same for a whole process.
+ENABLED = True
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # 'ok': bool, 'library': ctypes.CDLL, 'error': str
@@ -90,13 +96,13 @@ def build() -> pathlib.Path:
     ffi_include = jax.ffi.include_dir()
     digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(), str(include).encode(),
                                         str(library).encode(), compiler.encode()])).hexdigest()[:16]
-    target = cache_dir() / f"onednn_conv-{digest}.so"
+    target = cache_dir() / f"native_ops-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}", f"-I{ffi_include}",
+    command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include}", f"-I{ffi_include}",
                str(SOURCE), f"-L{library}", "-l:libdnnl.so.3", f"-Wl,-rpath,{library}", "-o", temp]
     try:
         result = subprocess.run(command, capture_output=True, text=True)
@@ -112,20 +118,19 @@ def build() -> pathlib.Path:
 def _load() -> ctypes.CDLL:
     if sys.platform != "linux":
         raise Unavailable(f"only built on Linux (this is {sys.platform})")
-    if os.environ.get("CBAM_JAX_ONEDNN", "1") == "0":
-        raise Unavailable("disabled by CBAM_JAX_ONEDNN=0")
+    if os.environ.get("CBAM_JAX_NATIVE", "1") == "0":
+        raise Unavailable("disabled by CBAM_JAX_NATIVE=0")
     # oneDNN's OpenMP threads would otherwise spin for a while after each call, taking the cores
     # from XLA's own threads that run the elementwise work in between (before libgomp is loaded).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     library = ctypes.CDLL(str(build()))
     for name, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(f"cbam_onednn_conv_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return library
 
 
 def available() -> bool:
-    """Whether the oneDNN convolutions can run here (builds them on the first call; warns once if not)."""
+    """Whether the native kernels can run here (builds them on the first call; warns once if not)."""
     with _lock:
         if "ok" not in _state:
             try:
@@ -133,9 +138,14 @@ def available() -> bool:
                 _state["ok"] = True
             except (Unavailable, OSError) as error:
                 _state.update(ok=False, error=str(error))
-                warnings.warn(f"cbam_jax: oneDNN convolutions unavailable ({error}); using XLA's own (slower on "
-                              "the CPU, same results).", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"cbam_jax: native CPU kernels (oneDNN convolutions) unavailable ({error}); using "
+                              "XLA's own (slower on the CPU, same results).", RuntimeWarning, stacklevel=3)
         return bool(_state["ok"])
+
+
+def enabled() -> bool:
+    """`ENABLED` and `available()`: whether callers should use the native kernels now."""
+    return ENABLED and available()
 
 
 def _attrs(strides: Sequence[int], padding: Padding, dilation: Sequence[int]) -> dict[str, np.ndarray]:
@@ -187,3 +197,13 @@ def reference_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pa
     """What `conv` computes, by XLA."""
     return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def max_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
+    """The gradient of `jnp.max(x, axis=1)` sent to the first maximum: x (P, N, Q), grad (P, Q) -> (P, N, Q).
+
+    float32 or bfloat16 (grad cast to x's dtype); NaN counts as the maximum, as in `jnp.argmax`.
+    Call only where `available()` is True.
+    """
+    return jax.ffi.ffi_call("cbam_max_grad", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="sequential")(x, grad.astype(x.dtype))

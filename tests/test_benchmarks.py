@@ -165,3 +165,31 @@ def test_benchmark_runs_every_variant_in_processes_of_its_own(tmp_path):
     assert all(len(r["round_medians_s"]) == 2 for r in report["results"])
     entry, = report["ratios"]
     assert entry["jax_over_jax-xla_spread"]["n"] == 2 and entry["jax_over_jax-xla"] > 0
+
+
+def test_scaling_sweeps_and_table():
+    from benchmarks.scaling import sweep_variants, table
+
+    by_batch = sweep_variants("batch", [8, 16], [50], 224, ["jax", "torch-cl"], "float32")
+    assert [(v.case.model, v.case.batch, v.impl) for v in by_batch] == [
+        ("cbam_resnet50", 8, "jax"), ("cbam_resnet50", 8, "torch-cl"),
+        ("cbam_resnet50", 16, "jax"), ("cbam_resnet50", 16, "torch-cl")]
+    by_depth = sweep_variants("depth", [8, 16], [18, 101], 224, ["jax"], "float32")
+    assert [(v.case.model, v.case.batch) for v in by_depth] == [("cbam_resnet18", 8), ("cbam_resnet101", 8)]
+    for variant, (jax_s, torch_s) in zip(by_batch, [(2.0, 3.0), (2.0, 3.0), (4.0, 5.0), (4.0, 5.0)]):
+        variant.round_medians = [jax_s if variant.impl == "jax" else torch_s]
+        variant.compile_s, variant.peak_mib, variant.flops = 7.0, 100.0, 1e9
+    text = table([v.summary({"float32": 1e12}) for v in by_batch], "batch", ["jax", "torch-cl"])
+    assert "| 8 | 2000 (2000-2000) | 4.0 | 100 | 3000 (3000-3000) | 2.7 | 100 | 7.0 | 1.50 |" in text
+    assert "| 16 | 4000 (4000-4000) | 4.0 | 100 | 5000 (5000-5000) | 3.2 | 100 | 7.0 | 1.25 |" in text
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_runs(tmp_path):
+    from benchmarks.scaling import main as scaling_main
+
+    out = tmp_path / "scaling.json"
+    assert scaling_main(["--sweep", "depth", "--depths", "18", "--batches", "2", "--size", "32", "--impls", "jax",
+                         "--repeats", "1", "--json", str(out)]) == 0
+    row, = json.loads(out.read_text())["sweeps"]["depth"]
+    assert row["model"] == "cbam_resnet18" and row["batch"] == 2 and row["compile_s"] > 0 and len(row["pids"]) == 1

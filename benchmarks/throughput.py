@@ -128,6 +128,7 @@ class Variant:
     compile_s_all: list[float] = dataclasses.field(default_factory=list)  # one per process
     pids: list[int] = dataclasses.field(default_factory=list)  # the processes that measured it
     peak_mib: float = float("nan")
+    xla_temp_mib: float = float("nan")  # JAX: temporaries of the compiled program (XLA's buffer assignment)
     flops: float = float("nan")  # model FLOPs per call (convolutions and matrix products)
 
     @property
@@ -158,7 +159,7 @@ class Variant:
                 "images_per_s_min": self.case.batch / max(values),
                 "images_per_s_max": self.case.batch / min(values),
                 "compile_s": self.compile_s, "compile_s_all": self.compile_s_all, "pids": self.pids,
-                "peak_mib": self.peak_mib, "model_gflop": self.flops / 1e9,
+                "peak_mib": self.peak_mib, "xla_temp_mib": self.xla_temp_mib, "model_gflop": self.flops / 1e9,
                 "gflops_per_s": self.flops / median / 1e9,
                 "mfu": self.flops / median / peak_flops[self.dtype]}
 
@@ -304,10 +305,12 @@ def _compile_jax(variant: Variant, model: Any, variables: Any, images: jax.Array
 
         variant.step = step
     variant.compile_s = time.perf_counter() - start
-    if jax.default_backend() != "cpu":
-        memory = compiled.memory_analysis()
-        variant.peak_mib = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        variant.xla_temp_mib = memory.temp_size_in_bytes / 2**20
+        if jax.default_backend() != "cpu":
+            variant.peak_mib = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -368,7 +371,10 @@ def setup_torch(variant: Variant) -> None:
             synchronize()
 
     start = time.perf_counter()
-    step()
+    if device == "cpu":  # the first step's memory growth (see peak_rss_mib), as for JAX's first call
+        variant.peak_mib = peak_rss_mib(step)
+    else:
+        step()
     variant.compile_s = time.perf_counter() - start
     variant.step = step
     if device == "cuda":
@@ -405,14 +411,21 @@ def peak_rss_mib(call: Callable[[], None], interval_s: float = 0.002) -> float:
 
 
 def _prepare(variant: Variant, warmup: int) -> None:
-    """Set up (compile) and warm up one variant; the last warm-up call measures memory."""
-    (setup_jax if variant.impl in JAX_IMPLS else setup_torch)(variant)
+    """Set up (compile) and warm up one variant.
+
+    On the CPU the memory is the RSS growth during the variant's first step (PyTorch: its first
+    call, in the setup; JAX: the first call after compiling): later steps reuse what the first
+    one made resident (glibc keeps PyTorch's freed tensors, XLA:CPU frees its temporaries after
+    each call), so growth during a later call compares unlike things. Meaningful in a fresh
+    process (the default mode); with --in-process earlier variants' memory may be reused.
+    """
+    is_jax = variant.impl in JAX_IMPLS
+    (setup_jax if is_jax else setup_torch)(variant)
     variant.flops = model_flops(variant.case, variant.arch, variant.mode)
-    for _ in range(warmup - 1):
-        variant.step()
-    if jax.default_backend() == "cpu":
-        variant.peak_mib = peak_rss_mib(variant.step)  # the last (or only) untimed call
-    else:  # device memory was measured in the setup
+    if is_jax and jax.default_backend() == "cpu":
+        variant.peak_mib = peak_rss_mib(variant.step)
+        warmup -= 1
+    for _ in range(warmup):
         variant.step()
 
 
@@ -480,6 +493,7 @@ def run_processes(variants: list[Variant], rounds: int, repeats: int, warmup: in
         variant.peak_mib = max(measured["peak_mib"], variant.peak_mib) if variant.round_medians[:-1] \
             else measured["peak_mib"]
         variant.flops = measured["flops"]
+        variant.xla_temp_mib = measured.get("xla_temp_mib", float("nan"))
         variant.pids.append(measured["pid"])
         log(f"[{index + 1}/{len(order)}] round {round_index + 1} {variant.impl:13s} {variant.arch:5s} "
             f"{variant.mode:5s} {variant.dtype:8s} {variant.case.name}: "
@@ -504,7 +518,8 @@ def child_main(spec: dict[str, Any]) -> int:
             variant.step()
             variant.times.append(time.perf_counter() - start)
         result = {"times": variant.times, "compile_s": variant.compile_s, "peak_mib": variant.peak_mib,
-                  "flops": variant.flops, "load": os.getloadavg()[0], "pid": os.getpid()}
+                  "xla_temp_mib": variant.xla_temp_mib, "flops": variant.flops, "load": os.getloadavg()[0],
+                  "pid": os.getpid()}
     print(CHILD_MARK + json.dumps(result), flush=True)
     return 0
 

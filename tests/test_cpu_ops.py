@@ -86,6 +86,9 @@ def test_onednn_is_available_on_linux_x86_64():
     if sys.platform != "linux" or platform.machine() != "x86_64":
         pytest.skip("oneDNN convolutions are built on Linux x86-64 only")
     assert native.available(), native._state.get("error")
+    with open("/proc/cpuinfo") as f:
+        if "avx512_bf16" in f.read():  # oneDNN's bfloat16 convolutions need AVX-512 at least
+            assert native.bfloat16_convolutions()
 
 
 @pytest.mark.parametrize("kernel_shape, strides, padding, dilation", ONEDNN_CASES)
@@ -107,8 +110,8 @@ def test_onednn_conv_matches_xla_values_and_gradients(kernel_shape, strides, pad
 def test_onednn_bfloat16_conv_matches_float32_within_bfloat16_rounding(kernel_shape, strides, padding, dilation):
     """bfloat16 in and out (AMX where the CPU has it), float32 accumulation: within a few bfloat16
     ulps (2^-8 relative) of the float32 result from the same bfloat16 inputs."""
-    if not native.available():
-        pytest.skip("oneDNN unavailable here")
+    if not native.bfloat16_convolutions():
+        pytest.skip("no oneDNN bfloat16 convolutions on this CPU")
     x, kernel = _random((4, 9, 9, kernel_shape[2]), 0, jnp.bfloat16), _random(kernel_shape, 1, jnp.bfloat16)
     out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
                                                                 dimension_numbers=NHWC)).shape

@@ -74,7 +74,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     """`lax.conv_general_dilated` by oneDNN or with the matmul kernel gradient (pass as `nn.Conv(conv_general_dilated=...)`).
 
     The fast paths cover 2-D NHWC/HWIO convolutions with any stride, kernel dilation and
-    non-negative padding, no input dilation and no feature groups: oneDNN's (float32 or bfloat16,
+    non-negative padding, no input dilation and no feature groups: oneDNN's (float32, or bfloat16
+    where the CPU has oneDNN's bfloat16 kernels,
     at least `ONEDNN_MIN_OUT_CHANNELS` outputs, on the CPU backend, where `native.enabled()`),
     else the matmul kernel gradient for at most `MAX_MATMUL_TAPS` taps; anything else is handed to
     `lax.conv_general_dilated` unchanged. lhs (B, H, W, Cin), rhs (kh, kw, Cin, Cout) -> (B, Ho, Wo, Cout).
@@ -105,7 +106,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
 def _use_onednn(lhs: jax.Array, rhs: jax.Array) -> bool:
     return (lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
-            and rhs.shape[3] >= ONEDNN_MIN_OUT_CHANNELS and jax.default_backend() == "cpu" and native.enabled())
+            and rhs.shape[3] >= ONEDNN_MIN_OUT_CHANNELS and jax.default_backend() == "cpu" and native.enabled()
+            and (lhs.dtype == jnp.float32 or native.bfloat16_convolutions()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

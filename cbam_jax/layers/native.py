@@ -149,6 +149,16 @@ def enabled() -> bool:
     return ENABLED and available()
 
 
+def bfloat16_convolutions() -> bool:
+    """Whether oneDNN has bfloat16 convolutions on this CPU (AVX-512 and newer; not on AVX2-only CPUs)."""
+    if not available():
+        return False
+    with _lock:
+        if "bf16" not in _state:
+            _state["bf16"] = bool(_state["library"].CbamOnednnBf16Supported())
+        return bool(_state["bf16"])
+
+
 def _attrs(strides: Sequence[int], padding: Padding, dilation: Sequence[int]) -> dict[str, np.ndarray]:
     return {"strides": np.asarray(strides, np.int64), "dilation": np.asarray(dilation, np.int64),
             "padding": np.asarray([p for pair in padding for p in pair], np.int64)}

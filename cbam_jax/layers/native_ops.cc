@@ -330,6 +330,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxGrad, MaxGradImpl,
       .Attr<ffi::Span<const int64_t>>("padding")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamOnednnConvForward, ForwardImpl, CONV_BINDING);
+
+// 1 if oneDNN has bfloat16 convolutions on this CPU (AVX-512 and newer), else 0: a small forward
+// and backward-data primitive descriptor either exists or not.
+extern "C" int CbamOnednnBf16Supported() {
+  try {
+    auto& engine = Engine();
+    memory::dims src = {1, 16, 8, 8}, kernel = {16, 16, 3, 3}, one = {1, 1}, zero = {0, 0};
+    memory::desc src_md(src, memory::data_type::bf16, tag::nhwc), dst_md(src, memory::data_type::bf16, tag::nhwc);
+    memory::desc kernel_md(kernel, memory::data_type::bf16, tag::any);
+    dnnl::convolution_forward::primitive_desc fwd(engine, dnnl::prop_kind::forward_training,
+                                                  dnnl::algorithm::convolution_direct, src_md, kernel_md, dst_md,
+                                                  one, zero, one, one);
+    dnnl::convolution_backward_data::primitive_desc bwd(engine, dnnl::algorithm::convolution_direct, src_md,
+                                                        kernel_md, dst_md, one, zero, one, one, fwd);
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamOnednnConvInputGrad, InputGradImpl, CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamOnednnConvKernelGrad, KernelGradImpl, CONV_BINDING);
 

@@ -1,6 +1,6 @@
 """Images/s of cbam-jax (jit) and the same networks in PyTorch, each framework in its own processes.
 
-    python -m benchmarks.throughput --quick            # ~12 min on 2 CPU cores
+    python -m benchmarks.throughput --quick            # ~15 min on 2 idle CPU cores (estimate)
     python -m benchmarks.throughput --plot bench.png   # the full preset (torch.compile, bf16, XLA baseline)
     python -m benchmarks.throughput --quick --in-process   # the old way: every variant in one process
 
@@ -715,7 +715,7 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick preset (~12 min on 2 cores): "
+    parser.add_argument("--quick", action="store_true", help="the quick preset (~15 min on 2 idle cores (estimate)): "
                         + ", ".join(PRESETS["quick"]["cases"]) + "; float32; jax, torch, torch-cl")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="cases, impls, dtypes, rounds: 'full' (default), 'quick' (= --quick), 'gpu' (large batches)")

@@ -1,20 +1,29 @@
-"""Images/s of cbam-jax (jit) and the same networks in PyTorch, measured in one process.
+"""Images/s of cbam-jax (jit) and the same networks in PyTorch, each framework in its own processes.
 
-    python -m benchmarks.throughput --quick            # < ~5 min on 2 CPU cores
+    python -m benchmarks.throughput --quick            # ~15 min on 2 idle CPU cores (estimate)
     python -m benchmarks.throughput --plot bench.png   # the full preset (torch.compile, bf16, XLA baseline)
+    python -m benchmarks.throughput --quick --in-process   # the old way: every variant in one process
 
 For every case (model, input size, batch) it times inference and a full training step (forward,
 softmax cross-entropy, backward, SGD with momentum, BatchNorm in training mode) of the CBAM-ResNet
 and of the plain ResNet of the same depth, in
 
-- cbam-jax under `jax.jit`, with the CPU fast path of `cbam_jax.layers.cpu_ops` ('jax') and, for
-  the before/after comparison, with XLA's own kernels only ('jax-xla');
-- PyTorch eager NCHW ('torch'), eager channels-last ('torch-cl') and torch.compile ('torch-compile').
+- cbam-jax under `jax.jit` with donation, with the CPU fast path of `cbam_jax.layers.cpu_ops`
+  ('jax': oneDNN convolutions and native max gradients where available), without the native kernels
+  ('jax-nodnn') and with XLA's own kernels only ('jax-xla');
+- PyTorch eager NCHW ('torch'), eager channels-last ('torch-cl') and torch.compile ('torch-compile');
+  bfloat16 there is PyTorch's autocast (CPU or CUDA), beside JAX's bfloat16 activations.
 
-On a GPU both frameworks run on it (PyTorch through CUDA) and the report adds model FLOPs
-utilisation (MFU). Variants are compiled and warmed up first, then timed round-robin (one call of each variant per
-round, the order rotated every round) so that the load of a shared machine hits all of them alike;
-the tables give the median over rounds and the min-max range. Compilation (JAX: lower + compile;
+By default (how a user runs them) every variant runs in a process of its own, one after the other,
+for several rounds: in each round the implementations of the same (case, net, mode, dtype)
+alternate, and their order is reversed every other round (A B, B A, A B, ...), so slow drifts of
+a shared machine's load hit both sides alike. Each process compiles, warms up and times `--repeats`
+calls; a round's value is their median. Reported: the median over rounds with the min-max range,
+and the ratio of cbam-jax over each other implementation computed per round, with its median,
+min-max and interquartile range over the rounds. `--in-process` runs every variant of a case in
+one process instead, round-robin (one call of each variant per round, the order rotated).
+
+Compilation (JAX: lower + compile, from the run's own persistent cache after the first round;
 PyTorch: the first call) is reported separately and never counted as throughput. Memory on the CPU
 is the peak resident set size above the resting level during the last warm-up call, sampled every
 2 ms by a thread (psutil), because XLA's buffers are invisible to tracemalloc; on a GPU it is
@@ -23,7 +32,8 @@ device memory (XLA's buffer assignment for the compiled program; PyTorch's alloc
 Model FLOPs count the convolutions and matrix products of the forward pass (1 multiply-add = 2
 FLOPs; a training step = 3x the forward); MFU divides model FLOP/s by the dense matrix-product
 rate measured in the same run for that dtype on that device (the faster of `jnp.dot` and
-`torch.mm` on square matrices of 4096 (CPU) or 8192 (GPU)).
+`torch.mm` on square matrices of 4096 (CPU) or 8192 (GPU)). Every table names the CPU (lscpu's
+model name and its vector/matrix flags).
 """
 
 import argparse
@@ -35,6 +45,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -52,7 +63,8 @@ import optax  # noqa: E402
 
 from cbam_jax.registry import create_model, parse_name  # noqa: E402
 
-JAX_IMPLS = {"jax": "auto", "jax-xla": "xla"}  # benchmark name -> ResNet `implementation` option
+# benchmark name -> (ResNet `implementation` option, native kernels (oneDNN) on the CPU path)
+JAX_IMPLS = {"jax": ("auto", True), "jax-nodnn": ("auto", False), "jax-xla": ("xla", False)}
 TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
 IMPLS = (*JAX_IMPLS, *TORCH_IMPLS)
 NUM_CLASSES = {"imagenet": 1000, "cifar": 10}
@@ -90,13 +102,13 @@ class Case:
 
 PRESETS = {
     "quick": {"cases": ["cbam_resnet50:224:8", "cbam_resnet18:32:64:cifar"], "impls": ["jax", "torch", "torch-cl"],
-              "dtypes": ["float32"], "repeats": 3, "warmup": 1},
+              "dtypes": ["float32"], "repeats": 3, "warmup": 1, "rounds": 3},
     "full": {"cases": ["cbam_resnet50:224:32", "cbam_resnet18:32:64:cifar"], "impls": list(IMPLS),
-             "dtypes": ["float32", "bfloat16"], "repeats": 7, "warmup": 2},
+             "dtypes": ["float32", "bfloat16"], "repeats": 5, "warmup": 2, "rounds": 3},
     # Batches that fill a data-centre GPU (ResNet-50 at 256 in both frameworks at once overflowed an
     # 80 GB H100); jax-xla equals jax there (the CPU path is off).
     "gpu": {"cases": ["cbam_resnet50:224:128", "cbam_resnet18:32:512:cifar"], "impls": ["jax", "torch", "torch-cl"],
-            "dtypes": ["float32", "bfloat16"], "repeats": 10, "warmup": 3},
+            "dtypes": ["float32", "bfloat16"], "repeats": 10, "warmup": 3, "rounds": 2},
 }
 
 
@@ -110,25 +122,44 @@ class Variant:
     dtype: str
     impl: str
     step: Callable[[], None] | None = None
-    compile_s: float = float("nan")
-    times: list[float] = dataclasses.field(default_factory=list)
+    compile_s: float = float("nan")  # the first (cold) compile
+    times: list[float] = dataclasses.field(default_factory=list)  # every timed call
+    round_medians: list[float] = dataclasses.field(default_factory=list)  # one per process round
+    compile_s_all: list[float] = dataclasses.field(default_factory=list)  # one per process
+    pids: list[int] = dataclasses.field(default_factory=list)  # the processes that measured it
     peak_mib: float = float("nan")
+    xla_temp_mib: float = float("nan")  # JAX: temporaries of the compiled program (XLA's buffer assignment)
     flops: float = float("nan")  # model FLOPs per call (convolutions and matrix products)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
         return (self.case.name, self.arch, self.mode, self.dtype)
 
+    def spec(self) -> dict[str, Any]:
+        """What a child process needs to rebuild the variant."""
+        return {"case": dataclasses.asdict(self.case), "arch": self.arch, "mode": self.mode, "dtype": self.dtype,
+                "impl": self.impl}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "Variant":
+        return cls(Case(**spec["case"]), spec["arch"], spec["mode"], spec["dtype"], spec["impl"])
+
     def summary(self, peak_flops: dict[str, float]) -> dict[str, Any]:
-        """The variant's results; `peak_flops` maps a dtype to the measured matrix-product FLOP/s."""
-        median = statistics.median(self.times)
+        """The variant's results; `peak_flops` maps a dtype to the measured matrix-product FLOP/s.
+
+        With process rounds the step time is the median of the rounds' medians and min-max spans
+        the rounds' medians; in one process, the median and range of the timed calls.
+        """
+        values = self.round_medians or self.times
+        median = statistics.median(values)
         return {"case": self.case.name, "model": self.model_name, "size": self.case.size, "batch": self.case.batch,
                 "arch": self.arch, "mode": self.mode, "dtype": self.dtype, "impl": self.impl,
-                "step_s_median": median, "step_s_all": self.times,
+                "step_s_median": median, "step_s_all": self.times, "round_medians_s": self.round_medians,
                 "images_per_s": self.case.batch / median,
-                "images_per_s_min": self.case.batch / max(self.times),
-                "images_per_s_max": self.case.batch / min(self.times),
-                "compile_s": self.compile_s, "peak_mib": self.peak_mib, "model_gflop": self.flops / 1e9,
+                "images_per_s_min": self.case.batch / max(values),
+                "images_per_s_max": self.case.batch / min(values),
+                "compile_s": self.compile_s, "compile_s_all": self.compile_s_all, "pids": self.pids,
+                "peak_mib": self.peak_mib, "xla_temp_mib": self.xla_temp_mib, "model_gflop": self.flops / 1e9,
                 "gflops_per_s": self.flops / median / 1e9,
                 "mfu": self.flops / median / peak_flops[self.dtype]}
 
@@ -235,12 +266,29 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Call
 def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
+    implementation, use_native = JAX_IMPLS[variant.impl]
     model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
-                         dtype=jnp.dtype(variant.dtype), implementation=JAX_IMPLS[variant.impl])
+                         dtype=jnp.dtype(variant.dtype), implementation=implementation)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    with _native_kernels(use_native):  # read when tracing
+        _compile_jax(variant, model, variables, images, labels)
+
+
+@contextlib.contextmanager
+def _native_kernels(enabled: bool):
+    from cbam_jax.layers import native
+
+    saved, native.ENABLED = native.ENABLED, enabled and native.ENABLED
+    try:
+        yield
+    finally:
+        native.ENABLED = saved
+
+
+def _compile_jax(variant: Variant, model: Any, variables: Any, images: jax.Array, labels: jax.Array) -> None:
     start = time.perf_counter()
     if variant.mode == "infer":
         compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images).compile()
@@ -257,10 +305,12 @@ def setup_jax(variant: Variant) -> None:
 
         variant.step = step
     variant.compile_s = time.perf_counter() - start
-    if jax.default_backend() != "cpu":
-        memory = compiled.memory_analysis()
-        variant.peak_mib = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        variant.xla_temp_mib = memory.temp_size_in_bytes / 2**20
+        if jax.default_backend() != "cpu":
+            variant.peak_mib = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -321,7 +371,10 @@ def setup_torch(variant: Variant) -> None:
             synchronize()
 
     start = time.perf_counter()
-    step()
+    if device == "cpu":  # the first step's memory growth (see peak_rss_mib), as for JAX's first call
+        variant.peak_mib = peak_rss_mib(step)
+    else:
+        step()
     variant.compile_s = time.perf_counter() - start
     variant.step = step
     if device == "cuda":
@@ -357,19 +410,33 @@ def peak_rss_mib(call: Callable[[], None], interval_s: float = 0.002) -> float:
     return (max(peak[0], process.memory_info().rss) - base) / 2**20
 
 
+def _prepare(variant: Variant, warmup: int) -> None:
+    """Set up (compile) and warm up one variant.
+
+    On the CPU the memory is the RSS growth during the variant's first step (PyTorch: its first
+    call, in the setup; JAX: the first call after compiling): later steps reuse what the first
+    one made resident (glibc keeps PyTorch's freed tensors, XLA:CPU frees its temporaries after
+    each call), so growth during a later call compares unlike things. Meaningful in a fresh
+    process (the default mode); with --in-process earlier variants' memory may be reused.
+    """
+    is_jax = variant.impl in JAX_IMPLS
+    (setup_jax if is_jax else setup_torch)(variant)
+    variant.flops = model_flops(variant.case, variant.arch, variant.mode)
+    if is_jax and jax.default_backend() == "cpu":
+        variant.peak_mib = peak_rss_mib(variant.step)
+        warmup -= 1
+    for _ in range(warmup):
+        variant.step()
+
+
 def run(variants: list[Variant], repeats: int, warmup: int, settle_s: float, log: Callable[[str], None]) -> None:
-    """Set up, warm up and time `variants` round-robin, pausing `settle_s` before each timed call; fills their
-    results in place."""
+    """In one process: set up, warm up and time `variants` round-robin, pausing `settle_s` before each timed
+    call; fills their results in place."""
     for variant in variants:
         log(f"setup {variant.impl:13s} {variant.arch:5s} {variant.mode:5s} {variant.dtype:8s} {variant.case.name}")
-        (setup_jax if variant.impl in JAX_IMPLS else setup_torch)(variant)
-        variant.flops = model_flops(variant.case, variant.arch, variant.mode)
-        for _ in range(warmup - 1):
-            variant.step()
-        if jax.default_backend() == "cpu":
-            variant.peak_mib = peak_rss_mib(variant.step)  # the last (or only) untimed call
-        else:  # device memory was measured in the setup
-            variant.step()
+        _prepare(variant, warmup)
+        variant.compile_s_all.append(variant.compile_s)
+        variant.pids.append(os.getpid())
     for round_index in range(repeats):
         shift = round_index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
@@ -380,19 +447,128 @@ def run(variants: list[Variant], repeats: int, warmup: int, settle_s: float, log
         log(f"round {round_index + 1}/{repeats} done")
 
 
+def process_order(variants: Sequence[Variant], rounds: int) -> list[tuple[int, Variant]]:
+    """(round, variant) in the order the processes run: per round, each (case, net, mode, dtype) group's
+    implementations back to back, in the given order in even rounds and reversed in odd ones."""
+    groups: dict[tuple, list[Variant]] = {}
+    for variant in variants:
+        groups.setdefault(variant.key, []).append(variant)
+    order = []
+    for round_index in range(rounds):
+        for group in groups.values():
+            order += [(round_index, v) for v in (group if round_index % 2 == 0 else group[::-1])]
+    return order
+
+
+def run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Run one variant (or the matmul probe) in a fresh Python process and return what it measured.
+
+    The interpreter is `spec['python']` (default: this one), so that each framework may come from
+    its own environment (e.g. JAX from a Python 3.12 venv, PyTorch from a 3.11 one).
+    """
+    command = [spec.get("python") or sys.executable, "-m", "benchmarks.throughput", "--child", json.dumps(spec)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [line for line in result.stdout.splitlines() if line.startswith(CHILD_MARK)]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark child {spec} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len(CHILD_MARK):])
+
+
+def run_processes(variants: list[Variant], rounds: int, repeats: int, warmup: int, log: Callable[[str], None],
+                  env: dict[str, str], launch: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] = run_child,
+                  pythons: dict[str, str | None] | None = None) -> None:
+    """Each variant in its own process, `rounds` times, alternating implementations (`process_order`);
+    fills the variants' results in place. `launch(spec, env)` runs one process; `pythons` maps
+    'jax' / 'torch' to the interpreter of that framework's processes (None: this one)."""
+    order = process_order(variants, rounds)
+    for index, (round_index, variant) in enumerate(order):
+        framework = "jax" if variant.impl in JAX_IMPLS else "torch"
+        spec = {**variant.spec(), "repeats": repeats, "warmup": warmup, "python": (pythons or {}).get(framework)}
+        measured = launch(spec, env)
+        variant.times += measured["times"]
+        variant.round_medians.append(statistics.median(measured["times"]))
+        variant.compile_s_all.append(measured["compile_s"])
+        variant.compile_s = variant.compile_s_all[0]
+        variant.peak_mib = max(measured["peak_mib"], variant.peak_mib) if variant.round_medians[:-1] \
+            else measured["peak_mib"]
+        variant.flops = measured["flops"]
+        variant.xla_temp_mib = measured.get("xla_temp_mib", float("nan"))
+        variant.pids.append(measured["pid"])
+        log(f"[{index + 1}/{len(order)}] round {round_index + 1} {variant.impl:13s} {variant.arch:5s} "
+            f"{variant.mode:5s} {variant.dtype:8s} {variant.case.name}: "
+            f"{1000 * variant.round_medians[-1]:.0f} ms (load {os.getloadavg()[0]:.1f})")
+
+
+CHILD_MARK = "BENCHMARK-RESULT "
+
+
+def child_main(spec: dict[str, Any]) -> int:
+    """A child process: time one variant (or measure the matmul peak) and print the result as one JSON line."""
+    _set_torch_threads()
+    if spec.get("probe") == "matmul":
+        result = {d: max(matmul_peak_flops(d) if spec.get("jax", True) else 0.0,
+                         torch_matmul_peak_flops(d) if spec["torch"] else 0.0) for d in spec["dtypes"]}
+        result["machine"] = machine()
+    else:
+        variant = Variant.from_spec(spec)
+        _prepare(variant, spec["warmup"])
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            variant.step()
+            variant.times.append(time.perf_counter() - start)
+        result = {"times": variant.times, "compile_s": variant.compile_s, "peak_mib": variant.peak_mib,
+                  "xla_temp_mib": variant.xla_temp_mib, "flops": variant.flops, "load": os.getloadavg()[0],
+                  "pid": os.getpid()}
+    print(CHILD_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+def _set_torch_threads() -> None:
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores, as XLA uses
+        torch.backends.cudnn.benchmark = True  # pick the fastest convolution algorithms, as XLA autotunes
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min, max and the interquartile range (q1, q3: linear interpolation, as numpy's default) of `values`."""
+    q1, median, q3 = np.percentile(np.asarray(values, float), [25, 50, 75])
+    return {"median": float(median), "min": float(min(values)), "max": float(max(values)),
+            "q1": float(q1), "q3": float(q3), "n": len(values)}
+
+
+def round_ratios(numerator_s: Sequence[float], denominator_s: Sequence[float]) -> list[float]:
+    """Per-round speed ratios: the other side's step time over this side's (= this side's images/s over
+    the other's), round by round."""
+    return [other / this for this, other in zip(numerator_s, denominator_s)]
+
+
 def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """cbam-jax images/s over each PyTorch implementation's, and each implementation's CBAM cost."""
+    """cbam-jax images/s over each other implementation's, and each implementation's CBAM cost.
+
+    Where both sides ran the same number (> 1) of process rounds, `jax_over_X` is the median of the
+    per-round ratios (each round's two processes ran back to back) and `jax_over_X_spread` their
+    `spread`; otherwise `jax_over_X` is the ratio of the two medians.
+    """
     by_key = {(r["case"], r["arch"], r["mode"], r["dtype"], r["impl"]): r for r in rows}
     out = []
     for (case, arch, mode, dtype, impl), row in by_key.items():
         entry = {"case": case, "arch": arch, "mode": mode, "dtype": dtype, "impl": impl}
         if impl == "jax":
-            for other in (*TORCH_IMPLS, "jax-xla"):
-                if (case, arch, mode, dtype, other) in by_key:
-                    entry[f"jax_over_{other}"] = row["images_per_s"] / by_key[case, arch, mode, dtype, other]["images_per_s"]
+            for other in (*TORCH_IMPLS, "jax-nodnn", "jax-xla"):
+                theirs = by_key.get((case, arch, mode, dtype, other))
+                if theirs is None:
+                    continue
+                entry[f"jax_over_{other}"] = row["images_per_s"] / theirs["images_per_s"]
+                mine_rounds, their_rounds = row.get("round_medians_s") or [], theirs.get("round_medians_s") or []
+                if len(mine_rounds) == len(their_rounds) > 1:
+                    entry[f"jax_over_{other}_spread"] = spread(round_ratios(mine_rounds, their_rounds))
+                    entry[f"jax_over_{other}"] = entry[f"jax_over_{other}_spread"]["median"]
         if arch == "cbam" and (case, "plain", mode, dtype, impl) in by_key:
             entry["cbam_cost"] = row["step_s_median"] / by_key[case, "plain", mode, dtype, impl]["step_s_median"]
         if len(entry) > 5:
@@ -400,15 +576,34 @@ def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# lscpu flags worth showing beside a CPU table: vector width and the bf16/int8 matrix units.
+SHOWN_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                   "amx_int8")
+
+
+def cpu_description() -> dict[str, Any]:
+    """lscpu's model name and flags (from /proc/cpuinfo where lscpu is missing)."""
+    fields = {}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        output = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in output.splitlines())}
+    if "Model name" not in fields:
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in f) if k.strip()}
+            fields = {"Model name": info.get("model name", ""), "Flags": info.get("flags", "")}
+    flags = fields.get("Flags", "").split()
+    return {"model": fields.get("Model name") or platform.processor() or platform.machine(), "flags": flags,
+            "shown_flags": [f for f in SHOWN_CPU_FLAGS if f in flags]}
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     import psutil
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    cpu = cpu_description()
+    info = {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cpu_shown_flags": cpu["shown_flags"],
+            "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "device_kind": jax.devices()[0].device_kind,
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
@@ -417,32 +612,53 @@ def machine() -> dict[str, Any]:
 
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
                     torch_device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    with contextlib.suppress(ImportError):
+        from cbam_jax.layers import native
+
+        info["native_kernels"] = jax.default_backend() == "cpu" and native.available()
     return info
+
+
+def _ratio_cell(entry: dict[str, Any], column: str) -> str:
+    if column not in entry:
+        return ""
+    cell = f"{entry[column]:.2f}"
+    if f"{column}_spread" in entry:
+        s = entry[f"{column}_spread"]
+        cell += f" ({s['min']:.2f}-{s['max']:.2f}; IQR {s['q1']:.2f}-{s['q3']:.2f})"
+    return cell
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (throughput, then ratios)."""
     m = report["machine"]
     peaks = ", ".join(f"{d} {f:.3g} TFLOP/s" for d, f in report["matmul_peak_tflops"].items())
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores; JAX {m['jax']} on {m['backend']} ({m['device_kind']})"
+    how = (f"each variant in its own process, {report['rounds']} rounds alternating implementations, "
+           f"{report['repeats']} timed calls per process" if report["mode"] == "processes"
+           else f"all variants in one process, {report['repeats']} round-robin rounds")
+    lines = [f"Machine: {m['cpu']} (lscpu flags: {' '.join(m.get('cpu_shown_flags', [])) or 'none of interest'}), "
+             f"{m['cores']} cores; JAX {m['jax']} on {m['backend']} ({m['device_kind']})"
+             + (", native kernels (oneDNN)" if m.get("native_kernels") else "")
              + (f", torch {m['torch']} on {m['torch_device']} ({m['torch_threads']} CPU threads)" if "torch" in m else "")
              + f"; load average {report['load_before']} before, {report['load_after']} after; "
-             f"matrix-product peak measured: {peaks}.", "",
+             f"matrix-product peak measured: {peaks}; {how}.", "",
              "| case | net | mode | dtype | impl | images/s (median) | min-max | step ms | model GFLOP/s | MFU | "
              "compile/first s | peak MiB |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        lines.append(f"| {r['case']} | {r['arch']} | {r['mode']} | {r['dtype']} | {r['impl']} | "
+        impl = r["impl"] + (" (autocast)" if r["dtype"] == "bfloat16" and r["impl"] in TORCH_IMPLS else "")
+        lines.append(f"| {r['case']} | {r['arch']} | {r['mode']} | {r['dtype']} | {impl} | "
                      f"{r['images_per_s']:.1f} | {r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f} | "
                      f"{1000 * r['step_s_median']:.0f} | {r['gflops_per_s']:.0f} | {100 * r['mfu']:.0f}% | {r['compile_s']:.1f} | "
                      f"{r['peak_mib']:.0f} |")
-    columns = [c for c in (*(f"jax_over_{i}" for i in (*TORCH_IMPLS, "jax-xla")), "cbam_cost")
+    columns = [c for c in (*(f"jax_over_{i}" for i in (*TORCH_IMPLS, "jax-nodnn", "jax-xla")), "cbam_cost")
                if any(c in e for e in report["ratios"])]
     if columns:
-        lines += ["", "| case | net | mode | dtype | impl | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+        lines += ["", "Ratios: median over rounds (per-round min-max; interquartile range).", "",
+                  "| case | net | mode | dtype | impl | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
                   "|---|---|---|---|---|" + "---:|" * len(columns)]
         for e in report["ratios"]:
-            cells = [f"{e[c]:.2f}" if c in e else "" for c in columns]
+            cells = [_ratio_cell(e, c) for c in columns]
             lines.append(f"| {e['case']} | {e['arch']} | {e['mode']} | {e['dtype']} | {e['impl']} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -499,7 +715,7 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick preset (< ~5 min on 2 cores): "
+    parser.add_argument("--quick", action="store_true", help="the quick preset (~15 min on 2 idle cores (estimate)): "
                         + ", ".join(PRESETS["quick"]["cases"]) + "; float32; jax, torch, torch-cl")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="cases, impls, dtypes, rounds: 'full' (default), 'quick' (= --quick), 'gpu' (large batches)")
@@ -507,25 +723,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (overrides the preset)")
     parser.add_argument("--nets", nargs="+", choices=("cbam", "plain"), default=["cbam", "plain"])
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
-    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), help="(overrides the preset)")
-    parser.add_argument("--repeats", type=int, help="timed rounds (overrides the preset)")
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"),
+                        help="(overrides the preset); PyTorch's bfloat16 is autocast")
+    parser.add_argument("--in-process", action="store_true",
+                        help="all variants of a case in this one process, timed round-robin (the old mode)")
+    parser.add_argument("--rounds", type=int, help="process rounds per variant (overrides the preset)")
+    parser.add_argument("--jax-python", help="the Python interpreter of the JAX processes (default: this one)")
+    parser.add_argument("--torch-python", help="the Python interpreter of the PyTorch processes (default: this one), "
+                        "e.g. a venv with torch while JAX runs from another")
+    parser.add_argument("--repeats", type=int, help="timed calls per process, or round-robin rounds with "
+                        "--in-process (overrides the preset)")
     parser.add_argument("--warmup", type=int, help="untimed calls per variant after compiling, at least 1 (overrides the preset)")
-    parser.add_argument("--settle", type=float, help="seconds to pause before each timed call (default: 0.5 on "
-                        "the CPU, where PyTorch's OpenMP threads keep spinning after a call and slow the next one "
-                        "down, JAX's by up to 2x; 0 on accelerators)")
+    parser.add_argument("--settle", type=float, help="with --in-process: seconds to pause before each timed call "
+                        "(default: 0.5 on the CPU, where PyTorch's OpenMP threads keep spinning after a call and slow "
+                        "the next one down, JAX's by up to 2x; 0 on accelerators)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the JSON report")
     parser.add_argument("--markdown", help="also write the Markdown tables to this file")
     parser.add_argument("--plot", help="write a PNG bar chart of images/s to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        return args
     preset = PRESETS["quick" if args.quick else args.preset]
     args.cases = args.cases or [Case.parse(c) for c in preset["cases"]]
-    for field in ("impls", "dtypes", "repeats", "warmup"):
+    for field in ("impls", "dtypes", "repeats", "warmup", "rounds"):
         if getattr(args, field) is None:
             setattr(args, field, preset[field])
     if args.settle is None:
-        args.settle = 0.5 if jax.default_backend() == "cpu" else 0.0
-    if args.repeats < 1 or args.warmup < 1:
-        parser.error("--repeats and --warmup must be >= 1 (the last warm-up call measures memory).")
+        args.settle = 0.5 if args.in_process and jax.default_backend() == "cpu" else 0.0
+    if args.repeats < 1 or args.warmup < 1 or args.rounds < 1:
+        parser.error("--rounds, --repeats and --warmup must be >= 1 (the last warm-up call measures memory).")
     try:
         import psutil  # noqa: F401
     except ImportError:
@@ -535,41 +762,70 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install matplotlib (or leave out --plot).")
-    if any(i in TORCH_IMPLS for i in args.impls):
+    if args.in_process and (args.jax_python or args.torch_python):
+        parser.error("--jax-python and --torch-python choose the interpreters of the processes; not with --in-process.")
+    for python in (args.jax_python, args.torch_python):
+        if python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            parser.error(f"no Python interpreter at {python!r}: give the path of an executable python.")
+    if any(i in TORCH_IMPLS for i in args.impls) and not args.torch_python:
         try:
             import torch  # noqa: F401
         except ImportError:
-            parser.error("PyTorch is not installed: install it (`make torch`) or pass --impls jax jax-xla.")
+            parser.error("PyTorch is not installed: install it (`make torch`), pass --torch-python with an "
+                         "interpreter that has it, or pass --impls jax jax-xla.")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
     start = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
 
-    with contextlib.suppress(ImportError):
-        import torch
-
-        torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores, as XLA uses
-        torch.backends.cudnn.benchmark = True  # pick the fastest convolution algorithms, as XLA autotunes
-    # The machine's peak: the faster of the two frameworks' large matrix products.
     uses_torch = any(i in TORCH_IMPLS for i in args.impls)
-    peak_flops = {dtype: max(matmul_peak_flops(dtype), torch_matmul_peak_flops(dtype) if uses_torch else 0.0)
-                  for dtype in args.dtypes}
-    log("matrix-product peak: " + ", ".join(f"{d} {f / 1e12:.3g} TFLOP/s" for d, f in peak_flops.items()))
     variants = [Variant(case, arch, mode, dtype, impl)
                 for case in args.cases for dtype in args.dtypes for mode in args.modes
                 for arch in args.nets for impl in args.impls]
     load_before = os.getloadavg()
-    # One case at a time keeps memory bounded; variants within a case are interleaved.
-    for case in args.cases:
-        run([v for v in variants if v.case == case], args.repeats, args.warmup, args.settle, log)
+    with tempfile.TemporaryDirectory(prefix="cbam-jax-bench-cache-") as cache_dir:
+        # Later rounds' JAX processes load the program from the run's own persistent cache, as a
+        # user's second run would; the compile time reported is the first (cold) one.
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", cache_dir)}
+        if args.in_process:
+            _set_torch_threads()
+            # The machine's peak: the faster of the two frameworks' large matrix products.
+            peak_flops = {d: max(matmul_peak_flops(d), torch_matmul_peak_flops(d) if uses_torch else 0.0)
+                          for d in args.dtypes}
+            info = machine()
+        elif args.torch_python and uses_torch:  # one probe per environment
+            probe = run_child({"probe": "matmul", "dtypes": args.dtypes, "torch": False, "python": args.jax_python}, env)
+            torch_probe = run_child({"probe": "matmul", "dtypes": args.dtypes, "torch": True, "jax": False,
+                                     "python": args.torch_python}, env)
+            info = probe.pop("machine")
+            torch_info = torch_probe.pop("machine")
+            info.update({k: v for k, v in torch_info.items() if k.startswith("torch")},
+                        torch_python=torch_info["python"])
+            peak_flops = {d: max(probe[d], torch_probe[d]) for d in args.dtypes}
+        else:
+            probe = run_child({"probe": "matmul", "dtypes": args.dtypes, "torch": uses_torch, "python": args.jax_python},
+                              env)
+            info = probe.pop("machine")
+            peak_flops = probe
+        log("matrix-product peak: " + ", ".join(f"{d} {f / 1e12:.3g} TFLOP/s" for d, f in peak_flops.items()))
+        if args.in_process:
+            # One case at a time keeps memory bounded; variants within a case are interleaved.
+            for case in args.cases:
+                run([v for v in variants if v.case == case], args.repeats, args.warmup, args.settle, log)
+        else:
+            run_processes(variants, args.rounds, args.repeats, args.warmup, log, env,
+                          pythons={"jax": args.jax_python, "torch": args.torch_python})
     results = [v.summary(peak_flops) for v in variants]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "machine": machine(),
+              "command": " ".join(sys.argv), "machine": info,
+              "mode": "in-process" if args.in_process else "processes", "rounds": args.rounds,
               "load_before": [round(x, 2) for x in load_before],
               "load_after": [round(x, 2) for x in os.getloadavg()],
               "repeats": args.repeats, "warmup": args.warmup, "settle_s": args.settle,

@@ -1,13 +1,27 @@
 """The benchmark's PyTorch twins are the same networks as cbam-jax's; its report arithmetic."""
 
 import argparse
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.throughput import Case, model_flops, ratios
+from benchmarks.throughput import (
+    Case,
+    Variant,
+    cpu_description,
+    markdown,
+    model_flops,
+    process_order,
+    ratios,
+    round_ratios,
+    run_processes,
+    spread,
+)
+from benchmarks.throughput import main as throughput_main
 from cbam_jax.registry import create_model
 
 
@@ -59,3 +73,123 @@ def test_model_flops_match_published_counts(model, giga_macs):
     assert model_flops(case, "plain", "infer") == pytest.approx(2 * 2 * giga_macs * 1e9, rel=2e-3)
     assert model_flops(case, "plain", "train") == pytest.approx(3 * model_flops(case, "plain", "infer"))
     assert model_flops(case, "cbam", "infer") > model_flops(case, "plain", "infer")
+
+
+def test_spread_gives_median_range_and_interquartile_range():
+    s = spread([1.0, 4.0, 2.0, 3.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 4.0, 4)
+    assert (s["q1"], s["q3"]) == pytest.approx((1.75, 3.25))  # linear interpolation between order statistics
+
+
+def test_round_ratios_pair_rounds():
+    """This side 2 s and 4 s, the other 3 s and 2 s: this side is 1.5x and 0.5x as fast, round by round."""
+    assert round_ratios([2.0, 4.0], [3.0, 2.0]) == pytest.approx([1.5, 0.5])
+
+
+def test_ratios_are_medians_of_per_round_ratios_with_their_spread():
+    def row(impl, rounds):
+        return {"case": "c", "arch": "cbam", "mode": "train", "dtype": "float32", "impl": impl,
+                "round_medians_s": rounds, "step_s_median": float(np.median(rounds)),
+                "images_per_s": 8 / float(np.median(rounds))}
+
+    # per-round ratios 3/2, 2/4, 6/3 = 1.5, 0.5, 2.0: median 1.5, whereas the ratio of medians is 3/3 = 1
+    entry, = ratios([row("jax", [2.0, 4.0, 3.0]), row("torch-cl", [3.0, 2.0, 6.0])])
+    assert entry["jax_over_torch-cl"] == pytest.approx(1.5)
+    assert entry["jax_over_torch-cl_spread"]["min"] == pytest.approx(0.5)
+    assert entry["jax_over_torch-cl_spread"]["max"] == pytest.approx(2.0)
+    assert entry["jax_over_torch-cl_spread"]["n"] == 3
+    single, = ratios([row("jax", [2.0]), row("torch-cl", [3.0])])  # one round: the plain ratio, no spread
+    assert single["jax_over_torch-cl"] == pytest.approx(1.5) and "jax_over_torch-cl_spread" not in single
+
+
+def _variants(impls, archs=("cbam",)):
+    case = Case("cbam_resnet18", 16, 2, "cifar")
+    return [Variant(case, arch, "train", "float32", impl) for arch in archs for impl in impls]
+
+
+def test_process_order_alternates_implementations_and_reverses_every_other_round():
+    order = process_order(_variants(["jax", "torch-cl"], archs=("cbam", "plain")), rounds=3)
+    names = [(r, v.arch, v.impl) for r, v in order]
+    assert names == [(0, "cbam", "jax"), (0, "cbam", "torch-cl"), (0, "plain", "jax"), (0, "plain", "torch-cl"),
+                     (1, "cbam", "torch-cl"), (1, "cbam", "jax"), (1, "plain", "torch-cl"), (1, "plain", "jax"),
+                     (2, "cbam", "jax"), (2, "cbam", "torch-cl"), (2, "plain", "jax"), (2, "plain", "torch-cl")]
+
+
+def test_run_processes_collects_one_median_per_round():
+    launched = []
+
+    def launch(spec, env):  # a fake child: jax takes 1 s per call in round 1, 3 s later; torch 2 s
+        launched.append(spec["impl"])
+        seconds = 2.0 if spec["impl"] == "torch-cl" else (1.0 if launched.count("jax") == 1 else 3.0)
+        return {"times": [seconds, seconds + 0.5, seconds - 0.5][:spec["repeats"]], "compile_s": len(launched),
+                "peak_mib": 10.0 * len(launched), "flops": 1e9, "pid": 1000 + len(launched)}
+
+    variants = _variants(["jax", "torch-cl"])
+    run_processes(variants, rounds=2, repeats=3, warmup=1, log=lambda message: None, env={}, launch=launch)
+    jax_variant, torch_variant = variants
+    assert launched == ["jax", "torch-cl", "torch-cl", "jax"]
+    assert jax_variant.round_medians == [1.0, 3.0] and torch_variant.round_medians == [2.0, 2.0]
+    assert len(jax_variant.times) == 6 and jax_variant.pids == [1001, 1004]
+    assert jax_variant.compile_s == 1 and jax_variant.compile_s_all == [1, 4]  # the cold compile is reported
+    assert jax_variant.peak_mib == 40.0  # the largest of its processes
+    entry, = ratios([v.summary({"float32": 1e12}) for v in variants])
+    assert entry["jax_over_torch-cl_spread"]["min"] == pytest.approx(2 / 3)
+    assert entry["jax_over_torch-cl_spread"]["max"] == pytest.approx(2.0)
+
+
+def test_markdown_names_the_cpu_and_its_flags():
+    report = {"machine": {"cpu": "Test CPU 9000", "cpu_shown_flags": ["avx512f", "amx_bf16"], "cores": 2,
+                          "jax": "0", "backend": "cpu", "device_kind": "cpu"},
+              "matmul_peak_tflops": {"float32": 0.2}, "mode": "processes", "rounds": 3, "repeats": 3,
+              "load_before": [1.0], "load_after": [1.0], "results": [], "ratios": []}
+    assert "Test CPU 9000 (lscpu flags: avx512f amx_bf16)" in markdown(report)
+    assert "3 rounds alternating" in markdown(report)
+
+
+def test_cpu_description_reads_model_and_flags():
+    cpu = cpu_description()
+    assert cpu["model"] and set(cpu["shown_flags"]) <= set(cpu["flags"])
+
+
+@pytest.mark.slow
+def test_benchmark_runs_every_variant_in_processes_of_its_own(tmp_path):
+    """The real thing on a tiny network: two implementations, two rounds, four child processes."""
+    report_path = tmp_path / "report.json"
+    assert throughput_main(["--cases", "cbam_resnet18:8:2:cifar", "--impls", "jax", "jax-xla", "--nets", "cbam",
+                            "--modes", "train", "--dtypes", "float32", "--rounds", "2", "--repeats", "1",
+                            "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "processes" and report["machine"]["cpu"]
+    pids = [pid for r in report["results"] for pid in r["pids"]]
+    assert len(pids) == len(set(pids)) == 4 and os.getpid() not in pids
+    assert all(len(r["round_medians_s"]) == 2 for r in report["results"])
+    entry, = report["ratios"]
+    assert entry["jax_over_jax-xla_spread"]["n"] == 2 and entry["jax_over_jax-xla"] > 0
+
+
+def test_scaling_sweeps_and_table():
+    from benchmarks.scaling import sweep_variants, table
+
+    by_batch = sweep_variants("batch", [8, 16], [50], 224, ["jax", "torch-cl"], "float32")
+    assert [(v.case.model, v.case.batch, v.impl) for v in by_batch] == [
+        ("cbam_resnet50", 8, "jax"), ("cbam_resnet50", 8, "torch-cl"),
+        ("cbam_resnet50", 16, "jax"), ("cbam_resnet50", 16, "torch-cl")]
+    by_depth = sweep_variants("depth", [8, 16], [18, 101], 224, ["jax"], "float32")
+    assert [(v.case.model, v.case.batch) for v in by_depth] == [("cbam_resnet18", 8), ("cbam_resnet101", 8)]
+    for variant, (jax_s, torch_s) in zip(by_batch, [(2.0, 3.0), (2.0, 3.0), (4.0, 5.0), (4.0, 5.0)]):
+        variant.round_medians = [jax_s if variant.impl == "jax" else torch_s]
+        variant.compile_s, variant.peak_mib, variant.flops = 7.0, 100.0, 1e9
+    text = table([v.summary({"float32": 1e12}) for v in by_batch], "batch", ["jax", "torch-cl"])
+    assert "| 8 | 2000 (2000-2000) | 4.0 | 100 | 3000 (3000-3000) | 2.7 | 100 | 7.0 | 1.50 |" in text
+    assert "| 16 | 4000 (4000-4000) | 4.0 | 100 | 5000 (5000-5000) | 3.2 | 100 | 7.0 | 1.25 |" in text
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_runs(tmp_path):
+    from benchmarks.scaling import main as scaling_main
+
+    out = tmp_path / "scaling.json"
+    assert scaling_main(["--sweep", "depth", "--depths", "18", "--batches", "2", "--size", "32", "--impls", "jax",
+                         "--repeats", "1", "--json", str(out)]) == 0
+    row, = json.loads(out.read_text())["sweeps"]["depth"]
+    assert row["model"] == "cbam_resnet18" and row["batch"] == 2 and row["compile_s"] > 0 and len(row["pids"]) == 1

@@ -1,6 +1,8 @@
 """The CPU fast path (cbam_jax.layers.cpu_ops) gives the plain path's values and gradients."""
 
 import functools
+import platform
+import sys
 import warnings
 
 import jax
@@ -10,7 +12,8 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from cbam_jax.layers import CBAM, SpatialGate, cpu_ops
+from cbam_jax.layers import CBAM, SpatialGate, cpu_ops, native
+from cbam_jax.layers.common import max_over
 from cbam_jax.registry import create_model, model_config, model_from_config
 from cbam_jax.resnet import ResNet
 
@@ -42,6 +45,7 @@ def _assert_trees_close(actual, expected, rtol, atol):
 ])
 def test_conv_matches_lax_conv_and_its_gradients(kernel_shape, strides, padding, dilation, monkeypatch):
     monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 49)  # the matmul kernel gradient for every kernel size
+    monkeypatch.setattr(native, "ENABLED", False)
     x, kernel = _random((3, 11, 10, kernel_shape[2]), 0), _random(kernel_shape, 1)
 
     def loss(conv, x, kernel):
@@ -54,6 +58,121 @@ def test_conv_matches_lax_conv_and_its_gradients(kernel_shape, strides, padding,
                                                        argnums=(0, 1), has_aux=True))(x, kernel)
     np.testing.assert_allclose(y_fast, y_ref, rtol=1e-6, atol=1e-6)
     _assert_trees_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+ONEDNN_CASES = [
+    ((3, 3, 5, 8), (1, 1), ((1, 1), (1, 1)), (1, 1)),    # BasicBlock conv
+    ((3, 3, 6, 8), (2, 2), ((1, 1), (1, 1)), (1, 1)),    # strided 3x3
+    ((1, 1, 5, 16), (2, 2), ((0, 0), (0, 0)), (1, 1)),   # downsample 1x1/2
+    ((1, 1, 16, 8), (1, 1), ((0, 0), (0, 0)), (1, 1)),   # bottleneck 1x1
+    ((7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), (1, 1)),    # ImageNet stem
+    ((3, 3, 5, 8), (1, 1), ((2, 2), (2, 2)), (2, 2)),    # dilated (BAM)
+    ((2, 3, 5, 9), (1, 2), ((0, 1), (2, 0)), (1, 1)),    # uneven kernel, stride and padding
+]
+
+
+def _conv_loss_and_grads(conv, x, kernel, strides, padding, dilation):
+    def loss(x, kernel):
+        y = conv(x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+        y32 = y.astype(jnp.float32)
+        return jnp.sum(y32 * jnp.cos(y32)), y  # a non-linear loss: the cotangent varies per element
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
+
+
+def test_onednn_is_available_on_linux_x86_64():
+    """cbam-jax depends on the oneDNN pip package there and builds the shim on first use: a silent
+    fallback to XLA's convolutions would only show as a slow benchmark."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("oneDNN convolutions are built on Linux x86-64 only")
+    assert native.available(), native._state.get("error")
+    with open("/proc/cpuinfo") as f:
+        if "avx512_bf16" in f.read():  # oneDNN's bfloat16 convolutions need AVX-512 at least
+            assert native.bfloat16_convolutions()
+
+
+@pytest.mark.parametrize("kernel_shape, strides, padding, dilation", ONEDNN_CASES)
+def test_onednn_conv_matches_xla_values_and_gradients(kernel_shape, strides, padding, dilation):
+    if not native.available():
+        pytest.skip("oneDNN unavailable here (test_onednn_is_available_on_linux_x86_64 says why)")
+    x, kernel = _random((3, 11, 10, kernel_shape[2]), 0), _random(kernel_shape, 1)
+    (_, y_fast), grads_fast = _conv_loss_and_grads(cpu_ops.conv_general_dilated, x, kernel, strides, padding, dilation)
+    (_, y_ref), grads_ref = _conv_loss_and_grads(lax.conv_general_dilated, x, kernel, strides, padding, dilation)
+    jaxpr = str(jax.make_jaxpr(lambda x, k: cpu_ops.conv_general_dilated(x, k, strides, padding,
+                                                                          rhs_dilation=dilation,
+                                                                          dimension_numbers=NHWC))(x, kernel))
+    assert "cbam_onednn_conv_forward" in jaxpr  # the oneDNN path was taken
+    np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_shape, strides, padding, dilation", ONEDNN_CASES[:3])
+def test_onednn_bfloat16_conv_matches_float32_within_bfloat16_rounding(kernel_shape, strides, padding, dilation):
+    """bfloat16 in and out (AMX where the CPU has it), float32 accumulation: within a few bfloat16
+    ulps (2^-8 relative) of the float32 result from the same bfloat16 inputs."""
+    if not native.bfloat16_convolutions():
+        pytest.skip("no oneDNN bfloat16 convolutions on this CPU")
+    x, kernel = _random((4, 9, 9, kernel_shape[2]), 0, jnp.bfloat16), _random(kernel_shape, 1, jnp.bfloat16)
+    out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                                                dimension_numbers=NHWC)).shape
+    weights = _random(out_shape, 2, jnp.bfloat16)  # the output's cotangent, exact in bfloat16
+
+    def value_and_grads(conv, x, kernel):
+        def loss(x, kernel):
+            y = conv(x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+            return jnp.sum(y.astype(jnp.float32) * weights.astype(jnp.float32)), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
+        return y, *grads
+
+    fast = value_and_grads(cpu_ops.conv_general_dilated, x, kernel)
+    ref = value_and_grads(lax.conv_general_dilated, x.astype(jnp.float32), kernel.astype(jnp.float32))
+    assert all(a.dtype == jnp.bfloat16 for a in fast)
+    _assert_trees_close(tuple(a.astype(jnp.float32) for a in fast), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_onednn_conv_under_vmap():
+    if not native.available():
+        pytest.skip("oneDNN unavailable here")
+    x, kernel = _random((2, 3, 6, 6, 4), 0), _random((3, 3, 4, 8), 1)
+    conv = lambda f, x: f(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    np.testing.assert_allclose(jax.vmap(lambda x: conv(cpu_ops.conv_general_dilated, x))(x),
+                               jax.vmap(lambda x: conv(lax.conv_general_dilated, x))(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_unavailable_falls_back_to_xla_with_one_warning(monkeypatch, tmp_path):
+    """A failing build (here: a compiler that fails) warns once; the convolution is XLA's own."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CBAM_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    x, kernel = _random((2, 6, 6, 4), 0), _random((3, 3, 4, 8), 1)
+    conv = lambda: cpu_ops.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels") as caught:
+        first, second = conv(), conv()
+    assert len(caught) == 1
+    assert "failed" in native._state["error"] and not list(tmp_path.glob("*.so"))  # no half-built library left
+    np.testing.assert_allclose(first, lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                                               dimension_numbers=NHWC), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("shape, axis, dtype", [
+    ((3, 5, 4, 700), (1, 2), jnp.float32),    # channel gate: over H, W; more channels than one 512 block
+    ((2, 4, 3, 9), -1, jnp.float32),          # spatial gate: over C
+    ((3, 2, 5, 6), 0, jnp.bfloat16),          # the stem max pool's stacked taps
+])
+def test_native_max_gradient_equals_xla_argmax_gradient(shape, axis, dtype):
+    """Ties everywhere (small integers): both send each gradient to the first maximum, exactly."""
+    if not native.available():
+        pytest.skip("native kernels unavailable here")
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape), dtype)
+    weights = _random(jax.eval_shape(lambda: jnp.max(x, axis)).shape, 1, dtype)
+
+    def grad(use_native):
+        return jax.jit(jax.grad(lambda x: jnp.sum((max_over(x, axis, native=use_native) * weights).astype(jnp.float32))))(x)
+
+    assert "cbam_max_grad" in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(max_over(x, axis, native=True))))(x))
+    np.testing.assert_array_equal(np.asarray(grad(True), np.float32), np.asarray(grad(False), np.float32))
 
 
 def test_conv_hands_unsupported_settings_to_lax():

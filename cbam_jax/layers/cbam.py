@@ -64,7 +64,7 @@ class CBAM(nn.Module):
       use_spatial: False keeps only the channel gate (the official `no_spatial=True`).
       bn_axis_name: mapped axis for cross-device batch statistics under pmap/shard_map.
       dtype, param_dtype: computation and parameter dtypes.
-      implementation: the spatial gate's conv and BatchNorm ('auto', 'cpu', 'xla'; see `SpatialGate`).
+      implementation: the gates' CPU kernels ('auto', 'cpu', 'xla'; see `SpatialGate`, `ChannelGate`).
       arrangement: 'channel_first' (the paper's CBAM), 'spatial_first' or 'parallel' (module
         docstring); no effect without the spatial gate. Same parameters in all three.
       spatial_descriptor: the spatial gate's `descriptor`: 'pool' (max and mean over channels, the
@@ -103,7 +103,8 @@ class CBAM(nn.Module):
         check_arrangement(self.arrangement, layer)
         check_spatial_options(self.kernel_size, self.pool_order, layer, self.spatial_descriptor, prefix="spatial_")
         channel = ChannelGate(reduction=self.reduction, pool_types=self.pool_types, mlp_bias=self.mlp_bias,
-                              dtype=self.dtype, param_dtype=self.param_dtype, name="channel")
+                              dtype=self.dtype, param_dtype=self.param_dtype, implementation=self.implementation,
+                              name="channel")
         if not self.use_spatial:
             return channel(x)
         spatial = SpatialGate(kernel_size=self.kernel_size, pool_order=self.pool_order, use_bn=self.spatial_use_bn,

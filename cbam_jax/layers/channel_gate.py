@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cbam_jax.layers import cpu_ops
 from cbam_jax.layers.common import (
     Dtype,
     Initializer,
@@ -57,6 +58,8 @@ class ChannelGate(nn.Module):
       kernel_init: MLP weight initialiser (default: PyTorch's nn.Linear default, as the official code).
       dtype: computation dtype of the MLP; the pools and the sigmoid run in at least float32.
       param_dtype: parameter dtype.
+      implementation: 'auto' (on the CPU backend the max pool's gradient is a native kernel, see
+        `cpu_ops`), 'cpu' or 'xla'. Same results either way.
     """
 
     reduction: int = 16
@@ -65,6 +68,7 @@ class ChannelGate(nn.Module):
     kernel_init: Initializer = torch_default_kernel_init
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_logits: bool = False) -> jax.Array:
@@ -82,7 +86,9 @@ class ChannelGate(nn.Module):
         hidden = hidden_width(channels, self.reduction, layer)
 
         pooled = promote_to_float32(x)
-        descriptors = jnp.stack([SPATIAL_POOLS[p](pooled) for p in self.pool_types])  # (P, B, C)
+        native = cpu_ops.use_cpu_path(self.implementation)
+        pools = {**SPATIAL_POOLS, "max": lambda x: max_over(x, (1, 2), native=native)}
+        descriptors = jnp.stack([pools[p](pooled) for p in self.pool_types])  # (P, B, C)
         dense = functools.partial(nn.Dense, use_bias=self.mlp_bias, kernel_init=self.kernel_init,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
         hidden_act = nn.relu(dense(hidden, name="fc1")(descriptors))

@@ -103,7 +103,7 @@ def promote_to_float32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def max_over(x: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
+def max_over(x: jax.Array, axis: int | tuple[int, ...], native: bool = False) -> jax.Array:
     """`jnp.max(x, axis)` over adjacent axes whose gradient goes to the first maximum only, as PyTorch's max pools.
 
     The forward pass is XLA's plain max reduction, so inference pays nothing extra. The gradient
@@ -113,25 +113,35 @@ def max_over(x: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
     0.10.2 and 0.12: up to 60% off, training only; an optimisation barrier before the max did not
     prevent it on jax 0.10.2). Here the backward pass takes the argmax of the input (the first
     maximum in row-major order over the reduced axes) in one reduction and needs no equality test.
+    With `native` (the CPU path) that backward pass is one vectorised native kernel
+    (`cbam_jax.layers.native.max_grad`) where it is available: XLA:CPU does not vectorise the
+    argmax reduction.
     """
     axes = tuple(sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)))
     if axes != tuple(range(axes[0], axes[0] + len(axes))):
         raise ValueError(f"max_over reduces adjacent axes only (merged by a free reshape); got {axis!r} for rank {x.ndim}.")
-    return _max_first(x, axes)
+    return _max_first(x, axes, native)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_first(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_first(x: jax.Array, axes: tuple[int, ...], native: bool) -> jax.Array:
     return jnp.max(x, axes)
 
 
-def _max_first_fwd(x, axes):
+def _max_first_fwd(x, axes, native):
     return jnp.max(x, axes), x
 
 
-def _max_first_bwd(axes, x, grad):
+def _max_first_bwd(axes, native, x, grad):
     # The reduced axes merged into one, the argmax along it, the gradient sent there.
     merged = axes[0]
+    if native and x.dtype in (jnp.float32, jnp.bfloat16) and jax.default_backend() == "cpu":
+        from cbam_jax.layers import native as native_kernels  # the layers package imports this module
+
+        if native_kernels.enabled():
+            prefix = int(np.prod(x.shape[:merged]))
+            flat = x.reshape(prefix, -1, int(np.prod(x.shape[axes[-1] + 1:])))
+            return (native_kernels.max_grad(flat, grad.reshape(flat.shape[0], flat.shape[2])).reshape(x.shape),)
     flat = x.reshape(x.shape[:merged] + (-1,) + x.shape[axes[-1] + 1:])
     first = jnp.argmax(flat, axis=merged, keepdims=True)
     position = jax.lax.broadcasted_iota(first.dtype, flat.shape, merged)

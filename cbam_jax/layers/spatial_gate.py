@@ -85,7 +85,7 @@ class SpatialGate(nn.Module):
       bn_axis_name: mapped axis for cross-device batch statistics under pmap/shard_map.
       dtype: computation dtype of the conv; pooling, BatchNorm statistics and sigmoid run in float32.
       param_dtype: parameter dtype.
-      implementation: 'auto' (the CPU fast conv and BatchNorm of `cpu_ops` on the CPU backend), 'cpu'
+      implementation: 'auto' (the CPU fast conv, BatchNorm and max gradient of `cpu_ops` on the CPU backend), 'cpu'
         or 'xla' (XLA's own kernels everywhere). Same parameters and results either way.
       descriptor: 'pool' (max and mean over channels, the paper's CBAM) or 'conv1x1' (a learned
         1x1 conv C -> 1, no bias, params `compress/kernel` (1, 1, C, 1); the paper's Sec. 4.1
@@ -128,7 +128,8 @@ class SpatialGate(nn.Module):
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         if self.descriptor == "pool":
             pooled = promote_to_float32(x)
-            compressed = jnp.stack([CHANNEL_POOLS[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
+            pools = {**CHANNEL_POOLS, "max": lambda x: max_over(x, -1, native=cpu_path)}
+            compressed = jnp.stack([pools[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
         else:
             compressed = conv(kernel_size=(1, 1), kernel_init=torch_default_kernel_init, name="compress")(x)
         pad = self.kernel_size // 2

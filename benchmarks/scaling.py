@@ -1,0 +1,155 @@
+"""How the cost of a training step grows with batch size and depth, cbam-jax against PyTorch (CPU).
+
+    python -m benchmarks.scaling                    # both sweeps below, jax and torch-cl, float32
+    python -m benchmarks.scaling --sweep batch --batches 8 16 --depths 50 --impls jax   # a smaller run
+
+Two sweeps of CBAM-ResNet training steps (224px, ImageNet stem): batch 8, 16, 32, 64 at depth 50,
+and depth 18, 34, 50, 101, 152 at batch 8. Every point runs in its own processes through
+`benchmarks.throughput` (implementations alternated over `--rounds`, `--repeats` timed calls per
+process), so the numbers mean what they mean there: step time is the median over rounds of each
+process's median, peak MiB the resident memory above the resting level during a warm-up step,
+compile s the JAX lower + compile of the step in a fresh process (no persistent cache hit: every
+point is a new program). The report (JSON + Markdown) names the CPU and its flags.
+
+Expected duration on an idle 2-core machine (jax, torch-cl, 1 round): about 25 min for both
+sweeps, most of it in batch 64 and ResNet-152.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.throughput import (
+    IMPLS,
+    TORCH_IMPLS,
+    Case,
+    Variant,
+    _write_text,
+    ratios,
+    run_child,
+    run_processes,
+    write_atomic,
+)
+
+BATCHES = (8, 16, 32, 64)
+DEPTHS = (18, 34, 50, 101, 152)
+
+
+def sweep_variants(sweep: str, batches: Sequence[int], depths: Sequence[int], size: int, impls: Sequence[str],
+                   dtype: str) -> list[Variant]:
+    """The train-step variants of one sweep: over `batches` at the first of `depths`, or over `depths` at the
+    first of `batches`."""
+    if sweep == "batch":
+        cases = [Case(f"cbam_resnet{depths[0]}", size, b) for b in batches]
+    else:
+        cases = [Case(f"cbam_resnet{d}", size, batches[0]) for d in depths]
+    return [Variant(case, "cbam", "train", dtype, impl) for case in cases for impl in impls]
+
+
+def table(rows: Sequence[dict[str, Any]], sweep: str, impls: Sequence[str]) -> str:
+    """Markdown: one line per batch or depth, step ms / images/s / peak MiB per implementation, jax's compile s
+    and the speed ratios."""
+    by_point: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_point.setdefault((r["model"], r["batch"]), {})[r["impl"]] = r
+    ratio_by_point = {(e["case"]): e for e in ratios(rows)}
+    others = [i for i in impls if i != "jax"]
+    head = ["depth" if sweep == "depth" else "batch"]
+    for impl in impls:
+        head += [f"{impl} step ms (min-max)", f"{impl} img/s", f"{impl} peak MiB"]
+    if "jax" in impls:
+        head += ["jax compile s"] + [f"jax over {o}" for o in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for (model, batch), per_impl in by_point.items():
+        point = model.rsplit("resnet", 1)[1] if sweep == "depth" else str(batch)
+        cells = [point]
+        for impl in impls:
+            r = per_impl.get(impl)
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            rounds = r["round_medians_s"] or r["step_s_all"]
+            cells += [f"{1000 * r['step_s_median']:.0f} ({1000 * min(rounds):.0f}-{1000 * max(rounds):.0f})",
+                      f"{r['images_per_s']:.1f}", f"{r['peak_mib']:.0f}"]
+        if "jax" in impls:
+            cells.append(f"{per_impl['jax']['compile_s']:.1f}" if "jax" in per_impl else "")
+            entry = ratio_by_point.get(per_impl.get("jax", {}).get("case"), {})
+            cells += [f"{entry[f'jax_over_{o}']:.2f}" if f"jax_over_{o}" in entry else "" for o in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
+    parser.add_argument("--sweep", nargs="+", choices=("batch", "depth"), default=["batch", "depth"])
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES),
+                        help="batch sizes of the batch sweep; the first is the depth sweep's batch")
+    parser.add_argument("--depths", nargs="+", type=int, choices=DEPTHS, default=list(DEPTHS),
+                        help="depths of the depth sweep; the batch sweep runs at 50 (the first depth if 50 is not "
+                        "among them)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=["jax", "torch-cl"])
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--jax-python", help="the Python interpreter of the JAX processes (default: this one)")
+    parser.add_argument("--torch-python", help="the Python interpreter of the PyTorch processes (default: this one)")
+    parser.add_argument("--json", default="benchmarks/scaling.json")
+    parser.add_argument("--markdown", help="also write the Markdown tables to this file")
+    args = parser.parse_args(argv)
+    if min(args.batches) < 1 or args.rounds < 1 or args.repeats < 1 or args.warmup < 1 or args.size < 32:
+        parser.error("--batches, --rounds, --repeats and --warmup must be >= 1 and --size >= 32.")
+    uses_torch = any(i in TORCH_IMPLS for i in args.impls)
+    if uses_torch and not args.torch_python:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            parser.error("PyTorch is not installed here: pass --torch-python or --impls jax.")
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    batch_depth = 50 if 50 in args.depths else args.depths[0]
+    load_before = os.getloadavg()
+    report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "command": " ".join(sys.argv), "rounds": args.rounds, "repeats": args.repeats,
+                              "sweeps": {}}
+    with tempfile.TemporaryDirectory(prefix="cbam-jax-scaling-cache-") as cache_dir:
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir}
+        probe = run_child({"probe": "matmul", "dtypes": [args.dtype], "torch": False, "python": args.jax_python}, env)
+        report["machine"] = probe.pop("machine")
+        for sweep in args.sweep:
+            depths = [batch_depth] if sweep == "batch" else args.depths
+            variants = sweep_variants(sweep, args.batches, depths, args.size, args.impls, args.dtype)
+            run_processes(variants, args.rounds, args.repeats, args.warmup, log, env,
+                          pythons={"jax": args.jax_python, "torch": args.torch_python})
+            report["sweeps"][sweep] = [v.summary({args.dtype: probe[args.dtype]}) for v in variants]
+    report["load_before"] = [round(x, 2) for x in load_before]
+    report["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["wall_s"] = time.perf_counter() - start
+    m = report["machine"]
+    text = [f"Machine: {m['cpu']} (lscpu flags: {' '.join(m.get('cpu_shown_flags', []))}), {m['cores']} cores; "
+            f"JAX {m['jax']}; {args.dtype}, {args.size}px CBAM-ResNet train steps; each point in its own processes, "
+            f"{args.rounds} round(s) x {args.repeats} timed calls; load average {report['load_before']} before, "
+            f"{report['load_after']} after; {report['wall_s'] / 60:.0f} min.", ""]
+    for sweep, rows in report["sweeps"].items():
+        text += [f"By {sweep}" + (f" (CBAM-ResNet-{batch_depth})" if sweep == "batch"
+                                  else f" (batch {args.batches[0]})") + ":", "", table(rows, sweep, args.impls)]
+    markdown = "\n".join(text)
+    print(markdown)
+    write_atomic(args.json, lambda temp: _write_text(temp, json.dumps(report, indent=1)))
+    if args.markdown:
+        write_atomic(args.markdown, lambda temp: _write_text(temp, markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

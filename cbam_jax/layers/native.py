@@ -1,0 +1,226 @@
+"""Native CPU kernels called from XLA through `jax.ffi`: oneDNN convolutions and a max gradient.
+
+XLA:CPU's convolution kernel gradient runs at a few to a few tens of GFLOP/s, its bfloat16
+convolutions do not use AMX, and it differentiates a max reduction through a variadic argmax
+reduction that it does not vectorise. This module compiles the small FFI shim `native_ops.cc`
+against the pip package `onednn-devel-cpu-gomp` (oneDNN, the library behind PyTorch's CPU
+convolutions, with GNU OpenMP threads; a dependency of cbam-jax on Linux x86-64) on first use,
+caches the shared library (`$CBAM_JAX_CACHE_DIR`, else `~/.cache/cbam-jax`), and registers its
+XLA:CPU custom calls:
+
+    conv(x, kernel, strides, padding, dilation)  x (B, H, W, Cin), kernel (KH, KW, Cin, Cout) -> (B, Ho, Wo, Cout)
+        differentiable (`jax.custom_vjp`: oneDNN's forward, input gradient and kernel gradient);
+    max_grad(x, grad)  x (P, N, Q), grad (P, Q) -> (P, N, Q): grad at the first maximum along N.
+
+Where anything is missing (no oneDNN package, no C++ compiler, another OS, or
+`CBAM_JAX_NATIVE=0`) `available()` is False after one warning and the callers keep XLA's own
+kernels: same results within float rounding, slower.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+SOURCE = pathlib.Path(__file__).with_name("native_ops.cc")
+# XLA custom-call target -> the shim's handler symbol
+TARGETS = {"cbam_onednn_conv_forward": "CbamOnednnConvForward", "cbam_onednn_conv_input_grad": "CbamOnednnConvInputGrad",
+           "cbam_onednn_conv_kernel_grad": "CbamOnednnConvKernelGrad", "cbam_max_grad": "CbamMaxGrad"}
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+# Set False (before tracing) to keep XLA's own kernels everywhere, e.g. to compare; the environment
+# variable CBAM_JAX_NATIVE=0 does the same for a whole process.
+ENABLED = True
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # 'ok': bool, 'library': ctypes.CDLL, 'error': str
+
+
+class Unavailable(RuntimeError):
+    """oneDNN cannot be used here (the message says why and what to do)."""
+
+
+def _package_paths() -> tuple[pathlib.Path, pathlib.Path]:
+    """(include dir, directory of libdnnl.so.3) of the installed oneDNN, pip packages first, then the system."""
+    include = library = None
+    for dist, wanted in (("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp"), ("onednn-cpu-gomp", "libdnnl.so.3")):
+        try:
+            files = importlib.metadata.files(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for file in files:
+            if str(file).endswith(wanted):
+                path = pathlib.Path(file.locate()).resolve()
+                if wanted.endswith(".hpp"):
+                    include = path.parents[2]
+                else:
+                    library = path.parent
+    for directory in ("/usr/include", "/usr/local/include"):  # Debian's libdnnl-dev
+        if include is None and pathlib.Path(directory, "oneapi/dnnl/dnnl.hpp").exists():
+            include = pathlib.Path(directory)
+    for directory in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
+        if library is None and pathlib.Path(directory, "libdnnl.so.3").exists():
+            library = pathlib.Path(directory)
+    if include is None or library is None:
+        raise Unavailable("oneDNN is not installed (pip install onednn-cpu-gomp onednn-devel-cpu-gomp, or "
+                          "apt-get install libdnnl-dev)")
+    return include, library
+
+
+def cache_dir() -> pathlib.Path:
+    """Where the compiled shim lives: $CBAM_JAX_CACHE_DIR, else $XDG_CACHE_HOME/cbam-jax, else ~/.cache/cbam-jax."""
+    root = os.environ.get("CBAM_JAX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cbam-jax")
+    return pathlib.Path(root)
+
+
+def build() -> pathlib.Path:
+    """Compile the FFI shim (once per source, jax version and oneDNN install) and return its path."""
+    include, library = _package_paths()
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise Unavailable("no C++ compiler found (install g++ or set CXX)")
+    ffi_include = jax.ffi.include_dir()
+    digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(), str(include).encode(),
+                                        str(library).encode(), compiler.encode()])).hexdigest()[:16]
+    target = cache_dir() / f"native_ops-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include}", f"-I{ffi_include}",
+               str(SOURCE), f"-L{library}", "-l:libdnnl.so.3", f"-Wl,-rpath,{library}", "-o", temp]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise Unavailable(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(temp, target)  # atomic: concurrent builders each write their own temp file
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    if sys.platform != "linux":
+        raise Unavailable(f"only built on Linux (this is {sys.platform})")
+    if os.environ.get("CBAM_JAX_NATIVE", "1") == "0":
+        raise Unavailable("disabled by CBAM_JAX_NATIVE=0")
+    # oneDNN's OpenMP threads would otherwise spin for a while after each call, taking the cores
+    # from XLA's own threads that run the elementwise work in between (before libgomp is loaded).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    library = ctypes.CDLL(str(build()))
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return library
+
+
+def available() -> bool:
+    """Whether the native kernels can run here (builds them on the first call; warns once if not)."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _state["library"] = _load()
+                _state["ok"] = True
+            except (Unavailable, OSError) as error:
+                _state.update(ok=False, error=str(error))
+                warnings.warn(f"cbam_jax: native CPU kernels (oneDNN convolutions) unavailable ({error}); using "
+                              "XLA's own (slower on the CPU, same results).", RuntimeWarning, stacklevel=3)
+        return bool(_state["ok"])
+
+
+def enabled() -> bool:
+    """`ENABLED` and `available()`: whether callers should use the native kernels now."""
+    return ENABLED and available()
+
+
+def bfloat16_convolutions() -> bool:
+    """Whether oneDNN has bfloat16 convolutions on this CPU (AVX-512 and newer; not on AVX2-only CPUs)."""
+    if not available():
+        return False
+    with _lock:
+        if "bf16" not in _state:
+            _state["bf16"] = bool(_state["library"].CbamOnednnBf16Supported())
+        return bool(_state["bf16"])
+
+
+def _attrs(strides: Sequence[int], padding: Padding, dilation: Sequence[int]) -> dict[str, np.ndarray]:
+    return {"strides": np.asarray(strides, np.int64), "dilation": np.asarray(dilation, np.int64),
+            "padding": np.asarray([p for pair in padding for p in pair], np.int64)}
+
+
+def _output_shape(x_shape, kernel_shape, strides, padding, dilation) -> tuple[int, ...]:
+    spatial = [(size + lo + hi - (k - 1) * d - 1) // s + 1
+               for size, k, s, (lo, hi), d in zip(x_shape[1:3], kernel_shape[:2], strides, padding, dilation)]
+    return (x_shape[0], *spatial, kernel_shape[3])
+
+
+def _call(name: str, shape, dtype, *operands, strides, padding, dilation):
+    return jax.ffi.ffi_call(f"cbam_onednn_conv_{name}", jax.ShapeDtypeStruct(shape, dtype),
+                            vmap_method="sequential")(*operands, **_attrs(strides, padding, dilation))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
+         dilation: tuple[int, int]) -> jax.Array:
+    """NHWC x HWIO convolution by oneDNN: x (B, H, W, Cin), kernel (KH, KW, Cin, Cout) -> (B, Ho, Wo, Cout).
+
+    float32 or bfloat16 (both operands alike), non-negative padding ((top, bottom), (left, right)).
+    Call only where `available()` is True.
+    """
+    shape = _output_shape(x.shape, kernel.shape, strides, padding, dilation)
+    return _call("forward", shape, x.dtype, x, kernel, strides=strides, padding=padding, dilation=dilation)
+
+
+def _conv_fwd(x, kernel, strides, padding, dilation):
+    return conv(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _conv_bwd(strides, padding, dilation, residuals, grad):
+    x, kernel = residuals
+    grad = grad.astype(x.dtype)
+    geometry = dict(strides=strides, padding=padding, dilation=dilation)
+    input_grad = _call("input_grad", x.shape, x.dtype, grad, kernel, **geometry)
+    if x.dtype == jnp.bfloat16:
+        # oneDNN 3.2's bfloat16 (AMX) kernel gradient on channels-last data took 1-2 s per layer
+        # where float32 takes 50-100 ms (CIFAR ResNet-18, batch 64: 25 s of a 30 s step): float32 it is.
+        kernel_grad = _call("kernel_grad", kernel.shape, jnp.float32, x.astype(jnp.float32),
+                            grad.astype(jnp.float32), **geometry).astype(kernel.dtype)
+    else:
+        kernel_grad = _call("kernel_grad", kernel.shape, kernel.dtype, x, grad, **geometry)
+    return input_grad, kernel_grad
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def reference_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
+                   dilation: tuple[int, int]) -> jax.Array:
+    """What `conv` computes, by XLA."""
+    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def max_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
+    """The gradient of `jnp.max(x, axis=1)` sent to the first maximum: x (P, N, Q), grad (P, Q) -> (P, N, Q).
+
+    float32 or bfloat16 (grad cast to x's dtype); NaN counts as the maximum, as in `jnp.argmax`.
+    Call only where `available()` is True.
+    """
+    return jax.ffi.ffi_call("cbam_max_grad", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="sequential")(x, grad.astype(x.dtype))

@@ -1,0 +1,354 @@
+// oneDNN 2-D convolutions (forward, input gradient, kernel gradient) as XLA:CPU FFI handlers, and
+// the gradient of a max reduction sent to the first maximum (one vectorisable pass; XLA:CPU's
+// variadic argmax reduction is not vectorised).
+//
+// Layouts are JAX's: activations NHWC, kernels HWIO. Activations stay NHWC (oneDNN's JIT kernels
+// run channels-last directly, as PyTorch's channels-last path does); the kernel is reordered into
+// the layout oneDNN prefers for the shape (a few KB to MB, cheap). float32 and bfloat16 (AMX or
+// AVX-512 bf16 where the CPU has them), float32 accumulation. Built by cbam_jax/layers/onednn.py.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+memory::data_type DnnlType(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32: return memory::data_type::f32;
+    case ffi::DataType::BF16: return memory::data_type::bf16;
+    default: return memory::data_type::undef;
+  }
+}
+
+// One cached convolution: its primitive, and what the kernel needs to get into (or out of) the
+// layout that the primitive chose.
+struct Entry {
+  dnnl::primitive conv;
+  memory::desc kernel_md;       // the primitive's kernel layout
+  memory::desc user_kernel_md;  // HWIO
+  memory::desc src_md, dst_md;  // NHWC: the data operands (for the input gradient: dx and dy)
+  memory::desc scratchpad_md;   // user-managed scratchpad, allocated per call (concurrent calls are safe)
+  dnnl::primitive kernel_reorder;  // HWIO <-> kernel_md, when they differ
+};
+
+enum class Kind { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
+
+struct Geometry {
+  memory::dims src, kernel, dst;  // oneDNN logical dims: NCHW, OIHW, NCHW
+  memory::dims strides, dilates, pad_lo, pad_hi;
+  memory::data_type src_type, kernel_type, dst_type;
+};
+
+std::string Key(Kind kind, const Geometry& g) {
+  std::ostringstream out;
+  out << static_cast<int>(kind) << ':' << static_cast<int>(g.src_type) << ',' << static_cast<int>(g.kernel_type)
+      << ',' << static_cast<int>(g.dst_type);
+  for (const memory::dims* dims : {&g.src, &g.kernel, &g.dst, &g.strides, &g.dilates, &g.pad_lo, &g.pad_hi}) {
+    out << '|';
+    for (auto d : *dims) out << d << ',';
+  }
+  return out.str();
+}
+
+std::shared_ptr<Entry> MakeEntry(Kind kind, const Geometry& g) {
+  auto& engine = Engine();
+  auto entry = std::make_shared<Entry>();
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  entry->user_kernel_md = memory::desc(g.kernel, g.kernel_type, tag::hwio);
+  memory::desc any_kernel(g.kernel, g.kernel_type, tag::any);
+  // The forward primitive descriptor: the forward itself, or the backward ones' hint.
+  memory::desc fwd_src(g.src, g.src_type, tag::nhwc), fwd_dst(g.dst, g.dst_type, tag::nhwc);
+  dnnl::convolution_forward::primitive_desc fwd(
+      engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, fwd_src, any_kernel, fwd_dst,
+      g.strides, g.dilates, g.pad_lo, g.pad_hi, attr);
+  entry->src_md = fwd_src;
+  entry->dst_md = fwd_dst;
+  if (kind == Kind::kForward) {
+    entry->conv = dnnl::convolution_forward(fwd);
+    entry->kernel_md = fwd.weights_desc();
+    entry->scratchpad_md = fwd.scratchpad_desc();
+  } else if (kind == Kind::kInputGrad) {
+    dnnl::convolution_backward_data::primitive_desc pd(
+        engine, dnnl::algorithm::convolution_direct, fwd_src, any_kernel, fwd_dst, g.strides, g.dilates, g.pad_lo,
+        g.pad_hi, fwd, attr);
+    entry->conv = dnnl::convolution_backward_data(pd);
+    entry->kernel_md = pd.weights_desc();
+    entry->scratchpad_md = pd.scratchpad_desc();
+  } else {
+    // float32 kernel gradient whatever the data type (bf16 accumulators in oneDNN's bf16 kernel
+    // gradients were slow and lossy); converted to the kernel's type by the reorder.
+    memory::desc any_f32_kernel(g.kernel, memory::data_type::f32, tag::any);
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        engine, dnnl::algorithm::convolution_direct, fwd_src, any_f32_kernel, fwd_dst, g.strides, g.dilates,
+        g.pad_lo, g.pad_hi, fwd, attr);
+    entry->conv = dnnl::convolution_backward_weights(pd);
+    entry->kernel_md = pd.diff_weights_desc();
+    entry->scratchpad_md = pd.scratchpad_desc();
+  }
+  if (entry->kernel_md != entry->user_kernel_md) {
+    entry->kernel_reorder = kind == Kind::kKernelGrad
+        ? dnnl::reorder(dnnl::reorder::primitive_desc(engine, entry->kernel_md, engine, entry->user_kernel_md))
+        : dnnl::reorder(dnnl::reorder::primitive_desc(engine, entry->user_kernel_md, engine, entry->kernel_md));
+  }
+  return entry;
+}
+
+std::shared_ptr<Entry> GetEntry(Kind kind, const Geometry& g) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
+  std::string key = Key(kind, g);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto entry = MakeEntry(kind, g);
+  std::lock_guard<std::mutex> lock(mutex);
+  return cache.emplace(key, entry).first->second;
+}
+
+memory::dims ToDims(ffi::Span<const int64_t> span) { return memory::dims(span.begin(), span.end()); }
+
+// Geometry from the three NHWC/HWIO shapes: x (N, H, W, Cin), kernel (KH, KW, Cin, Cout), y (N, Ho, Wo, Cout).
+ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
+                        ffi::DataType x_type, ffi::DataType k_type, ffi::DataType y_type,
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
+                        ffi::Span<const int64_t> padding, Geometry* g) {
+  if (x.size() != 4 || k.size() != 4 || y.size() != 4 || strides.size() != 2 || dilation.size() != 2 ||
+      padding.size() != 4) {
+    return ffi::Error::InvalidArgument("onednn conv: expected rank-4 NHWC/HWIO operands and 2-D attributes");
+  }
+  g->src = {x[0], x[3], x[1], x[2]};
+  g->kernel = {k[3], k[2], k[0], k[1]};
+  g->dst = {y[0], y[3], y[1], y[2]};
+  g->strides = ToDims(strides);
+  g->dilates = {dilation[0] - 1, dilation[1] - 1};
+  g->pad_lo = {padding[0], padding[2]};
+  g->pad_hi = {padding[1], padding[3]};
+  g->src_type = DnnlType(x_type);
+  g->kernel_type = DnnlType(k_type);
+  g->dst_type = DnnlType(y_type);
+  if (g->src_type == memory::data_type::undef || g->kernel_type == memory::data_type::undef ||
+      g->dst_type == memory::data_type::undef) {
+    return ffi::Error::InvalidArgument("onednn conv: only float32 and bfloat16 are supported");
+  }
+  return ffi::Error::Success();
+}
+
+template <typename F>
+ffi::Error Guarded(F&& body) {
+  try {
+    return body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(e.what());
+  }
+}
+
+// Runs `kind` on NHWC `src`/`dst` data (forward: x, y; input gradient: dx, dy; kernel gradient:
+// x, dy) and the HWIO `kernel` (an output for the kernel gradient).
+ffi::Error Run(Kind kind, const Geometry& g, void* src, void* dst, void* kernel) {
+  auto entry = GetEntry(kind, g);
+  auto& engine = Engine();
+  dnnl::stream stream(engine);
+  memory src_mem(entry->src_md, engine, src), dst_mem(entry->dst_md, engine, dst);
+  memory user_kernel(entry->user_kernel_md, engine, kernel);
+  memory kernel_mem = user_kernel;
+  if (entry->kernel_reorder) kernel_mem = memory(entry->kernel_md, engine);
+  memory scratchpad(entry->scratchpad_md, engine);
+  if (kind != Kind::kKernelGrad && entry->kernel_reorder) {
+    entry->kernel_reorder.execute(stream, {{DNNL_ARG_FROM, user_kernel}, {DNNL_ARG_TO, kernel_mem}});
+  }
+  if (kind == Kind::kForward) {
+    entry->conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel_mem}, {DNNL_ARG_DST, dst_mem},
+                                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else if (kind == Kind::kInputGrad) {
+    entry->conv.execute(stream, {{DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_WEIGHTS, kernel_mem},
+                                 {DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else {
+    entry->conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_DST, dst_mem},
+                                 {DNNL_ARG_DIFF_WEIGHTS, kernel_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (entry->kernel_reorder) {
+      entry->kernel_reorder.execute(stream, {{DNNL_ARG_FROM, kernel_mem}, {DNNL_ARG_TO, user_kernel}});
+    }
+  }
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+#define CONV_ATTRS                                                                       \
+  ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding
+
+// y = conv(x, kernel): x (N, H, W, Cin), kernel (KH, KW, Cin, Cout) -> y (N, Ho, Wo, Cout).
+ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, CONV_ATTRS) {
+  return Guarded([&]() -> ffi::Error {
+    Geometry g;
+    if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), x.element_type(),
+                              kernel.element_type(), y->element_type(), strides, dilation, padding, &g);
+        e.failure()) return e;
+    return Run(Kind::kForward, g, x.untyped_data(), y->untyped_data(), kernel.untyped_data());
+  });
+}
+
+// Input gradient: dy (N, Ho, Wo, Cout), kernel -> dx (N, H, W, Cin).
+ffi::Error InputGradImpl(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dx, CONV_ATTRS) {
+  return Guarded([&]() -> ffi::Error {
+    Geometry g;
+    if (auto e = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), dx->element_type(),
+                              kernel.element_type(), dy.element_type(), strides, dilation, padding, &g);
+        e.failure()) return e;
+    return Run(Kind::kInputGrad, g, dx->untyped_data(), dy.untyped_data(), kernel.untyped_data());
+  });
+}
+
+// Kernel gradient: x (N, H, W, Cin), dy (N, Ho, Wo, Cout) -> dkernel (KH, KW, Cin, Cout).
+ffi::Error KernelGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dkernel, CONV_ATTRS) {
+  return Guarded([&]() -> ffi::Error {
+    Geometry g;
+    if (auto e = MakeGeometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), x.element_type(),
+                              dkernel->element_type(), dy.element_type(), strides, dilation, padding, &g);
+        e.failure()) return e;
+    return Run(Kind::kKernelGrad, g, x.untyped_data(), dy.untyped_data(), dkernel->untyped_data());
+  });
+}
+
+// ----------------------------------------------------------------------------- max gradient
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(uint16_t bf16) {
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// x (P, N, Q), grad (P, Q) -> out (P, N, Q): grad[p, q] at the first n maximising x[p, n, q], 0
+// elsewhere (NaN counts as the maximum, as jnp.argmax). Blocks of Q run in parallel.
+template <typename T>
+void MaxGrad(const T* x, const T* grad, T* out, int64_t P, int64_t N, int64_t Q) {
+  if (Q == 1) {  // a max over the last axis (the spatial gate's channel max): contiguous rows
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+      const T* row = x + p * N;
+      float best = ToFloat(row[0]);
+      int64_t index = 0;
+      for (int64_t n = 1; n < N; ++n) {
+        const float v = ToFloat(row[n]);
+        if (v > best || (v != v && best == best)) best = v, index = n;
+      }
+      T* out_row = out + p * N;
+      std::fill(out_row, out_row + N, T(0));
+      out_row[index] = grad[p];
+    }
+    return;
+  }
+  constexpr int64_t kBlock = 512;
+  const int64_t blocks = (Q + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < P * blocks; ++task) {
+    const int64_t p = task / blocks, q0 = (task % blocks) * kBlock, width = std::min(kBlock, Q - q0);
+    float best[kBlock];
+    int32_t index[kBlock];
+    const T* xp = x + p * N * Q + q0;
+    for (int64_t q = 0; q < width; ++q) {
+      best[q] = ToFloat(xp[q]);
+      index[q] = 0;
+    }
+    for (int64_t n = 1; n < N; ++n) {
+      const T* row = xp + n * Q;
+      for (int64_t q = 0; q < width; ++q) {
+        const float v = ToFloat(row[q]);
+        // strictly greater keeps the first maximum; a NaN wins once and stays (v > NaN is false)
+        const bool take = (v > best[q]) || (v != v && best[q] == best[q]);
+        best[q] = take ? v : best[q];
+        index[q] = take ? static_cast<int32_t>(n) : index[q];
+      }
+    }
+    T* op = out + p * N * Q + q0;
+    const T* gp = grad + p * Q + q0;
+    for (int64_t n = 0; n < N; ++n) {
+      T* row = op + n * Q;
+      for (int64_t q = 0; q < width; ++q) row[q] = index[q] == n ? gp[q] : T(0);
+    }
+  }
+}
+
+ffi::Error MaxGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer grad, ffi::Result<ffi::AnyBuffer> out) {
+  auto dims = x.dimensions();
+  if (dims.size() != 3 || grad.dimensions().size() != 2 || x.element_type() != grad.element_type() ||
+      out->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("max_grad: expected x (P, N, Q) and grad (P, Q) of one dtype");
+  }
+  const int64_t P = dims[0], N = dims[1], Q = dims[2];
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      MaxGrad(static_cast<const float*>(x.untyped_data()), static_cast<const float*>(grad.untyped_data()),
+              static_cast<float*>(out->untyped_data()), P, N, Q);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      MaxGrad(static_cast<const uint16_t*>(x.untyped_data()), static_cast<const uint16_t*>(grad.untyped_data()),
+              static_cast<uint16_t*>(out->untyped_data()), P, N, Q);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("max_grad: only float32 and bfloat16 are supported");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxGrad, MaxGradImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+#define CONV_BINDING                                           \
+  ffi::Ffi::Bind()                                             \
+      .Arg<ffi::AnyBuffer>()                                   \
+      .Arg<ffi::AnyBuffer>()                                   \
+      .Ret<ffi::AnyBuffer>()                                   \
+      .Attr<ffi::Span<const int64_t>>("strides")               \
+      .Attr<ffi::Span<const int64_t>>("dilation")              \
+      .Attr<ffi::Span<const int64_t>>("padding")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamOnednnConvForward, ForwardImpl, CONV_BINDING);
+
+// 1 if oneDNN has bfloat16 convolutions on this CPU (AVX-512 and newer), else 0: a small forward
+// and backward-data primitive descriptor either exists or not.
+extern "C" int CbamOnednnBf16Supported() {
+  try {
+    auto& engine = Engine();
+    memory::dims src = {1, 16, 8, 8}, kernel = {16, 16, 3, 3}, one = {1, 1}, zero = {0, 0};
+    memory::desc src_md(src, memory::data_type::bf16, tag::nhwc), dst_md(src, memory::data_type::bf16, tag::nhwc);
+    memory::desc kernel_md(kernel, memory::data_type::bf16, tag::any);
+    dnnl::convolution_forward::primitive_desc fwd(engine, dnnl::prop_kind::forward_training,
+                                                  dnnl::algorithm::convolution_direct, src_md, kernel_md, dst_md,
+                                                  one, zero, one, one);
+    dnnl::convolution_backward_data::primitive_desc bwd(engine, dnnl::algorithm::convolution_direct, src_md,
+                                                        kernel_md, dst_md, one, zero, one, one, fwd);
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamOnednnConvInputGrad, InputGradImpl, CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamOnednnConvKernelGrad, KernelGradImpl, CONV_BINDING);
+

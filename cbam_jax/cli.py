@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("cbam_jax.training.evaluate", "evaluate a training workdir or a pretrained model on a dataset split"),
     "predict": ("cbam_jax.predict", "top-k classes of images with a pretrained model"),
     "attention": ("cbam_jax.visualize", "attention-map and Grad-CAM figures of images"),
+    "list-pretrained": ("cbam_jax.zoo", "the published pretrained weights cbam-jax can load by name"),
 }
 
 

@@ -20,6 +20,7 @@ from cbam_jax import create_model, zoo
 from cbam_jax.cli import main
 from cbam_jax.convert import from_torch, to_numpy_state_dict
 from cbam_jax.pretrained import load_metadata
+from tests.helpers import random_variables
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -114,9 +115,7 @@ def cache_files(cache: Path) -> list[str]:
 def tiny_checkpoint() -> tuple[bytes, int]:
     """An official-layout CBAM-ResNet-18 (width 8, CIFAR stem) as safetensors, made without torch."""
     model = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda leaf: rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32), shapes)
+    variables = random_variables(model, (1, 16, 16, 3))
     buffer = io.BytesIO()
     from safetensors.numpy import save
     buffer.write(save(to_numpy_state_dict(variables, arch=model)))

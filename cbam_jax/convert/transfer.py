@@ -13,6 +13,7 @@ attention the target has no place for -- is one error listing all of it, and not
 """
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -31,6 +32,12 @@ COLLECTIONS = ("params", "batch_stats")
 ATTENTION = re.compile(r"^(params|batch_stats)/(layer\d+_\d+/attention|bam\d+)/")
 HEAD = re.compile(r"^params/fc/")
 LISTED = 8  # paths shown per category in an error
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: ResNet, rng: jax.Array, x: jax.Array) -> dict[str, Any]:
+    """`model.init`, compiled once per model configuration (models are hashable plain data)."""
+    return model.init(rng, x)
 
 
 def part_of(path: str) -> str:
@@ -60,6 +67,7 @@ class TransferReport:
 
 
 def transfer_variables(source: Mapping[str, Any], target: ResNet, *, rng: jax.Array | None = None,
+                       initial: Mapping[str, Any] | None = None,
                        new_attention: bool = True) -> tuple[dict[str, Any], TransferReport]:
     """Variables for `target` from another model's `source` variables (see the module docstring).
 
@@ -68,6 +76,8 @@ def transfer_variables(source: Mapping[str, Any], target: ResNet, *, rng: jax.Ar
         `load_pretrained`).
       target: the model to build variables for; its input channels are the source's.
       rng: key for `target.init`, used only when something is new (default: key 0).
+      initial: the target's variables from its own init, if the caller has them already (e.g. a
+        training state): new tensors are taken from there and nothing is initialised again.
       new_attention: allow attention the source lacks (transfer from a plain ResNet); False makes
         it an error (loading weights that should fit the target exactly, up to its head).
 
@@ -107,8 +117,9 @@ def transfer_variables(source: Mapping[str, Any], target: ResNet, *, rng: jax.Ar
 
     values = {path: jnp.asarray(found[path], dtype=expected[path].dtype) for path in loaded}
     if new:
-        fresh = jax.jit(target.init)(jax.random.key(0) if rng is None else rng, dummy)
-        fresh = flatten_dict({c: unfreeze(fresh[c]) for c in COLLECTIONS if c in fresh}, sep="/")
+        if initial is None:
+            initial = _init(target, jax.random.key(0) if rng is None else rng, dummy)
+        fresh = flatten_dict({c: unfreeze(initial[c]) for c in COLLECTIONS if c in initial}, sep="/")
         values.update({path: fresh[path] for path in new})
     report = TransferReport(loaded=tuple(loaded), new=tuple(new), dropped=tuple(sorted(dropped)))
     return unflatten_dict(values, sep="/"), report

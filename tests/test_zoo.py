@@ -191,6 +191,22 @@ def test_download_verify_convert_cache_then_offline(tmp_path, server, cache, reg
     assert backbone.feature_info[1].channels == 128
 
 
+def test_cached_model_loads_offline_and_equals_direct_conversion(tmp_path, server, cache, registered, checkpoint):
+    """The same path as above without torch: a safetensors checkpoint, SHA-256."""
+    plain_entry(server, registered, checkpoint)
+    model, variables = zoo.load("cbam_resnet18.test")
+    (tmp_path / "direct.safetensors").write_bytes(checkpoint[0])
+    direct_model, direct = from_torch(tmp_path / "direct.safetensors", arch="cbam_resnet18")
+    assert model == direct_model
+    jax.tree.map(np.testing.assert_array_equal, variables, direct)
+    server.stop()
+    requests = len(server.requests)
+    again_model, again = zoo.load("cbam_resnet18.test")
+    assert again_model == model and len(server.requests) == requests == 1
+    jax.tree.map(np.testing.assert_array_equal, again, direct)
+    assert not list((cache / "downloads").iterdir())  # the download itself is not kept
+
+
 def test_resume_after_a_cut_with_a_range_request(server, cache, registered, checkpoint):
     plain_entry(server, registered, checkpoint, mode="cut_once")
     zoo.load("cbam_resnet18.test")
@@ -299,8 +315,11 @@ def test_imagenet_class_names():
     names = zoo.imagenet_class_names()
     assert len(names) == 1000 and len(set(names)) == 1000
     assert names[0] == "tench" and names[207] == "golden retriever" and names[999] == "toilet tissue"
+
+
+def test_imagenet_class_names_are_torchvisions():
     torchvision = pytest.importorskip("torchvision")
-    assert names == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    assert zoo.imagenet_class_names() == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 
 
 # ---- the registry's facts against the packages that publish them -----------------------------------------------

@@ -64,6 +64,7 @@ def test_features_are_the_classifiers_stage_outputs(name):
     assert not report.new and {p.split("/")[1] for p in report.dropped} == {"fc"}
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     features = backbone.apply(loaded, x)
+    assert len(features) == 4
 
     def stage_ends(module, method_name):  # the last block of each stage, or BAM after it
         return method_name == "__call__" and (module.name or "").startswith(("layer", "bam"))
@@ -233,6 +234,7 @@ def test_features_match_pytorch(variant, prefix, depth, stem, torch_one_thread):
                                       jnp.asarray(x.double().numpy().transpose(0, 2, 3, 1)))
         features64 = [np.asarray(f) for f in features64]
     assert [f.reduction for f in backbone.feature_info] == ([2, 4, 8, 16, 32] if stem == "imagenet" else [1, 1, 2, 4, 8])
+    assert len(features) == len(features64) == len(expected) == len(exact) == 5
     for info, got, want, got64, want64 in zip(backbone.feature_info, features, expected, features64, exact):
         assert got.shape == want.shape and got.shape[-1] == info.channels and got64.dtype == np.float64
         scale = max(1.0, float(np.max(np.abs(want64))))

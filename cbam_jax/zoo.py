@@ -308,8 +308,9 @@ def imagenet_class_names() -> list[str]:
 @contextlib.contextmanager
 def _verified_checkpoint(entry: Pretrained) -> Iterator[tuple[Path, str]]:
     """`with _verified_checkpoint(entry) as (path, origin)`: the checkpoint file, verified, and where it came
-    from. Temporary files (the download, an extracted zip member) are removed on exit, whatever happens."""
-    temporary: list[Path] = []
+    from. Temporary files (the download, an extracted zip member) and the folders made for them are removed
+    on exit, whatever happens."""
+    temporary: list[Path] = []  # files, then folders this call created (innermost last)
     try:
         manual = pickup_path(entry)
         candidates = [manual] + ([manual.with_name(entry.member)] if entry.member else [])
@@ -327,14 +328,20 @@ def _verified_checkpoint(entry: Pretrained) -> Iterator[tuple[Path, str]]:
             _check(entry, downloaded, entry.url, by_hand=False)
             yield _unpacked(entry, downloaded, temporary), entry.url
     finally:
-        for path in temporary:
-            path.unlink(missing_ok=True)
+        for path in reversed(temporary):
+            if path.is_dir():
+                with contextlib.suppress(OSError):  # kept if something else was put there meanwhile
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _temporary(folder: Path, name: str, temporary: list[Path]) -> Path:
     """A new empty file `.NAME.partial-XXXX.SUFFIX` in `folder` (the suffix tells the reader the file type),
-    recorded in `temporary` for removal."""
+    recorded in `temporary` for removal, like the folders made for it."""
+    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     folder.mkdir(parents=True, exist_ok=True)
+    temporary.extend(reversed(missing))
     handle, path = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=Path(name).suffix, dir=folder)
     os.close(handle)
     temporary.append(Path(path))

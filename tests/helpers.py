@@ -25,13 +25,6 @@ def to_numpy(tree):
 
 
 def random_variables(model, input_shape=(1, 32, 32, 3), seed=0):
-    """Random variables for `model` without running its init (eval_shape, then NumPy draws: fast for
-    deep models): N(0, 0.5) everywhere, BatchNorm variances in [0.5, 1.5)."""
+    """`randomize`d params and batch_stats of `model`, from their shapes (`jax.eval_shape` of its init)."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if getattr(path[-1], "key", None) == "var":
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-        return jnp.asarray(0.5 * rng.standard_normal(leaf.shape), leaf.dtype)
-    return jax.tree_util.tree_map_with_path(draw, {c: shapes[c] for c in ("params", "batch_stats") if c in shapes})
+    return randomize({c: shapes[c] for c in ("params", "batch_stats") if c in shapes}, seed)

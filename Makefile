@@ -13,8 +13,9 @@ PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 # (the grep drops pip's warnings about local index folders this machine's pip config names)
 
 # torch builds that run on the CPU and install from this project's machines' local wheel cache
-# on Python 3.11 (torchvision is needed by timm, the oracle of the timm-layout parity tests).
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 timm
+# on Python 3.11 (torchvision is needed by timm, the oracle of the timm-layout parity tests;
+# pytorchcv is the oracle of the pytorchcv layouts: BAM-, SE- and CBAM-ResNets).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 timm pytorchcv
 
 .PHONY: setup torch train test test-fast clean
 
@@ -31,7 +32,7 @@ setup: $(VENV)/.setup-done
 $(VENV)/.torch-done: $(VENV)/.setup-done
 	@if $(PY) -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))"; then \
 	  $(PIP) install $(TORCH_PINS) 2>&1 | { grep -v "is ignored" || true; }; \
-	  $(PY) -c "import torch, timm"; \
+	  $(PY) -c "import torch, timm, pytorchcv"; \
 	else echo "torch: skipped on this Python (pinned CPU builds exist for 3.11); torch tests will skip"; fi
 	touch $@
 

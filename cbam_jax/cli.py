@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("cbam_jax.predict", "top-k classes of images with a pretrained model"),
     "attention": ("cbam_jax.visualize.command", "attention-map and Grad-CAM figures of images"),
     "export": ("cbam_jax.artifacts", "portable inference artifacts of a pretrained model (StableHLO, ONNX)"),
+    "list-pretrained": ("cbam_jax.zoo", "the published pretrained weights cbam-jax can load by name"),
 }
 
 

@@ -39,8 +39,11 @@ IMAGENET_PREPROCESSING: dict[str, Any] = {
 
 
 def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[str, Any], *,
-                    metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+                    metadata: dict[str, Any] | None = None, overwrite: bool = False, hub: bool = False) -> Path:
     """Write `model` and its `variables` ('params' and, if any, 'batch_stats') to the directory `path`.
+
+    `hub=True` writes a Hugging Face Hub-ready folder instead (safetensors, config.json, a model
+    card; `cbam_jax.hub`), which `load_pretrained` reads as well.
 
     The directory appears complete or not at all (`cbam_jax.atomic.atomic_output`): it is written
     under a temporary name beside `path` and renamed at the end.
@@ -57,6 +60,9 @@ def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[s
     Returns:
       The directory as a Path.
     """
+    if hub:
+        from cbam_jax import hub as hf_hub
+        return hf_hub.save_folder(path, model, variables, metadata=metadata)
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"save_pretrained: {path} already exists; choose a new path or remove it first.")
@@ -77,11 +83,15 @@ def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[s
 
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata dict saved with the pretrained directory `path` (empty if none was given)."""
+    from cbam_jax import hub
+    if hub.is_hub_id(path) or hub.is_hub_folder(path):
+        return hub.load_metadata(path)
     return _read_document(Path(path))["metadata"]
 
 
 def load_pretrained(path: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
-    """Rebuild `(model, variables)` from a `save_pretrained` directory.
+    """Rebuild `(model, variables)` from a `save_pretrained` directory, a Hub-ready folder, or a
+    Hugging Face Hub repository 'hf-hub:ORG/NAME[@REVISION]' (`cbam_jax.hub`).
 
     `variables` is {'params': ..., 'batch_stats': ...} of jax arrays, ready for
     `model.apply(variables, x)` with x of shape (B, H, W, C).
@@ -91,6 +101,9 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
       ValueError: `path` is not a cbam-jax pretrained directory, or its files are corrupt or do not
         match the model they describe.
     """
+    from cbam_jax import hub
+    if hub.is_hub_id(path) or hub.is_hub_folder(path):
+        return hub.load(path)
     path = Path(path).absolute()
     document = _read_document(path)
     try:

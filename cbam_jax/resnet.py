@@ -12,12 +12,17 @@ the 3x3 conv of the bottleneck (torchvision's "v1.5").
 
 The parameter tree mirrors torchvision's names: `conv1`, `bn1`, `layer{S}_{B}/{conv1,bn1,...,
 downsample_conv,downsample_bn,attention}`, `bam{S}`, `fc`.
+
+As a backbone (`features_only=True`) the model returns the outputs of the stem and of the stages
+chosen by `out_indices` (timm's numbering: 0 = the stem's ReLU, before the max pool; s = stage s)
+instead of logits, and `feature_info` says their channels and strides. The parameters keep their
+names, minus the head and the stages after the last output, so classifier weights load as they are.
 """
 
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +127,15 @@ class Bottleneck(ResidualBlock):
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
+class FeatureInfo(NamedTuple):
+    """One output of a backbone: where it is taken, its channels and its stride (`reduction`) in pixels."""
+
+    index: int  # 0 = stem, s = stage s (timm's out_indices)
+    module: str  # 'stem' or 'layer{s}' (after 'bam{s}' in BAM-ResNets, which refines the stage output)
+    channels: int
+    reduction: int
+
+
 class ResNet(nn.Module):
     """A ResNet with optional SE, CBAM or BAM attention: (B, H, W, Cin) -> (B, num_classes) float32 logits.
 
@@ -147,6 +161,11 @@ class ResNet(nn.Module):
         convolution, BatchNorm and stem max pool, and block outputs materialised behind an
         optimisation barrier; XLA's own kernels elsewhere), 'cpu' or 'xla'. Same parameters and
         results either way.
+      features_only: return the list of feature maps chosen by `out_indices` (NHWC, in `dtype`)
+        instead of logits; the head and the stages after the last chosen one are not built.
+        `num_classes` is then ignored.
+      out_indices: which feature maps (increasing): 0 = stem output, s = output of stage s;
+        None = every stage (1, ..., len(stage_sizes)). See `feature_info`.
       kernels: deprecated name of `implementation`.
     """
 
@@ -164,6 +183,8 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str = "auto"
+    features_only: bool = False
+    out_indices: Sequence[int] | None = None
     kernels: str | None = None  # deprecated: `implementation`
 
     def __post_init__(self) -> None:
@@ -172,6 +193,8 @@ class ResNet(nn.Module):
         # hashable (lists from JSON or a command line become tuples) so that the module can be a
         # static argument of jax.jit.
         object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
+        if self.out_indices is not None:
+            object.__setattr__(self, "out_indices", tuple(self.out_indices))
         options = upgrade_renamed_options(self.attention_options, "ResNet attention_options")
         object.__setattr__(self, "attention_options", FrozenDict(
             {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
@@ -196,11 +219,48 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: width must be a positive integer (64 for the standard ResNets); got {self.width!r}.")
         if not is_int(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"ResNet: num_classes must be an integer >= 0 (0 = no head); got {self.num_classes!r}.")
+        if not isinstance(self.features_only, bool):
+            raise ValueError(f"ResNet: features_only must be True or False; got {self.features_only!r}.")
+        if self.out_indices is not None:
+            indices, last = self.out_indices, len(self.stage_sizes)
+            if (not indices or not all(is_int(i) and 0 <= i <= last for i in indices)
+                    or list(indices) != sorted(set(indices))):
+                raise ValueError(f"ResNet: out_indices must be increasing feature indices in 0..{last} (0 = stem, "
+                                 f"s = stage s), e.g. (1, 2, 3, 4); got {self.out_indices!r}.")
         super().__post_init__()
 
+    @property
+    def feature_indices(self) -> tuple[int, ...]:
+        """`out_indices`, or every stage (1, ..., number of stages) when it is None."""
+        return self.out_indices if self.out_indices is not None else tuple(range(1, len(self.stage_sizes) + 1))
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """Channels and stride of each feature map that `features_only=True` returns, in order.
+
+        E.g. ResNet-50, ImageNet stem, out_indices (1, 2, 3, 4): channels 256/512/1024/2048 at
+        strides 4/8/16/32 (the CIFAR stem: 1/2/4/8); index 0, the stem, has `width` channels at
+        stride 2 (1).
+        """
+        stem_stride = 2 if self.stem == "imagenet" else 1
+        first_stage_stride = 2 * stem_stride if self.stem == "imagenet" else 1  # the max pool
+        expansion = BLOCKS[self.block].expansion
+        info = []
+        for index in self.feature_indices:
+            if index == 0:
+                info.append(FeatureInfo(0, "stem", self.width, stem_stride))
+            else:
+                info.append(FeatureInfo(index, f"layer{index}", self.width * 2 ** (index - 1) * expansion,
+                                        first_stage_stride * 2 ** (index - 1)))
+        return tuple(info)
+
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits (B, num_classes) in float32 for images `x` (B, H, W, Cin); `train` uses batch statistics."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
+        """Logits (B, num_classes) in float32 for images `x` (B, H, W, Cin); `train` uses batch statistics.
+
+        With `features_only`: the list of feature maps (B, H / r, W / r, C) for `feature_info`'s
+        channels C and reductions r (rounded up at odd sizes, like PyTorch), in `dtype`.
+        """
         check_nhwc(x, "ResNet")
         if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4) and x.shape[-1] > x.shape[1]:
             raise ValueError(f"ResNet expects NHWC images; shape {tuple(x.shape)} looks like NCHW. "
@@ -223,10 +283,14 @@ class ResNet(nn.Module):
             else:
                 block_attention = layer
 
+        wanted = set(self.feature_indices) if self.features_only else set()
+        features = []
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
             x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
             x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
+            if 0 in wanted:
+                features.append(x)
             if cpu_path:
                 x = cpu_ops.max_pool(x, 3, 2, 1)
             else:
@@ -234,9 +298,13 @@ class ResNet(nn.Module):
         else:
             x = conv(self.width, (3, 3), padding=_pad(3), name="conv1")(x)
             x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
+            if 0 in wanted:
+                features.append(x)
 
         block_cls = BLOCKS[self.block]
-        for stage, num_blocks in enumerate(self.stage_sizes):
+        # A backbone stops after its last output: later stages would be unused parameters.
+        num_stages = max(self.feature_indices) if self.features_only else len(self.stage_sizes)
+        for stage, num_blocks in enumerate(self.stage_sizes[:num_stages]):
             for index in range(num_blocks):
                 x = block_cls(filters=self.width * 2**stage, conv=conv, norm=norm,
                               strides=2 if stage > 0 and index == 0 else 1,
@@ -244,6 +312,10 @@ class ResNet(nn.Module):
                               materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")(x, train=train)
             if stage_attention is not None and stage < min(3, len(self.stage_sizes) - 1):
                 x = stage_attention(name=f"bam{stage + 1}")(x, train=train)
+            if stage + 1 in wanted:
+                features.append(x)
+        if self.features_only:
+            return features
 
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # global average pool
         if self.num_classes == 0:

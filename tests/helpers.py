@@ -32,3 +32,9 @@ def count_params(module, shape):
     """Parameters of a Linen module (a layer or a model) for an input of `shape`, from shapes only."""
     variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+
+
+def random_variables(model, input_shape=(1, 32, 32, 3), seed=0):
+    """`randomize`d params and batch_stats of `model`, from their shapes (`jax.eval_shape` of its init)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))
+    return randomize({c: shapes[c] for c in ("params", "batch_stats") if c in shapes}, seed)

@@ -1,6 +1,8 @@
 """The converter without numerics: detection of every layout and depth, exact round trips, the CLI,
 and a clear error (and no output) for every kind of bad input. Parity is in test_convert_parity.py."""
 
+import contextlib
+import io
 import os
 import pickle
 
@@ -138,7 +140,9 @@ def write_checkpoint(tmp_path, state, name="model.pth"):
 
 def convert_fails(tmp_path, source, expected, *extra):
     destination = tmp_path / "out"
-    assert main(["convert", str(source), str(destination), *extra]) == 1
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        assert main(["convert", str(source), str(destination), *extra]) == 1
+    assert len(stderr.getvalue().splitlines()) == 1 and stderr.getvalue().startswith("cbam-jax convert: error: ")
     assert not destination.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     with pytest.raises(ConversionError, match="(?s)" + expected):  # messages span lines
@@ -248,7 +252,8 @@ def test_cli_converts_official_release_format_and_back(tmp_path, capsys):
     assert metadata["source"]["layout"] == "official"
 
     assert main(["convert", str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "jax")]) == 1  # no overwrite
-    assert "already exists" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "already exists" in captured.err and len(captured.err.splitlines()) == 1 and not captured.out
 
     for name in ("back.pth", "back.safetensors"):
         assert main(["convert", "--to-torch", str(tmp_path / "jax"), str(tmp_path / name)]) == 0

@@ -1,13 +1,18 @@
 """`cbam-jax convert SRC DST`: a PyTorch checkpoint to a pretrained directory, or back with --to-torch.
 
     cbam-jax convert cbam_resnet50.pth.tar cbam50/            # detects layout, depth, variant, classes
+    cbam-jax convert --arch cbam_resnet50 resnet50.pth cbam50/ # a plain ResNet's backbone, new attention
     cbam-jax convert --to-torch cbam50/ cbam_resnet50.pth      # official ResidualNet keys
     cbam-jax convert --to-torch --layout pytorchcv cbam50/ cbam_resnet50_pytorchcv.safetensors
 
-The output appears complete or not at all; on any error the exit code is 1 and nothing is written.
+With --arch naming an attention model and a plain ResNet as SRC (a PyTorch checkpoint or a pretrained
+directory), the backbone is transferred and the attention initialised as the variant prescribes
+(`cbam_jax.convert.transfer`); the summary says what was new. The output appears complete or not at
+all; on any error the exit code is 1, one line on stderr says why, and nothing is written.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from cbam_jax.atomic import atomic_output
@@ -15,18 +20,20 @@ from cbam_jax.convert.detect import detect, variant_of
 from cbam_jax.convert.layouts import LAYOUTS, get_layout
 from cbam_jax.convert.mapping import load_variables, to_numpy_state_dict
 from cbam_jax.convert.reading import ConversionError, read_state_dict
-from cbam_jax.pretrained import IMAGENET_PREPROCESSING, load_pretrained, save_pretrained
-from cbam_jax.registry import VARIANTS
+from cbam_jax.convert.transfer import transfer_variables
+from cbam_jax.pretrained import IMAGENET_PREPROCESSING, load_metadata, load_pretrained, save_pretrained
+from cbam_jax.registry import VARIANTS, create_model, parse_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `cbam-jax convert`."""
     parser.add_argument("src", metavar="SRC", help="PyTorch checkpoint (.pth, .pth.tar, .pt, .bin, .safetensors); "
-                        "with --to-torch a pretrained directory")
+                        "with --to-torch, or a plain ResNet for --arch, a pretrained directory")
     parser.add_argument("dst", metavar="DST", help="pretrained directory to create; with --to-torch a .pth or "
                         ".safetensors file")
     parser.add_argument("--to-torch", action="store_true", help="convert a pretrained directory to a PyTorch state_dict")
-    parser.add_argument("--arch", help="model name such as cbam_resnet50 (default: detected from the keys)")
+    parser.add_argument("--arch", help="model name such as cbam_resnet50 (default: detected from the keys); for a "
+                        "plain ResNet SRC, the attention model to start from its backbone")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="CBAM variant (default: the source layout's)")
     parser.add_argument("--layout", choices=list(LAYOUTS), help="PyTorch key layout (default: detected; with "
                         "--to-torch the variant's own)")
@@ -35,11 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert; print a one-line summary, or one paragraph on what went wrong (exit code 1)."""
+    """Convert; print a one-line summary, or one line on stderr on what went wrong (exit code 1)."""
     try:
         summary = _to_torch(args) if args.to_torch else _from_torch(args)
     except (ConversionError, ValueError, OSError) as error:
-        print(f"cbam-jax convert: error: {error}\nNothing was written to {args.dst}.")
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"cbam-jax convert: error: {message} Nothing was written to {args.dst}.", file=sys.stderr)
         return 1
     print(summary)
     return 0
@@ -48,8 +56,19 @@ def run(args: argparse.Namespace) -> int:
 def _from_torch(args: argparse.Namespace) -> str:
     if Path(args.dst).exists():
         raise ConversionError(f"{args.dst} already exists; choose a new directory or remove it first.")
+    if args.arch:
+        parse_name(args.arch)  # an unknown name fails here, before anything is read
     class_names = _read_class_names(args.class_names) if args.class_names else None
+    if Path(args.src).is_dir():
+        return _transfer_from_directory(args, class_names)
     state = read_state_dict(args.src, strip_prefix=args.strip_prefix)
+    if args.arch and parse_name(args.arch)[0] is not None:
+        plain = detect(state, layout=args.layout)
+        if plain.arch.startswith("resnet"):  # a plain ResNet into an attention model: transfer its backbone
+            source = plain.build()
+            variables = load_variables(state, source, get_layout(plain.layout), detected=plain)
+            origin = {"file": Path(args.src).name, "layout": plain.layout, "arch": plain.arch}
+            return _transfer(args, source, variables, origin, class_names)
     detected = detect(state, arch=args.arch, variant=args.variant, layout=args.layout)
     model = detected.build()
     variables = load_variables(state, model, get_layout(detected.layout), detected=detected)
@@ -64,6 +83,39 @@ def _from_torch(args: argparse.Namespace) -> str:
         metadata["class_names"] = class_names
     save_pretrained(args.dst, model, variables, metadata=metadata)
     return f"Converted {args.src} -> {args.dst}: {detected.describe()}."
+
+
+def _transfer_from_directory(args: argparse.Namespace, class_names: list[str] | None) -> str:
+    """A plain cbam-jax ResNet directory into the --arch model."""
+    if not args.arch:
+        raise ConversionError(f"{args.src} is a directory: give --arch to start an attention model from the plain "
+                              "ResNet in it, or a PyTorch checkpoint file to convert.")
+    source, variables = load_pretrained(args.src)
+    metadata = load_metadata(args.src)
+    return _transfer(args, source, variables, {"directory": str(args.src)}, class_names or metadata.get("class_names"),
+                     metadata.get("preprocessing"))
+
+
+def _transfer(args: argparse.Namespace, source, variables, origin: dict, class_names: list[str] | None,
+              preprocessing: dict | None = None) -> str:
+    """The source model's weights into `args.arch` (same stem, width and classes; new attention) at args.dst."""
+    if source.attention is not None:
+        raise ConversionError(f"{args.src} holds a model with {source.attention} attention; --arch {args.arch} can "
+                              "start only from a plain ResNet's backbone.")
+    model = create_model(args.arch, num_classes=source.num_classes, stem=source.stem, variant=args.variant or "official",
+                         **({"width": source.width} if source.width != 64 else {}))
+    variables, report = transfer_variables(variables, model)
+    if class_names is not None and len(class_names) != model.num_classes:
+        raise ConversionError(f"{args.class_names} lists {len(class_names)} class names, but the model has "
+                              f"{model.num_classes} classes.")
+    metadata = {"source": {**origin, "transferred_to": args.arch, "variant": args.variant or "official",
+                           "new": list(report.new)}}
+    if preprocessing is not None or (model.stem == "imagenet" and model.num_classes == 1000):
+        metadata["preprocessing"] = preprocessing or IMAGENET_PREPROCESSING
+    if class_names is not None:
+        metadata["class_names"] = class_names
+    save_pretrained(args.dst, model, variables, metadata=metadata)
+    return f"Transferred {args.src} -> {args.dst} as {args.arch} (variant {args.variant or 'official'}): {report.summary()}."
 
 
 def _to_torch(args: argparse.Namespace) -> str:

@@ -2,7 +2,7 @@
 
 A layout is data: an ordered list of rules `(flax module template, torch module template, kind)`.
 Templates name numeric fields in braces, e.g. `layer{s}_{b}/conv{k}` <-> `layer{s}.{b}.conv{k}`;
-`{b1}` is the block index `b` counted from 1 (pytorchcv's `unit1`, `unit2`, ...). The *kind*
+a field ending in 1 counts its namesake from 1 (`{b1}` = b + 1: pytorchcv's `unit1`, `unit2`, ...). The *kind*
 says which tensors a module has and how each is stored in both frameworks.
 """
 
@@ -61,7 +61,8 @@ NORM = Kind("norm", {
 }, norm=True)
 
 NUM_BATCHES_TRACKED = "num_batches_tracked"
-ONE_BASED_FIELDS = {"b1": "b"}  # template field -> the zero-based field it counts from 1
+# template field -> the zero-based field it counts from 1 (pytorchcv counts units, stages and convs from 1)
+ONE_BASED_FIELDS = {"b1": "b", "i1": "i", "d1": "d"}
 
 Rule = tuple[str, str, Kind]
 

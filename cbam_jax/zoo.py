@@ -1,0 +1,518 @@
+"""Published ImageNet weights by name: `create_model("cbam_resnet50", pretrained=True)`, `load("resnet50.tv_in1k")`.
+
+Each entry of `PRETRAINED` says where a published PyTorch checkpoint lives (URL, the publisher's
+checksum, key layout), what it is (architecture, parameters, the accuracy its publisher reports,
+license, class names, eval preprocessing), and is named `ARCH.TAG` (`ARCH` alone: its first tag).
+
+Loading one downloads the file (a progress bar on terminals; a connection cut mid-file resumes with
+an HTTP Range request while each attempt makes progress), verifies the checksum, converts it with
+`cbam_jax.convert` and caches the converted model as a pretrained directory in
+`$CBAM_JAX_CACHE/models/ARCH.TAG` (default cache `~/.cache/cbam_jax`), written atomically; later
+loads read the cache and need no network. Downloads are never kept: on success only the converted
+model remains, on failure nothing. Without network, or for files on cloud drives that need a browser,
+put the file by hand at `$CBAM_JAX_CACHE/downloads/FILE_NAME` (the error message names the exact
+path, the URL and the checksum): it is verified and converted like a download.
+
+    cbam-jax list-pretrained            # the table below, in the terminal
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import fnmatch
+import hashlib
+import http.client
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cbam_jax.resnet import ResNet
+
+CACHE_ENV = "CBAM_JAX_CACHE"
+DEFAULT_CACHE = "~/.cache/cbam_jax"
+# The 1000 ImageNet-1k class names in index order (torchvision's list, BSD-3-Clause), as the
+# published classifiers number them.
+IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.txt")
+# Resize the short side, center-crop 224, scale to [0, 1], normalise per RGB channel.
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+RESIZE_256 = {"resize": 256, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+RESIZE_232 = {"resize": 232, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+CHUNK = 1 << 20
+TIMEOUT_S = 30.0
+ATTEMPTS = 5  # connections per download; each retry resumes where the last one stopped
+
+
+class DownloadError(OSError):
+    """A published checkpoint that could not be fetched or verified; the message says where to put it by hand."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """One published checkpoint.
+
+    Attributes:
+      arch: the cbam-jax model name it loads into ('cbam_resnet50').
+      tag: which of the model's checkpoints ('imgclsmob', 'tv_in1k', ...).
+      url: where to download it (for `manual` entries: the page to open in a browser).
+      file_name: the file as published; the manual pick-up name in `$CBAM_JAX_CACHE/downloads/`.
+      checksum: 'sha256:HEX' or 'sha1:HEX' of the checkpoint (of `member` for zip archives), as its
+        publisher gives it; a short HEX is a prefix (torchvision publishes 8 hex digits of SHA-256).
+        None: no checksum was published (the file is then only checked by its conversion).
+      layout: the `cbam_jax.convert` key layout of the checkpoint.
+      num_params: trainable parameters (checked after conversion).
+      top1, top5: ImageNet-1k validation accuracy (%) as reported by the publisher (`reported_by`).
+      reported_by: where the numbers (and the file) are published.
+      license: the license the weights are published under.
+      preprocessing: eval preprocessing (`cbam_jax.pretrained` metadata conventions).
+      member: for a .zip download, the checkpoint file inside it.
+      manual: no direct download link (e.g. a cloud drive that asks for confirmation in a browser).
+      note: anything else a user should know (one line).
+    """
+
+    arch: str
+    tag: str
+    url: str
+    file_name: str
+    checksum: str | None
+    layout: str
+    num_params: int
+    top1: float | None
+    top5: float | None
+    reported_by: str
+    license: str
+    preprocessing: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(RESIZE_256))
+    member: str | None = None
+    manual: bool = False
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}.{self.tag}"
+
+    @property
+    def checked_file(self) -> str:
+        """The file the checksum is of: the zip member, or the download itself."""
+        return self.member or self.file_name
+
+
+IMGCLSMOB = "https://github.com/osmr/imgclsmob/releases/download"
+IMGCLSMOB_README = "imgclsmob pytorch/README.md (pytorchcv model_metainfos.csv)"
+IMGCLSMOB_NOTE = "trained by imgclsmob (Gluon, converted to PyTorch); the error is top-1/top-5 on ImageNet-1k val"
+TORCHVISION = "https://download.pytorch.org/models"
+
+
+def _imgclsmob(arch: str, pytorchcv_name: str, error: str, sha1: str, release: str, num_params: int,
+               top1_error: float, top5_error: float) -> Pretrained:
+    """A pytorchcv/imgclsmob release: `NAME-ERROR-SHA1[:8].pth` zipped, its SHA-1 in model_metainfos.csv."""
+    member = f"{pytorchcv_name}-{error}-{sha1[:8]}.pth"
+    return Pretrained(arch=arch, tag="imgclsmob", url=f"{IMGCLSMOB}/{release}/{member}.zip", file_name=f"{member}.zip",
+                      member=member, checksum=f"sha1:{sha1}", layout="pytorchcv_bam" if arch.startswith("bam_")
+                      else "pytorchcv", num_params=num_params, top1=round(100 - top1_error, 2),
+                      top5=round(100 - top5_error, 2), reported_by=IMGCLSMOB_README, license="MIT",
+                      note=f"pytorchcv `{pytorchcv_name}` ({release}), {IMGCLSMOB_NOTE}")
+
+
+def _torchvision(depth: int, version: int, sha256_prefix: str, top1: float, top5: float, num_params: int) -> Pretrained:
+    file_name = f"resnet{depth}-{sha256_prefix}.pth"
+    return Pretrained(arch=f"resnet{depth}", tag="tv_in1k" if version == 1 else "tv2_in1k",
+                      url=f"{TORCHVISION}/{file_name}", file_name=file_name, checksum=f"sha256:{sha256_prefix}",
+                      layout="torchvision", num_params=num_params, top1=top1, top5=top5,
+                      reported_by="torchvision ResNet" f"{depth}_Weights.IMAGENET1K_V{version}", license="BSD-3-Clause",
+                      preprocessing=dict(RESIZE_256 if version == 1 else RESIZE_232),
+                      note=f"torchvision IMAGENET1K_V{version} weights" + (" (new training recipe)" if version == 2 else ""))
+
+
+# Facts checked against pytorchcv 0.0.74 (models/common/model_metainfos.csv, model_store.py's URL
+# scheme), imgclsmob's pytorch/README.md (the accuracy table), torchvision 0.29.1 (weights enums) and
+# Jongchan/attention-module's README (commit 459efad) and LICENSE.
+_ENTRIES = [
+    _imgclsmob("cbam_resnet50", "cbam_resnet50", "0505", "d8cf8488efb97afecd6b3287a3ca9fa093fc3127", "v0.0.537",
+               28_089_624, 20.17, 5.05),
+    Pretrained(arch="cbam_resnet50", tag="official",
+               url="https://drive.google.com/file/d/1mvAVvhLR_2XY_bPYxh-SEz4vDmGzSArO/view",
+               file_name="RESNET50_CBAM_new_name_wrap.pth", checksum=None, layout="official", num_params=28_089_624,
+               top1=77.622, top5=93.948, reported_by="Jongchan/attention-module README", license="MIT", manual=True,
+               note="the paper authors' release (100 epochs); a Google Drive file: download it in a browser; "
+                    "no checksum published"),
+    _imgclsmob("bam_resnet50", "bam_resnet50", "0547", "a04adf3c93f56836509f66668aa90360c9688eb8", "v0.0.499",
+               25_915_099, 20.91, 5.47),
+    Pretrained(arch="bam_resnet50", tag="official",
+               url="https://drive.google.com/file/d/1auVf70gfL0ol40bvaX5rlbpn9cKIxhAL/view",
+               file_name="RESNET50_IMAGENET_BAM_best.pth.tar", checksum=None, layout="official", num_params=25_915_099,
+               top1=76.860, top5=93.416, reported_by="Jongchan/attention-module README", license="MIT", manual=True,
+               note="the paper authors' release (90 epochs); a Google Drive file: download it in a browser; "
+                    "no checksum published"),
+    _imgclsmob("se_resnet18", "seresnet18", "0961", "022123a5e88c9917e63165f5b5a7808a606d452a", "v0.0.355",
+               11_778_592, 28.18, 9.61),
+    _imgclsmob("se_resnet50", "seresnet50b", "0539", "459e6871e944d1c7102ee9c055ea428b8d9a168c", "v0.0.387",
+               28_088_024, 20.79, 5.39),
+    _imgclsmob("se_resnet101", "seresnet101b", "0487", "b83a20fd2ad9a32e0fe5cb3daef45aac03ea3194", "v0.0.460",
+               49_326_872, 19.70, 4.87),
+    _torchvision(18, 1, "f37072fd", 69.758, 89.078, 11_689_512),
+    _torchvision(34, 1, "b627a593", 73.314, 91.42, 21_797_672),
+    _torchvision(50, 1, "0676ba61", 76.13, 92.862, 25_557_032),
+    _torchvision(50, 2, "11ad3fa6", 80.858, 95.434, 25_557_032),
+    _torchvision(101, 1, "63fe2227", 77.374, 93.546, 44_549_160),
+    _torchvision(101, 2, "cd907fc2", 81.886, 95.78, 44_549_160),
+    _torchvision(152, 1, "394f9c45", 78.312, 94.046, 60_192_808),
+    _torchvision(152, 2, "f82ba261", 82.284, 96.002, 60_192_808),
+    # pytorchcv's plain ResNets with the stride on the 3x3 convolution (its `resnet50` etc. are v1).
+    _imgclsmob("resnet18", "resnet18", "0896", "77a56f155214819bfc79ff09795370f955b20e6d", "v0.0.478",
+               11_689_512, 26.94, 8.96),
+    _imgclsmob("resnet34", "resnet34", "0780", "3f775482a327e5fc4850fbb77785bfc55e171e5f", "v0.0.291",
+               21_797_672, 24.84, 7.80),
+    _imgclsmob("resnet50", "resnet50b", "0638", "8a5473ef985d65076a3758117ad5700d726bd952", "v0.0.308",
+               25_557_032, 22.39, 6.38),
+    _imgclsmob("resnet101", "resnet101b", "0530", "f059ba3c7fa4a65f2da6e17f3718662d59836637", "v0.0.357",
+               44_549_160, 20.59, 5.30),
+    _imgclsmob("resnet152", "resnet152b", "0445", "2f420307673264444e8457e2050b5d6b131002d7", "v0.0.517",
+               60_192_808, 19.01, 4.45),
+]
+# name ('ARCH.TAG') -> entry; an architecture's first entry is its default.
+PRETRAINED: dict[str, Pretrained] = {entry.name: entry for entry in _ENTRIES}
+
+
+def register(entry: Pretrained) -> None:
+    """Add (or replace) an entry, e.g. a mirror or your own published checkpoint."""
+    PRETRAINED[entry.name] = entry
+
+
+def list_pretrained(pattern: str = "*") -> list[str]:
+    """Names ('ARCH.TAG') of the registered checkpoints matching a shell-style `pattern` ('cbam_*')."""
+    return [name for name in PRETRAINED if fnmatch.fnmatchcase(name, pattern)]
+
+
+def get(name: str, tag: str | None = None) -> Pretrained:
+    """The entry 'ARCH.TAG' (`name`, or `name` 'ARCH' with `tag`); 'ARCH' alone is its first (default) entry.
+
+    Raises:
+      ValueError: no such entry (the message lists what there is).
+    """
+    if tag is not None and "." not in name:
+        name = tag if "." in tag else f"{name}.{tag}"  # a tag may be given as the full name
+    if name in PRETRAINED:
+        return PRETRAINED[name]
+    defaults = [entry for entry in PRETRAINED.values() if entry.arch == name]
+    if defaults:
+        return defaults[0]
+    arch, _, wanted = name.partition(".")
+    tags = [entry.tag for entry in PRETRAINED.values() if entry.arch == arch]
+    if tags:
+        raise ValueError(f"{arch} has no pretrained weights tagged {wanted!r}; its tags: {', '.join(tags)}.")
+    archs = sorted({entry.arch for entry in PRETRAINED.values()})
+    raise ValueError(f"No pretrained weights named {name!r}; published for: {', '.join(archs)} "
+                     "(`cbam-jax list-pretrained`).")
+
+
+def cache_dir() -> Path:
+    """`$CBAM_JAX_CACHE`, or ~/.cache/cbam_jax."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().absolute()
+
+
+def pickup_path(entry: Pretrained) -> Path:
+    """Where a file downloaded by hand is picked up: `$CBAM_JAX_CACHE/downloads/FILE_NAME`."""
+    return cache_dir() / "downloads" / entry.file_name
+
+
+def model_dir(entry: Pretrained) -> Path:
+    """The converted model's pretrained directory in the cache."""
+    return cache_dir() / "models" / entry.name
+
+
+def load_entry(entry: Pretrained | str) -> tuple[ResNet, dict[str, Any]]:
+    """(model, variables) of a registered checkpoint: from the cache, else downloaded, verified,
+    converted and cached (see the module docstring).
+
+    Raises:
+      DownloadError: no network, a cut or failed download, or a wrong checksum; the message names the
+        URL, the expected checksum and the path where a file downloaded by hand is picked up.
+      ValueError: an unknown name, or a file that does not convert to the entry's model.
+    """
+    from cbam_jax.pretrained import load_pretrained, save_pretrained  # the checkpoint stack, only when used
+
+    entry = get(entry) if isinstance(entry, str) else entry
+    target = model_dir(entry)
+    if target.is_dir():
+        return load_pretrained(target)
+    with _verified_checkpoint(entry) as (checkpoint, origin):
+        model, variables = _convert(entry, checkpoint)
+        metadata = _metadata(entry, origin, checkpoint)
+    try:
+        save_pretrained(target, model, variables, metadata=metadata)
+    except FileExistsError:  # another process cached it meanwhile
+        pass
+    return model, variables
+
+
+def load(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
+    """(model, variables) from any source of weights: a registered name ('cbam_resnet50',
+    'resnet50.tv_in1k'), an 'hf-hub:ORG/NAME[@REVISION]' id, a pretrained directory, or a PyTorch
+    checkpoint file (.pth, .pth.tar, .pt, .bin, .safetensors).
+
+    Raises:
+      ValueError: `source` is none of these (or does not load); DownloadError as `load_entry`.
+    """
+    from cbam_jax import hub
+
+    text = os.fspath(source)
+    if hub.is_hub_id(text):
+        return hub.load(text)
+    if text in PRETRAINED or any(entry.arch == text for entry in PRETRAINED.values()):
+        return load_entry(get(text))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        from cbam_jax.pretrained import load_pretrained
+        return load_pretrained(path)
+    if path.is_file():
+        from cbam_jax.convert import from_torch
+        return from_torch(path)
+    raise ValueError(f"{text!r} is no registered pretrained model (`cbam-jax list-pretrained`), no 'hf-hub:ORG/NAME' "
+                     "id, and no existing directory or checkpoint file.")
+
+
+def pretrained_variables(name: str, tag: bool | str, model: ResNet) -> dict[str, Any]:
+    """Variables for `model` (built by `create_model(name, ...)`) from the registered weights of
+    `name`: `tag` True for the default, else a tag. A backbone (`features_only`) drops the head;
+    another class count gets a new head (initialised with key 0)."""
+    from cbam_jax.convert.detect import variant_of
+    from cbam_jax.convert.layouts import get_layout
+    from cbam_jax.convert.transfer import transfer_variables
+
+    entry = get(name, tag if isinstance(tag, str) else None)
+    if entry.arch != name:
+        raise ValueError(f"Pretrained weights {entry.name!r} are for {entry.arch}, not {name}; to start a {name} "
+                         "from them use cbam_jax.convert.transfer.init_from.")
+    published_variant = get_layout(entry.layout).variant
+    if model.attention == "cbam" and variant_of(model) != published_variant:
+        raise ValueError(f"{entry.name} holds {published_variant}-variant weights; create the model with "
+                         f"variant={published_variant!r}.")
+    _, variables = load_entry(entry)
+    variables, _ = transfer_variables(variables, model, new_attention=False)
+    return variables
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in the published classifiers' index order."""
+    return IMAGENET_CLASSES_FILE.read_text().splitlines()
+
+
+# ---- download, verification, conversion -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _verified_checkpoint(entry: Pretrained) -> Iterator[tuple[Path, str]]:
+    """`with _verified_checkpoint(entry) as (path, origin)`: the checkpoint file, verified, and where it came
+    from. Temporary files (the download, an extracted zip member) and the folders made for them are removed
+    on exit, whatever happens."""
+    temporary: list[Path] = []  # files, then folders this call created (innermost last)
+    try:
+        manual = pickup_path(entry)
+        candidates = [manual] + ([manual.with_name(entry.member)] if entry.member else [])
+        found = next((path for path in candidates if path.is_file()), None)
+        if found is not None:
+            origin = f"{found} (downloaded by hand)"
+            _check(entry, found, origin, by_hand=True)
+            yield _unpacked(entry, found, temporary), origin
+        elif entry.manual:
+            raise DownloadError(f"{entry.name} cannot be downloaded automatically: open {entry.url} in a browser, "
+                                f"save the file as {manual} and load it again ({_expected(entry)}).")
+        else:
+            downloaded = _temporary(manual.parent, manual.name, temporary)
+            _download(entry, downloaded)
+            _check(entry, downloaded, entry.url, by_hand=False)
+            yield _unpacked(entry, downloaded, temporary), entry.url
+    finally:
+        for path in reversed(temporary):
+            if path.is_dir():
+                with contextlib.suppress(OSError):  # kept if something else was put there meanwhile
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _temporary(folder: Path, name: str, temporary: list[Path]) -> Path:
+    """A new empty file `.NAME.partial-XXXX.SUFFIX` in `folder` (the suffix tells the reader the file type),
+    recorded in `temporary` for removal, like the folders made for it."""
+    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary.extend(reversed(missing))
+    handle, path = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=Path(name).suffix, dir=folder)
+    os.close(handle)
+    temporary.append(Path(path))
+    return Path(path)
+
+
+def _unpacked(entry: Pretrained, path: Path, temporary: list[Path]) -> Path:
+    """The checkpoint inside a zip download (extracted beside it, then verified), or `path` itself."""
+    if entry.member is None or not zipfile.is_zipfile(path):
+        return path
+    member = _temporary(path.parent, entry.member, temporary)
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(entry.member) as inside, open(member, "wb") as out:
+            shutil.copyfileobj(inside, out, CHUNK)
+    except (KeyError, zipfile.BadZipFile, OSError) as error:
+        raise DownloadError(f"{path} is not the expected archive holding {entry.member} ({error}); "
+                            f"{_by_hand(entry)}.") from None
+    _check(entry, member, f"{entry.member} in {entry.file_name}", by_hand=False)
+    return member
+
+
+def _check(entry: Pretrained, path: Path, origin: str, *, by_hand: bool) -> None:
+    """DownloadError unless `path` has the entry's checksum (a zip download is checked once unpacked)."""
+    if entry.checksum is None or (entry.member and zipfile.is_zipfile(path)):
+        return
+    algorithm, expected = entry.checksum.split(":")
+    digest = _digest(path, algorithm)
+    if not digest.startswith(expected):
+        kept = "it was left there" if by_hand else "nothing was kept"
+        raise DownloadError(f"{origin} has {algorithm.upper()} {digest}, not the published {expected} of "
+                            f"{entry.checked_file} ({kept}); {_by_hand(entry)}.")
+
+
+def _download(entry: Pretrained, destination: Path) -> None:
+    """`entry.url` into `destination`, resuming with HTTP Range after a cut while attempts make progress."""
+    from tqdm import tqdm
+
+    received, last_error = 0, None
+    with open(destination, "wb") as out, tqdm(desc=entry.file_name, unit="B", unit_scale=True, unit_divisor=1024,
+                                              disable=None, file=sys.stderr) as bar:
+        for _ in range(ATTEMPTS):
+            before = received
+            try:
+                received = _fetch(entry.url, out, received, bar)
+                return
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+                received, last_error = out.tell(), error
+                permanent = isinstance(error, urllib.error.HTTPError) and error.code not in (408, 429, 500, 502, 503, 504)
+                if permanent or received <= before:  # refused, unreachable, or no progress: give up
+                    break
+    reason = getattr(last_error, "reason", None) or last_error
+    raise DownloadError(f"Cannot download {entry.name} from {entry.url} ({type(last_error).__name__}: "
+                        f"{str(reason).splitlines()[0] if str(reason) else 'connection closed'}; nothing was kept); "
+                        f"{_by_hand(entry)}.")
+
+
+def _fetch(url: str, out: Any, received: int, bar: Any) -> int:
+    """One request: append `url`'s bytes from `received` on to `out` (from 0 if the server ignores the Range).
+    Returns the new size; ConnectionError when the connection closes before Content-Length bytes came."""
+    headers = {"User-Agent": "cbam-jax", **({"Range": f"bytes={received}-"} if received else {})}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S) as response:
+        if received and response.status != 206:  # the server sends the whole file again
+            out.seek(0)
+            out.truncate()
+            received = 0
+            bar.reset()
+        length = response.headers.get("Content-Length")
+        end = received + int(length) if length and length.isdigit() else None
+        bar.total = end
+        while chunk := response.read(CHUNK):
+            out.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    if end is not None and received < end:
+        raise ConnectionError(f"the connection closed after {received:,} of {end:,} bytes")
+    return received
+
+
+def _by_hand(entry: Pretrained) -> str:
+    return f"download it by hand and put it at {pickup_path(entry)} ({_expected(entry)})"
+
+
+def _expected(entry: Pretrained) -> str:
+    if entry.checksum is None:
+        return "no published checksum"
+    algorithm, digest = entry.checksum.split(":")
+    prefix = " prefix" if len(digest) < {"sha1": 40, "sha256": 64}[algorithm] else ""
+    return f"{algorithm.upper()}{prefix} of {entry.checked_file}: {digest}"
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def _convert(entry: Pretrained, checkpoint: Path) -> tuple[ResNet, dict[str, Any]]:
+    """The checkpoint as the entry's model; ValueError if it is another model or parameter count."""
+    import jax
+    import numpy as np
+
+    from cbam_jax.convert import from_torch
+
+    model, variables = from_torch(checkpoint, arch=entry.arch, layout=entry.layout)
+    count = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(variables["params"]))
+    if count != entry.num_params:
+        raise ValueError(f"{checkpoint} converts to {count:,} parameters, but {entry.name} has {entry.num_params:,}.")
+    return model, variables
+
+
+def _metadata(entry: Pretrained, origin: str, checkpoint: Path) -> dict[str, Any]:
+    source = {"name": entry.name, "url": entry.url, "file": entry.checked_file, "from": origin,
+              "layout": entry.layout, "license": entry.license, "reported_by": entry.reported_by}
+    if entry.checksum is None:  # record what was loaded, since nobody published what it should be
+        source["sha256"] = _digest(checkpoint, "sha256")
+    else:
+        source["checksum"] = entry.checksum
+    metrics = {"dataset": "imagenet-1k val", "top1": entry.top1, "top5": entry.top5, "reported_by": entry.reported_by}
+    return {"class_names": imagenet_class_names(), "preprocessing": dict(entry.preprocessing), "source": source,
+            "metrics": metrics}
+
+
+# ---- `cbam-jax list-pretrained` ---------------------------------------------------------------------------------
+
+COLUMNS = ("name", "source", "params", "top-1", "checksum", "license")
+
+
+def table_rows(pattern: str = "*") -> list[tuple[str, ...]]:
+    """One row per entry matching `pattern`: COLUMNS as text."""
+    rows = []
+    for name in list_pretrained(pattern):
+        entry = PRETRAINED[name]
+        source = f"{entry.reported_by.split()[0]}{' (manual download)' if entry.manual else ''}"
+        rows.append((name, source, f"{entry.num_params:,}", f"{entry.top1:.2f}" if entry.top1 else "-",
+                     _short_checksum(entry), entry.license))
+    return rows
+
+
+def _short_checksum(entry: Pretrained) -> str:
+    if entry.checksum is None:
+        return "none published"
+    algorithm, digest = entry.checksum.split(":")
+    return f"{algorithm} {digest}" + (" (prefix)" if len(digest) < 40 else "")
+
+
+def format_table(rows: list[tuple[str, ...]], *, markdown: bool = False) -> str:
+    """The table as aligned text, or as a Markdown table (the README's)."""
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(str(cell)) for cell in column) for column in zip(COLUMNS, *rows)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [COLUMNS, *rows])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `cbam-jax list-pretrained`."""
+    parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter on the names, e.g. 'cbam_*'")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--cached", action="store_true", help="show where each converted model is cached, if it is")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table of registered checkpoints; exit code 1 (one line on stderr) if none matches."""
+    rows = table_rows(args.pattern)
+    if not rows:
+        print(f"cbam-jax list-pretrained: error: no pretrained weights match {args.pattern!r}; try 'cbam_*' or no "
+              f"pattern for all {len(PRETRAINED)}.", file=sys.stderr)
+        return 1
+    print(format_table(rows, markdown=args.markdown))
+    if args.cached:
+        for name in list_pretrained(args.pattern):
+            path = model_dir(PRETRAINED[name])
+            print(f"{name}: {path if path.is_dir() else 'not cached'}")
+    return 0

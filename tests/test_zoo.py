@@ -1,0 +1,373 @@
+"""Published weights by name: download from a local HTTP server, verify, convert, cache, load offline;
+every failure is one line and leaves nothing in the cache; the registry's facts against the packages
+that publish them; `cbam-jax list-pretrained`."""
+
+import hashlib
+import http.server
+import io
+import re
+import socket
+import threading
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cbam_jax import create_model, zoo
+from cbam_jax.cli import main
+from cbam_jax.convert import from_torch, to_numpy_state_dict
+from cbam_jax.pretrained import load_metadata
+from tests.helpers import random_variables
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+class Server:
+    """A local HTTP server of in-memory files. Modes per path: 'ok' (honours Range), 'cut' (sends half,
+    then closes, every time), 'cut_once' (the first request is cut, later ones are served)."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.modes: dict[str, str] = {}
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.bytes_sent = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                server.requests.append((self.path, self.headers.get("Range")))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                mode = server.modes.get(self.path, "ok")
+                start = 0
+                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if match and mode != "cut":
+                    start = int(match[1])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if mode == "cut" or (mode == "cut_once" and len(server.requests) == 1):
+                    body = body[: len(body) // 2]  # then the connection closes
+                self.wfile.write(body)
+                server.bytes_sent += len(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    running = Server()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """Register test entries for the duration of a test only."""
+    monkeypatch.setattr(zoo, "PRETRAINED", dict(zoo.PRETRAINED))
+
+    def register(**fields):
+        entry = zoo.Pretrained(**{"tag": "test", "layout": "official", "top1": 50.0, "top5": 80.0,
+                                  "reported_by": "tests", "license": "MIT", **fields})
+        zoo.register(entry)
+        return entry
+    return register
+
+
+def closed_port_url(path: str) -> str:
+    with socket.socket() as s:  # bound and closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+def cache_files(cache: Path) -> list[str]:
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
+
+
+def tiny_checkpoint() -> tuple[bytes, int]:
+    """An official-layout CBAM-ResNet-18 (width 8, CIFAR stem) as safetensors, made without torch."""
+    model = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4)
+    variables = random_variables(model, (1, 16, 16, 3))
+    buffer = io.BytesIO()
+    from safetensors.numpy import save
+    buffer.write(save(to_numpy_state_dict(variables, arch=model)))
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+    return buffer.getvalue(), count
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return tiny_checkpoint()
+
+
+def plain_entry(server, registered, checkpoint, mode="ok", **fields):
+    data, count = checkpoint
+    server.files["/w/tiny.safetensors"] = data
+    server.modes["/w/tiny.safetensors"] = mode
+    fields = {"checksum": "sha256:" + hashlib.sha256(data).hexdigest(), "num_params": count, **fields}
+    return registered(arch="cbam_resnet18", url=server.url("/w/tiny.safetensors"), file_name="tiny.safetensors",
+                      **fields)
+
+
+def assert_one_line_failure(error, cache, *needles):
+    message = str(error.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    assert not cache.exists(), cache_files(cache)  # no partial file, not even a folder
+
+
+# ---- the whole path, with a checkpoint made by the PyTorch reference ------------------------------------------
+
+def test_download_verify_convert_cache_then_offline(tmp_path, server, cache, registered):
+    torch = pytest.importorskip("torch")
+    from tests.torch_refs import pytorchcv
+    from tests.torch_refs.harness import prepare
+
+    torch.manual_seed(0)
+    reference = prepare(pytorchcv.cbam_resnet(18, num_classes=10, global_pool=True), (2, 3, 32, 32))
+    torch.save(reference.state_dict(), tmp_path / "cbam18-sha1.pth")
+    pth = (tmp_path / "cbam18-sha1.pth").read_bytes()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:  # as imgclsmob publishes: NAME.pth.zip, SHA-1 of NAME.pth
+        zf.writestr("cbam18-sha1.pth", pth)
+    server.files["/release/cbam18-sha1.pth.zip"] = archive.getvalue()
+    entry = registered(arch="cbam_resnet18", layout="pytorchcv", url=server.url("/release/cbam18-sha1.pth.zip"),
+                       file_name="cbam18-sha1.pth.zip", member="cbam18-sha1.pth",
+                       checksum="sha1:" + hashlib.sha1(pth).hexdigest(),
+                       num_params=sum(p.numel() for p in reference.parameters()))
+
+    model, variables = zoo.load("cbam_resnet18.test")
+    direct_model, direct = from_torch(tmp_path / "cbam18-sha1.pth", arch="cbam_resnet18", layout="pytorchcv")
+    assert model == direct_model
+    jax.tree.map(np.testing.assert_array_equal, variables, direct)
+    assert cache_files(cache) == sorted(["models", "models/cbam_resnet18.test",
+                                         *(f"models/cbam_resnet18.test/{p.relative_to(zoo.model_dir(entry))}"
+                                           for p in zoo.model_dir(entry).rglob("*"))])
+    metadata = load_metadata(zoo.model_dir(entry))
+    assert metadata["source"]["checksum"] == entry.checksum and len(metadata["class_names"]) == 1000
+    assert metadata["preprocessing"]["crop"] == 224 and metadata["metrics"]["top1"] == 50.0
+
+    server.stop()  # no network from here on
+    requests = len(server.requests)
+    again_model, again = zoo.load("cbam_resnet18.test")
+    assert again_model == model and len(server.requests) == requests
+    jax.tree.map(np.testing.assert_array_equal, again, direct)
+    # The same weights by name through create_model, and as a backbone.
+    _, by_name = create_model("cbam_resnet18", num_classes=10, pretrained="test")
+    jax.tree.map(np.testing.assert_array_equal, by_name, direct)
+    backbone, features = create_model("cbam_resnet18", pretrained="test", features_only=True, out_indices=(1, 2))
+    assert set(features["params"]) == {"conv1", "bn1", "layer1_0", "layer1_1", "layer2_0", "layer2_1"}
+    jax.tree.map(np.testing.assert_array_equal, features["params"]["layer2_1"], direct["params"]["layer2_1"])
+    assert backbone.feature_info[1].channels == 128
+
+
+def test_cached_model_loads_offline_and_equals_direct_conversion(tmp_path, server, cache, registered, checkpoint):
+    """The same path as above without torch: a safetensors checkpoint, SHA-256."""
+    plain_entry(server, registered, checkpoint)
+    model, variables = zoo.load("cbam_resnet18.test")
+    (tmp_path / "direct.safetensors").write_bytes(checkpoint[0])
+    direct_model, direct = from_torch(tmp_path / "direct.safetensors", arch="cbam_resnet18")
+    assert model == direct_model
+    jax.tree.map(np.testing.assert_array_equal, variables, direct)
+    server.stop()
+    requests = len(server.requests)
+    again_model, again = zoo.load("cbam_resnet18.test")
+    assert again_model == model and len(server.requests) == requests == 1
+    jax.tree.map(np.testing.assert_array_equal, again, direct)
+    assert cache_files(cache)[0] == "models"  # the download itself is not kept
+
+
+def test_resume_after_a_cut_with_a_range_request(server, cache, registered, checkpoint):
+    plain_entry(server, registered, checkpoint, mode="cut_once")
+    zoo.load("cbam_resnet18.test")
+    assert len(server.requests) == 2
+    first_half = len(checkpoint[0]) // 2
+    assert server.requests[1] == ("/w/tiny.safetensors", f"bytes={first_half}-")
+    assert server.bytes_sent == len(checkpoint[0])  # nothing was sent twice
+    assert (cache / "models" / "cbam_resnet18.test").is_dir()
+
+
+def test_wrong_checksum(server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint, checksum="sha256:" + "0" * 64)
+    with pytest.raises(zoo.DownloadError) as error:
+        zoo.load_entry(entry)
+    assert_one_line_failure(error, cache, entry.url, "0" * 64, str(zoo.pickup_path(entry)), "nothing was kept")
+
+
+def test_connection_cut_mid_file(server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint, mode="cut")
+    with pytest.raises(zoo.DownloadError) as error:
+        zoo.load_entry(entry)
+    assert_one_line_failure(error, cache, entry.url, entry.checksum.split(":")[1], str(zoo.pickup_path(entry)))
+    assert 2 <= len(server.requests) <= zoo.ATTEMPTS  # it retried with Range while it made progress
+
+
+def test_no_network(cache, registered, checkpoint):
+    entry = registered(arch="cbam_resnet18", url=closed_port_url("/w/tiny.safetensors"), file_name="tiny.safetensors",
+                       checksum="sha256:" + hashlib.sha256(checkpoint[0]).hexdigest(), num_params=checkpoint[1])
+    with pytest.raises(zoo.DownloadError) as error:
+        create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4, pretrained="test")
+    assert_one_line_failure(error, cache, entry.url, entry.checksum.split(":")[1], str(zoo.pickup_path(entry)))
+    # A file downloaded by hand at the named path is picked up (and left where it was).
+    zoo.pickup_path(entry).parent.mkdir(parents=True)
+    zoo.pickup_path(entry).write_bytes(checkpoint[0])
+    model, variables = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4,
+                                    pretrained="test")
+    assert zoo.pickup_path(entry).is_file() and (cache / "models" / "cbam_resnet18.test").is_dir()
+
+
+def test_wrong_file_by_hand_is_refused_and_kept(cache, registered, checkpoint):
+    entry = registered(arch="cbam_resnet18", url=closed_port_url("/x"), file_name="tiny.safetensors",
+                       checksum="sha256:" + hashlib.sha256(checkpoint[0]).hexdigest(), num_params=checkpoint[1])
+    zoo.pickup_path(entry).parent.mkdir(parents=True)
+    zoo.pickup_path(entry).write_bytes(checkpoint[0][:-1] + b"!")
+    with pytest.raises(zoo.DownloadError, match="it was left there") as error:
+        zoo.load_entry(entry)
+    assert "\n" not in str(error.value) and zoo.pickup_path(entry).is_file()
+    assert not (cache / "models").exists()
+
+
+def test_manual_entry_names_the_page_and_the_path(cache, registered, checkpoint):
+    entry = registered(arch="cbam_resnet18", url="https://drive.example/file/d/ID/view", file_name="ckpt.safetensors",
+                       checksum=None, num_params=checkpoint[1], manual=True)
+    with pytest.raises(zoo.DownloadError) as error:
+        zoo.load_entry(entry)
+    assert_one_line_failure(error, cache, entry.url, str(zoo.pickup_path(entry)), "no published checksum")
+    # Put there by hand, it loads; without a published checksum the SHA-256 of what was loaded is recorded.
+    zoo.pickup_path(entry).parent.mkdir(parents=True)
+    zoo.pickup_path(entry).write_bytes(checkpoint[0])
+    zoo.load_entry(entry)
+    source = load_metadata(zoo.model_dir(entry))["source"]
+    assert source["sha256"] == hashlib.sha256(checkpoint[0]).hexdigest() and "checksum" not in source
+
+
+def test_a_file_of_another_model_is_refused(server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint, num_params=123)
+    with pytest.raises(ValueError, match="123"):
+        zoo.load_entry(entry)
+    assert not cache.exists()
+
+
+# ---- names and the table ---------------------------------------------------------------------------------------
+
+def test_names_tags_and_errors():
+    assert zoo.get("cbam_resnet50").name == "cbam_resnet50.imgclsmob"  # the first entry is the default
+    assert zoo.get("cbam_resnet50", "official").manual
+    assert zoo.get("resnet50.tv2_in1k").preprocessing["resize"] == 232
+    with pytest.raises(ValueError, match="tags: imgclsmob, official"):
+        zoo.get("cbam_resnet50", "nope")
+    with pytest.raises(ValueError, match="published for"):
+        zoo.get("cbam_resnet77")
+    with pytest.raises(ValueError, match="not cbam_resnet50"):
+        create_model("cbam_resnet50", pretrained="resnet50.tv_in1k")
+    with pytest.raises(ValueError, match="variant='official'"):
+        create_model("cbam_resnet50", variant="timm", pretrained=True)
+    with pytest.raises(ValueError, match="no registered pretrained model"):
+        zoo.load("no_such_thing")
+
+
+def test_list_pretrained_cli_and_readme_table(capsys):
+    assert main(["list-pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in zoo.PRETRAINED)
+    assert "28,089,624" in out and "d8cf8488efb97afecd6b3287a3ca9fa093fc3127" in out
+    assert main(["list-pretrained", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table in README.read_text(), "README's 'Pretrained models' table is out of date: cbam-jax list-pretrained --markdown"
+    assert main(["list-pretrained", "cbam_*"]) == 0
+    assert "resnet50.tv_in1k" not in capsys.readouterr().out
+    assert main(["list-pretrained", "nothing*"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "nothing*" in captured.err
+
+
+def test_imagenet_class_names():
+    names = zoo.imagenet_class_names()
+    assert len(names) == 1000 and len(set(names)) == 1000
+    assert names[0] == "tench" and names[207] == "golden retriever" and names[999] == "toilet tissue"
+
+
+def test_imagenet_class_names_are_torchvisions():
+    torchvision = pytest.importorskip("torchvision")
+    assert zoo.imagenet_class_names() == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+
+
+# ---- the registry's facts against the packages that publish them -----------------------------------------------
+
+def test_imgclsmob_entries_match_pytorchcv():
+    pytest.importorskip("torch")
+    pytorchcv_store = pytest.importorskip("pytorchcv.models.common.model_store")
+    info = pytorchcv_store.get_model_metainfo_dict()
+    entries = [e for e in zoo.PRETRAINED.values() if e.tag == "imgclsmob"]
+    assert len(entries) == 10
+    for entry in entries:
+        pytorchcv_name = entry.member.split("-")[0]
+        params, error, sha1, release = info[pytorchcv_name]
+        assert entry.checksum == f"sha1:{sha1}" and entry.num_params == params
+        assert entry.url == (f"{pytorchcv_store.imgclsmob_repo_url}/releases/download/{release}/"
+                             f"{pytorchcv_name}-{error}-{sha1[:8]}.pth.zip")
+        assert entry.top5 == round(100 - int(error) / 100, 2)  # the file name's error is the top-5 error
+        # Its model builds with the stride on the 3x3 convolution, as cbam-jax does.
+        assert not (pytorchcv_name.startswith(("resnet5", "resnet10", "resnet15", "seresnet5", "seresnet10"))
+                    and not pytorchcv_name.endswith("b"))
+
+
+def test_torchvision_entries_match_torchvision():
+    models = pytest.importorskip("torchvision.models")
+    for entry in (e for e in zoo.PRETRAINED.values() if e.layout == "torchvision"):
+        depth, version = entry.arch[len("resnet"):], 1 if entry.tag == "tv_in1k" else 2
+        weights = getattr(models, f"ResNet{depth}_Weights")[f"IMAGENET1K_V{version}"]
+        metrics = weights.meta["_metrics"]["ImageNet-1K"]
+        assert entry.url == weights.url and weights.url.endswith(f"-{entry.checksum.split(':')[1]}.pth")
+        assert (entry.top1, entry.top5, entry.num_params) == (metrics["acc@1"], metrics["acc@5"],
+                                                             weights.meta["num_params"])
+        transforms = weights.transforms()
+        assert [entry.preprocessing["resize"]] == transforms.resize_size
+        assert [entry.preprocessing["crop"]] == transforms.crop_size
+        assert entry.preprocessing["mean"] == transforms.mean and entry.preprocessing["std"] == transforms.std
+
+
+@pytest.mark.slow
+def test_entries_describe_their_models():
+    """Every entry's arch has the entry's parameter count and its layout maps every tensor (no download)."""
+    from cbam_jax.convert.layouts import get_layout
+    counts = {}
+    for entry in zoo.PRETRAINED.values():
+        if entry.arch not in counts:
+            shapes = jax.eval_shape(create_model(entry.arch).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+            counts[entry.arch] = (sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"])), shapes)
+        count, shapes = counts[entry.arch]
+        assert count == entry.num_params, entry.name
+        layout = get_layout(entry.layout)
+        for path in jax.tree_util.tree_leaves_with_path(shapes):
+            module = "/".join(k.key for k in path[0][1:-1])
+            assert layout.torch_module(module) is not None, (entry.name, module)

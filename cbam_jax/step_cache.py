@@ -20,12 +20,13 @@ import hashlib
 import importlib.metadata
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from jax import export
+
+from cbam_jax.atomic import atomic_output
 
 _PACKAGE = pathlib.Path(__file__).parent
 _VERSIONS = ("jax", "jaxlib", "flax", "optax")
@@ -102,12 +103,9 @@ def cached_step(step: Callable, args: Sequence[Any], cache_dir: str | os.PathLik
         exported = export.export(jax.jit(flat_step), disabled_checks=[
             export.DisabledSafetyCheck.custom_call(t) for t in targets])(*specs)
         aux_tree = aux_holder[-1]
-        directory.mkdir(parents=True, exist_ok=True)
         for path, data in ((aux_path, aux_tree.serialize_using_proto()), (module_path, exported.serialize())):
-            fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(temp, path)  # the module last: a present module means a complete entry
+            with atomic_output(path, replace=True) as temporary:  # the module last: it marks a complete entry
+                temporary.write_bytes(data)
     compiled = jax.jit(exported.call, donate_argnums=tuple(range(num_state)) if donate_state else ())
 
     def call(state, *inputs):

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cbam_jax.atomic import atomic_output
 
 FORMAT_VERSION = 1
 METADATA_FILE = "artifact.json"
@@ -109,9 +110,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     document = _document(model, metadata, channels, height, width, formats)
     check_images = np.random.default_rng(0).standard_normal((2, height or 37, width or 29, channels)).astype(np.float32)
     expected = np.asarray(jax.jit(apply)(check_images))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_output(out, folder=True) as staging:
         if "stablehlo" in formats:
             from cbam_jax.artifacts.stablehlo import export_stablehlo, run_stablehlo
 
@@ -130,13 +129,6 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
             _check("ONNX", outputs, expected, ONNX_CHECK_TOLERANCE)
         (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary directory
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return document
 
 

@@ -61,6 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from cbam_jax.atomic import atomic_output  # noqa: E402
 from cbam_jax.registry import create_model, parse_name  # noqa: E402
 
 # benchmark name -> (ResNet `implementation` option, native kernels (oneDNN) on the CPU path)
@@ -666,17 +667,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Call `write(temp_path)` beside `path`, then rename over it: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(temp)
-        os.chmod(temp, 0o644)  # mkstemp creates 0600
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    with atomic_output(path, replace=True) as temporary:
+        write(str(temporary))
 
 
 def _write_text(path: str, text: str) -> None:

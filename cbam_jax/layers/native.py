@@ -26,7 +26,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -35,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from cbam_jax.atomic import atomic_output
 
 SOURCE = pathlib.Path(__file__).with_name("native_ops.cc")
 # XLA custom-call target -> the shim's handler symbol
@@ -100,19 +101,14 @@ def build() -> pathlib.Path:
     target = cache_dir() / f"native_ops-{digest}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
-    os.close(fd)
-    command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include}", f"-I{ffi_include}",
-               str(SOURCE), f"-L{library}", "-l:libdnnl.so.3", f"-Wl,-rpath,{library}", "-o", temp]
-    try:
+    # Concurrent builders each compile to their own hidden name; the rename into place is atomic.
+    with atomic_output(target, replace=True) as temporary:
+        command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include}",
+                   f"-I{ffi_include}", str(SOURCE), f"-L{library}", "-l:libdnnl.so.3", f"-Wl,-rpath,{library}",
+                   "-o", str(temporary)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise Unavailable(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(temp, target)  # atomic: concurrent builders each write their own temp file
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return target
 
 

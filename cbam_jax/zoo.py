@@ -413,7 +413,7 @@ def _locked(path: Path, entry: Pretrained, created: list[Path]) -> BinaryIO:
         created += [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = open(path, "a+b")  # noqa: SIM115 (closed by _fetching)
-        if True:
+        if fcntl is None:
             return partial
         try:
             fcntl.flock(partial, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -33,8 +33,9 @@ README = Path(__file__).parent.parent / "README.md"
 
 class Server:
     """A local HTTP server of in-memory files. Modes per path: 'ok' (honours Range; 416 for a Range
-    from the end), 'cut' (sends half, then closes, every time), 'cut_once' (the first request is cut,
-    later ones are served), 'stall' (sends half, then waits for `release` before it closes)."""
+    from the end), 'no_range' (ignores Range: the whole file every time), 'cut' (sends half, then closes,
+    every time), 'cut_once' (the first request is cut, later ones are served), 'stall' (sends half, then
+    waits for `release` before it closes)."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
@@ -54,7 +55,7 @@ class Server:
                 mode = server.modes.get(self.path, "ok")
                 start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if match and mode != "cut":
+                if match and mode not in ("cut", "no_range"):
                     start = int(match[1])
                     if start >= len(data):
                         self.send_error(416)
@@ -287,6 +288,30 @@ def test_an_interrupted_download_is_kept_and_not_fetched_again(server, cache, re
     assert not zoo.partial_path(entry).exists()
 
 
+def test_a_server_that_ignores_range_sends_the_file_again(tmp_path, server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint, mode="no_range")
+    data, half = checkpoint[0], len(checkpoint[0]) // 2
+    zoo.partial_path(entry).parent.mkdir(parents=True)
+    zoo.partial_path(entry).write_bytes(data[:half])
+    _, variables = zoo.load_entry(entry)
+    assert server.requests == [("/w/tiny.safetensors", f"bytes={half}-")]  # answered 200 with the whole file
+    assert server.bytes_sent == len(data)
+    jax.tree.map(np.testing.assert_array_equal, variables, direct_conversion(tmp_path, checkpoint))
+    assert not zoo.partial_path(entry).exists()
+
+
+def test_a_stalled_connection_fails_in_one_line_and_keeps_nothing(server, cache, registered, checkpoint,
+                                                                  monkeypatch):
+    monkeypatch.setattr(zoo, "TIMEOUT_S", 0.3)
+    entry = plain_entry(server, registered, checkpoint, mode="stall")  # half of what is asked, then silence
+    with pytest.raises(zoo.DownloadError, match="timed out") as error:
+        zoo.load_entry(entry)
+    assert_one_line_failure(error, cache, entry.url, entry.checksum.split(":")[1], str(zoo.pickup_path(entry)))
+    half = len(checkpoint[0]) // 2
+    assert server.requests[:2] == [("/w/tiny.safetensors", None), ("/w/tiny.safetensors", f"bytes={half}-")]
+    assert len(server.requests) == zoo.ATTEMPTS  # each attempt made progress, so each was resumed
+
+
 def test_loads_of_the_same_entry_take_turns(server, cache, registered, checkpoint, capfd):
     entry = plain_entry(server, registered, checkpoint, mode="stall")
     half = len(checkpoint[0]) // 2
@@ -299,10 +324,9 @@ def test_loads_of_the_same_entry_take_turns(server, cache, registered, checkpoin
     wait_for(lambda: zoo.partial_path(entry).is_file() and zoo.partial_path(entry).stat().st_size == half)
     second = threading.Thread(target=load, args=("second",))
     second.start()
-    waited = ""
-    while "Waiting for another process fetching cbam_resnet18.test" not in waited:
-        waited += capfd.readouterr().err
-        wait_for(lambda: True)
+    waited = []
+    wait_for(lambda: waited.append(capfd.readouterr().err)
+             or "Waiting for another process fetching cbam_resnet18.test" in "".join(waited))
     server.modes["/w/tiny.safetensors"] = "ok"
     server.release.set()
     first.join(60)

@@ -426,6 +426,24 @@ def test_a_file_of_another_model_is_refused(server, cache, registered, checkpoin
     assert not cache.exists()
 
 
+def test_predict_and_export_take_a_registered_name(tmp_path, server, cache, registered, checkpoint, capsys):
+    from PIL import Image
+
+    from cbam_jax.cli import main
+
+    entry = plain_entry(server, registered, checkpoint, preprocessing={"resize": 20, "crop": 16, "mean": [0.5] * 3,
+                                                                       "std": [0.25] * 3})
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(image)
+    outputs = []
+    for source in (entry.name, str(zoo.model_dir(entry))):  # downloaded and cached by name, then the cache itself
+        assert main(["predict", "--pretrained", source, "--json", str(image)]) == 0, capsys.readouterr().err
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and len(server.requests) == 1
+    assert main(["export", entry.name, str(tmp_path / "exported"), "--formats", "stablehlo"]) == 0, capsys.readouterr()
+    assert json.loads((tmp_path / "exported" / "artifact.json").read_text())["input"]["shape"][1:3] == [16, 16]
+
+
 # ---- names and the table ---------------------------------------------------------------------------------------
 
 def test_names_tags_and_errors():

@@ -147,3 +147,14 @@ def test_train_py_fine_tunes_a_cbam_resnet_from_a_plain_one_with_the_stem_frozen
             np.testing.assert_array_equal(after[path], value, err_msg=path)
         else:
             assert not np.array_equal(after[path], value), path
+
+
+@pytest.mark.slow
+def test_train_py_refuses_a_freeze_pattern_that_names_nothing(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
+                             str(tmp_path / "run"), "--config.freeze=conv1,stem"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert "config.freeze pattern 'stem' names no part of the model" in result.stderr
+    assert not (tmp_path / "run").exists()  # checked before the workdir is made

@@ -137,6 +137,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     model = build_model(config)
     run = {"model_config": model_config(model), "config": config.to_json()}
+    image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
+    freeze = optim.freeze_patterns(config)
+    if freeze:  # a pattern that names nothing fails before the workdir is made (shapes only: no compile)
+        abstract = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, *image_shape)))
+        optim.parameter_labels(abstract["params"], freeze, (), 1.0)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     saved_meta = checkpoints.meta()
     if saved_meta is not None:
@@ -153,7 +158,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = optim.make_optimizer(config, schedule)
     dynamic_loss_scale = config.precision == "float16"
-    image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
 
     # The state: fresh, resumed from the workdir, or fine-tuned from pretrained weights (what they lack,
     # e.g. the attention of a plain ResNet, is fresh: 'new', recorded in the checkpoints for resuming).
@@ -167,7 +171,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         new_params = [path for path in report.new if path.startswith("params/")]
         state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     run["new_params"] = new_params
-    freeze = optim.freeze_patterns(config)
     labels = optim.parameter_labels(state.params, freeze, new_params, config.new_lr_factor)
     if labels is not None or config.init_from:
         tx = optim.make_optimizer(config, schedule, labels)

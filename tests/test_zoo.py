@@ -253,7 +253,7 @@ def test_a_killed_download_resumes_from_its_partial_file(tmp_path, server, cache
 
 def test_kept_bytes_that_fail_the_checksum_are_downloaded_again(tmp_path, server, cache, registered, checkpoint):
     entry = plain_entry(server, registered, checkpoint)
-    data, half = checkpoint[0], len(checkpoint[0]) // 2
+    half = len(checkpoint[0]) // 2
     zoo.partial_path(entry).parent.mkdir(parents=True)
     zoo.partial_path(entry).write_bytes(b"x" * half)  # not this file's beginning (it changed on the server)
     _, variables = zoo.load_entry(entry)

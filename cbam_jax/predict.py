@@ -46,7 +46,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
-    """Load a `save_pretrained` directory (e.g. written by `cbam-jax convert`) and its metadata.
+    """Load a `save_pretrained` directory (e.g. written by `cbam-jax convert`), a registered name
+    ('cbam_resnet50', downloaded and cached once) or an 'hf-hub:ORG/NAME[@REV]' id, and its metadata.
 
     `preprocessing_overrides` (keys of `Preprocessing`, None values ignored) replace or supply the
     saved preprocessing.
@@ -54,15 +55,21 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
     Raises:
       InputError: the directory is missing or holds no model, or the preprocessing is incomplete.
     """
-    from cbam_jax.pretrained import load_metadata, load_pretrained  # the checkpoint stack, only when used
+    from cbam_jax import zoo
 
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"--pretrained {path}: no such directory. Pass a directory written by "
-                         "`cbam-jax convert` or `cbam_jax.save_pretrained`.")
     try:
-        model, variables = load_pretrained(path)
-        metadata = load_metadata(path) or {}
+        kind = zoo.source_kind(path)
+    except ValueError as error:
+        raise InputError(f"--pretrained {path}: {str(error).rstrip('.')}; pass a directory written by "
+                         "`cbam-jax convert` or `cbam_jax.save_pretrained`.") from None
+    if kind == "file":
+        raise InputError(f"--pretrained {path}: a checkpoint file, not a model directory; convert it first "
+                         "(`cbam-jax convert`), or pass a registered name or an hf-hub:ORG/NAME id.")
+    try:
+        model, variables, metadata = zoo.load_with_metadata(path)
+        metadata = metadata or {}
+    except zoo.DownloadError as error:  # says where to put the file by hand
+        raise InputError(f"--pretrained {path}: {error}") from None
     except Exception as error:  # any failure here means the same thing to the user: no usable model
         raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "
                          f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "
@@ -119,8 +126,9 @@ def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--pretrained", required=True, metavar="DIR",
-                        help="a model directory written by `cbam-jax convert` or save_pretrained")
+    parser.add_argument("--pretrained", required=True, metavar="MODEL",
+                        help="a model directory written by `cbam-jax convert` or save_pretrained, a registered "
+                             "name (`cbam-jax list-pretrained`) or an hf-hub:ORG/NAME[@REV] id")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="classes to print per image (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (%(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")

@@ -8,10 +8,15 @@ Loading one downloads the file (a progress bar on terminals; a connection cut mi
 an HTTP Range request while each attempt makes progress), verifies the checksum, converts it with
 `cbam_jax.convert` and caches the converted model as a pretrained directory in
 `$CBAM_JAX_CACHE/models/ARCH.TAG` (default cache `~/.cache/cbam_jax`), written atomically; later
-loads read the cache and need no network. Downloads are never kept: on success only the converted
-model remains, on failure nothing. Without network, or for files on cloud drives that need a browser,
-put the file by hand at `$CBAM_JAX_CACHE/downloads/FILE_NAME` (the error message names the exact
-path, the URL and the checksum): it is verified and converted like a download.
+loads read the cache and need no network. A download in progress is written to
+`$CBAM_JAX_CACHE/downloads/STEM.partial.SUFFIX`; one that was killed or interrupted (Ctrl-C) stays
+there and the next load resumes it with a Range request. Nothing is used before its checksum is
+verified (a resumed file that fails it is downloaded once more from the start). Downloads are not
+kept otherwise: on success only the converted model remains, after a failed download or check
+nothing. Processes loading the same entry at once take turns (a lock on the partial file, where the
+system has `fcntl`): the later ones wait and read the cache. Without network, or for files on cloud
+drives that need a browser, put the file by hand at `$CBAM_JAX_CACHE/downloads/FILE_NAME` (the error
+message names the exact path, the URL and the checksum): it is verified and converted like a download.
 
     cbam-jax list-pretrained            # the table below, in the terminal
 """
@@ -31,9 +36,14 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cbam_jax.resnet import ResNet
+
+try:
+    import fcntl  # POSIX: processes fetching the same entry take turns
+except ImportError:  # Windows: no lock
+    fcntl = None
 
 CACHE_ENV = "CBAM_JAX_CACHE"
 DEFAULT_CACHE = "~/.cache/cbam_jax"
@@ -221,6 +231,13 @@ def pickup_path(entry: Pretrained) -> Path:
     return cache_dir() / "downloads" / entry.file_name
 
 
+def partial_path(entry: Pretrained) -> Path:
+    """Where a download in progress is written, and a killed one resumed from:
+    `$CBAM_JAX_CACHE/downloads/STEM.partial.SUFFIX` (the suffix kept: it tells the reader the file type)."""
+    name = Path(entry.file_name)
+    return cache_dir() / "downloads" / f"{name.stem}.partial{name.suffix}"
+
+
 def model_dir(entry: Pretrained) -> Path:
     """The converted model's pretrained directory in the cache."""
     return cache_dir() / "models" / entry.name
@@ -239,16 +256,51 @@ def load_entry(entry: Pretrained | str) -> tuple[ResNet, dict[str, Any]]:
 
     entry = get(entry) if isinstance(entry, str) else entry
     target = model_dir(entry)
-    if target.is_dir():
-        return load_pretrained(target)
-    with _verified_checkpoint(entry) as (checkpoint, origin):
-        model, variables = _convert(entry, checkpoint)
-        metadata = _metadata(entry, origin, checkpoint)
-    try:
-        save_pretrained(target, model, variables, metadata=metadata)
-    except FileExistsError:  # another process cached it meanwhile
-        pass
-    return model, variables
+    if not target.is_dir():
+        with _fetching(entry) as partial:
+            if not target.is_dir():  # else cached by a process this one waited for
+                with _verified_checkpoint(entry, partial) as (checkpoint, origin):
+                    model, variables = _convert(entry, checkpoint)
+                    metadata = _metadata(entry, origin, checkpoint)
+                try:
+                    save_pretrained(target, model, variables, metadata=metadata)
+                except FileExistsError:  # cached meanwhile by a process that did not take turns (no fcntl)
+                    pass
+                return model, variables
+    return load_pretrained(target)
+
+
+SOURCE_KINDS = ("hub", "registry", "directory", "file")
+
+
+def source_kind(source: str | os.PathLike) -> str:
+    """Which of SOURCE_KINDS the weights `source` are, checked without reading or downloading anything:
+    an 'hf-hub:ORG/NAME[@REVISION]' id (its syntax), a registered name ('cbam_resnet50',
+    'resnet50.tv_in1k'), an existing directory or an existing (checkpoint) file.
+
+    Raises:
+      ValueError: `source` is none of these; one line saying what would be.
+    """
+    from cbam_jax import hub
+
+    text = os.fspath(source)
+    if hub.is_hub_id(text):
+        hub.parse_hub_id(text)
+        return "hub"
+    if text in PRETRAINED or any(entry.arch == text for entry in PRETRAINED.values()):
+        return "registry"
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return "directory"
+    if path.is_file():
+        return "file"
+    if any(entry.arch == text.partition(".")[0] for entry in PRETRAINED.values()):
+        try:
+            get(text)
+        except ValueError as error:  # a known architecture with another tag: its tags
+            raise ValueError(f"{str(error).rstrip('.')} ({text!r} is no directory or file either).") from None
+    raise ValueError(f"{text!r} is no registered pretrained model (`cbam-jax list-pretrained`), no 'hf-hub:ORG/NAME' "
+                     "id, and no existing directory or checkpoint file.")
 
 
 def load(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
@@ -259,22 +311,38 @@ def load(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
     Raises:
       ValueError: `source` is none of these (or does not load); DownloadError as `load_entry`.
     """
-    from cbam_jax import hub
+    model, variables, _ = load_with_metadata(source)
+    return model, variables
 
+
+def load_with_metadata(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any], dict[str, Any]]:
+    """(model, variables, metadata) from any source `load` takes: the one loader of the commands that take
+    a model (`cbam-jax predict`, `attention`, `eval --pretrained`, `export`) and of training's `init_from`.
+    The metadata (class names, preprocessing, source: `cbam_jax.pretrained`'s conventions) is that saved
+    with the model; {} for a PyTorch checkpoint file.
+
+    Raises:
+      ValueError: `source` is none of these (or does not load); DownloadError as `load_entry`.
+    """
+    from cbam_jax import hub
+    from cbam_jax.pretrained import load_metadata, load_pretrained  # the checkpoint stack, only when used
+
+    kind = source_kind(source)
     text = os.fspath(source)
-    if hub.is_hub_id(text):
-        return hub.load(text)
-    if text in PRETRAINED or any(entry.arch == text for entry in PRETRAINED.values()):
-        return load_entry(get(text))
+    if kind == "hub":
+        model, variables = hub.load(text)
+        return model, variables, hub.load_metadata(text)
+    if kind == "registry":
+        entry = get(text)
+        model, variables = load_entry(entry)
+        return model, variables, load_metadata(model_dir(entry))
     path = Path(text).expanduser()
-    if path.is_dir():
-        from cbam_jax.pretrained import load_pretrained
-        return load_pretrained(path)
-    if path.is_file():
-        from cbam_jax.convert import from_torch
-        return from_torch(path)
-    raise ValueError(f"{text!r} is no registered pretrained model (`cbam-jax list-pretrained`), no 'hf-hub:ORG/NAME' "
-                     "id, and no existing directory or checkpoint file.")
+    if kind == "directory":
+        model, variables = load_pretrained(path)
+        return model, variables, load_metadata(path)
+    from cbam_jax.convert import from_torch
+    model, variables = from_torch(path)
+    return model, variables, {}
 
 
 def pretrained_variables(name: str, tag: bool | str, model: ResNet) -> dict[str, Any]:
@@ -306,11 +374,64 @@ def imagenet_class_names() -> list[str]:
 # ---- download, verification, conversion -------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _verified_checkpoint(entry: Pretrained) -> Iterator[tuple[Path, str]]:
-    """`with _verified_checkpoint(entry) as (path, origin)`: the checkpoint file, verified, and where it came
-    from. Temporary files (the download, an extracted zip member) and the folders made for them are removed
-    on exit, whatever happens."""
-    temporary: list[Path] = []  # files, then folders this call created (innermost last)
+def _fetching(entry: Pretrained) -> Iterator[BinaryIO]:
+    """`with _fetching(entry) as partial`: the entry's partial download (`partial_path`), opened for reading
+    and appending, and held by this process alone: another process fetching the same entry waits here
+    (a lock on the file, where the system has fcntl) until this one is done.
+
+    On exit the partial file is removed, and the folders made for it (a failed fetch leaves nothing),
+    unless the exit is an interruption (Ctrl-C, SystemExit): then the bytes downloaded so far stay for
+    the next load to resume from, as after a kill.
+    """
+    path = partial_path(entry)
+    created: list[Path] = []
+    partial = _locked(path, entry, created)
+    keep = False
+    try:
+        yield partial
+    except Exception:
+        raise
+    except BaseException:
+        keep = partial.seek(0, os.SEEK_END) > 0
+        raise
+    finally:
+        if not keep:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(partial.fileno()), os.stat(path)):
+                    path.unlink()  # while still locked: a waiting process then opens a new one
+        partial.close()
+        for folder in sorted(set(created), key=lambda folder: len(folder.parts), reverse=True):
+            with contextlib.suppress(OSError):  # kept if something else was put there meanwhile
+                folder.rmdir()
+
+
+def _locked(path: Path, entry: Pretrained, created: list[Path]) -> BinaryIO:
+    """`path` opened 'a+b' (created if absent, and its folders: added to `created`) and locked exclusively;
+    waits (saying so) while another process holds it. Tries again when the file it locked was removed
+    meanwhile by the process it waited for."""
+    while True:
+        created += [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = open(path, "a+b")  # noqa: SIM115 (closed by _fetching)
+        if fcntl is None:
+            return partial
+        try:
+            fcntl.flock(partial, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process fetching {entry.name} ({path}) ...", file=sys.stderr)
+            fcntl.flock(partial, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(partial.fileno()), os.stat(path)):
+                return partial
+        partial.close()
+
+
+@contextlib.contextmanager
+def _verified_checkpoint(entry: Pretrained, partial: BinaryIO) -> Iterator[tuple[Path, str]]:
+    """`with _verified_checkpoint(entry, partial) as (path, origin)`: the checkpoint file, verified, and
+    where it came from: a file put at `pickup_path` by hand, else downloaded into `partial` (resuming
+    from the bytes it holds). Temporary files (an extracted zip member) are removed on exit."""
+    temporary: list[Path] = []
     try:
         manual = pickup_path(entry)
         candidates = [manual] + ([manual.with_name(entry.member)] if entry.member else [])
@@ -318,38 +439,48 @@ def _verified_checkpoint(entry: Pretrained) -> Iterator[tuple[Path, str]]:
         if found is not None:
             origin = f"{found} (downloaded by hand)"
             _check(entry, found, origin, by_hand=True)
-            yield _unpacked(entry, found, temporary), origin
+            yield _unpacked(entry, found, temporary, str(found)), origin
         elif entry.manual:
             raise DownloadError(f"{entry.name} cannot be downloaded automatically: open {entry.url} in a browser, "
                                 f"save the file as {manual} and load it again ({_expected(entry)}).")
         else:
-            downloaded = _temporary(manual.parent, manual.name, temporary)
-            _download(entry, downloaded)
-            _check(entry, downloaded, entry.url, by_hand=False)
-            yield _unpacked(entry, downloaded, temporary), entry.url
+            path = Path(partial.name)
+            if entry.checksum is None:  # bytes kept from an earlier run could not be verified
+                partial.truncate(0)
+            resumed = partial.seek(0, os.SEEK_END) > 0
+            _download(entry, partial)
+            try:
+                checkpoint = _verify_download(entry, path, temporary)
+            except DownloadError:
+                if not resumed:
+                    raise
+                partial.truncate(0)  # the kept bytes were not this file's beginning: once more from the start
+                _download(entry, partial)
+                checkpoint = _verify_download(entry, path, temporary)
+            yield checkpoint, entry.url
     finally:
         for path in reversed(temporary):
-            if path.is_dir():
-                with contextlib.suppress(OSError):  # kept if something else was put there meanwhile
-                    path.rmdir()
-            else:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+
+
+def _verify_download(entry: Pretrained, path: Path, temporary: list[Path]) -> Path:
+    """The downloaded checkpoint at `path`, checked (unpacked first if it is a zip); DownloadError if not."""
+    _check(entry, path, entry.url, by_hand=False)
+    return _unpacked(entry, path, temporary, entry.url)
 
 
 def _temporary(folder: Path, name: str, temporary: list[Path]) -> Path:
-    """A new empty file `.NAME.partial-XXXX.SUFFIX` in `folder` (the suffix tells the reader the file type),
-    recorded in `temporary` for removal, like the folders made for it."""
-    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary.extend(reversed(missing))
+    """A new empty file `.NAME.partial-XXXX.SUFFIX` in the existing `folder` (the suffix tells the reader
+    the file type), recorded in `temporary` for removal."""
     handle, path = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=Path(name).suffix, dir=folder)
     os.close(handle)
     temporary.append(Path(path))
     return Path(path)
 
 
-def _unpacked(entry: Pretrained, path: Path, temporary: list[Path]) -> Path:
-    """The checkpoint inside a zip download (extracted beside it, then verified), or `path` itself."""
+def _unpacked(entry: Pretrained, path: Path, temporary: list[Path], origin: str) -> Path:
+    """The checkpoint inside a zip download (extracted beside it, then verified), or `path` itself;
+    `origin` names the download in messages."""
     if entry.member is None or not zipfile.is_zipfile(path):
         return path
     member = _temporary(path.parent, entry.member, temporary)
@@ -357,7 +488,7 @@ def _unpacked(entry: Pretrained, path: Path, temporary: list[Path]) -> Path:
         with zipfile.ZipFile(path) as archive, archive.open(entry.member) as inside, open(member, "wb") as out:
             shutil.copyfileobj(inside, out, CHUNK)
     except (KeyError, zipfile.BadZipFile, OSError) as error:
-        raise DownloadError(f"{path} is not the expected archive holding {entry.member} ({error}); "
+        raise DownloadError(f"{origin} is not the expected archive holding {entry.member} ({error}); "
                             f"{_by_hand(entry)}.") from None
     _check(entry, member, f"{entry.member} in {entry.file_name}", by_hand=False)
     return member
@@ -375,34 +506,45 @@ def _check(entry: Pretrained, path: Path, origin: str, *, by_hand: bool) -> None
                             f"{entry.checked_file} ({kept}); {_by_hand(entry)}.")
 
 
-def _download(entry: Pretrained, destination: Path) -> None:
-    """`entry.url` into `destination`, resuming with HTTP Range after a cut while attempts make progress."""
+def _download(entry: Pretrained, out: BinaryIO) -> None:
+    """`entry.url` appended to `out` from the bytes it holds already (an HTTP Range request), resuming with
+    Range after a cut while attempts make progress."""
     from tqdm import tqdm
 
-    received, last_error = 0, None
-    with open(destination, "wb") as out, tqdm(desc=entry.file_name, unit="B", unit_scale=True, unit_divisor=1024,
-                                              disable=None, file=sys.stderr) as bar:
-        for _ in range(ATTEMPTS):
-            before = received
-            try:
-                received = _fetch(entry.url, out, received, bar)
-                return
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-                received, last_error = out.tell(), error
-                permanent = isinstance(error, urllib.error.HTTPError) and error.code not in (408, 429, 500, 502, 503, 504)
-                if permanent or received <= before:  # refused, unreachable, or no progress: give up
-                    break
+    received, last_error = out.seek(0, os.SEEK_END), None
+    try:
+        with tqdm(desc=entry.file_name, unit="B", unit_scale=True, unit_divisor=1024, initial=received, disable=None,
+                  file=sys.stderr) as bar:
+            for _ in range(ATTEMPTS):
+                before = received
+                try:
+                    _fetch(entry.url, out, received, bar)
+                    return
+                except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+                    received, last_error = out.tell(), error
+                    permanent = isinstance(error, urllib.error.HTTPError) and error.code not in (408, 429, 500, 502,
+                                                                                                 503, 504)
+                    if permanent or received <= before:  # refused, unreachable, or no progress: give up
+                        break
+    finally:
+        out.flush()  # the checksum is computed from the file
     reason = getattr(last_error, "reason", None) or last_error
     raise DownloadError(f"Cannot download {entry.name} from {entry.url} ({type(last_error).__name__}: "
                         f"{str(reason).splitlines()[0] if str(reason) else 'connection closed'}; nothing was kept); "
                         f"{_by_hand(entry)}.")
 
 
-def _fetch(url: str, out: Any, received: int, bar: Any) -> int:
+def _fetch(url: str, out: BinaryIO, received: int, bar: Any) -> int:
     """One request: append `url`'s bytes from `received` on to `out` (from 0 if the server ignores the Range).
     Returns the new size; ConnectionError when the connection closes before Content-Length bytes came."""
     headers = {"User-Agent": "cbam-jax", **({"Range": f"bytes={received}-"} if received else {})}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S) as response:
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and received:  # nothing after `received`: the kept bytes are the whole file (or
+            return received                 # something else, which the checksum will tell)
+        raise
+    with response:
         if received and response.status != 206:  # the server sends the whole file again
             out.seek(0)
             out.truncate()
@@ -411,8 +553,9 @@ def _fetch(url: str, out: Any, received: int, bar: Any) -> int:
         length = response.headers.get("Content-Length")
         end = received + int(length) if length and length.isdigit() else None
         bar.total = end
-        while chunk := response.read(CHUNK):
+        while chunk := response.read1(CHUNK):  # what has arrived, written at once: a kill loses nothing of it
             out.write(chunk)
+            out.flush()
             received += len(chunk)
             bar.update(len(chunk))
     if end is not None and received < end:

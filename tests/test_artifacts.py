@@ -126,7 +126,7 @@ def test_existing_output_and_missing_model_are_refused(model_dir, tmp_path, caps
     assert "already exists" in capsys.readouterr().err and os.listdir(tmp_path / "taken") == []
     assert cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "does not exist" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert "no existing directory" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_onnx_names_a_primitive_it_cannot_translate():

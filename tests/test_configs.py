@@ -37,7 +37,7 @@ def test_imagenet_recipe_is_the_papers():
     (lambda c: setattr(c, "batch_size", 0), "batch_size must be > 0"),
     (lambda c: setattr(c.dataset, "mean", (0.5, 0.5)), "dataset.mean needs 1"),
     (lambda c: setattr(c, "parallel", "pjit"), "parallel"),
-    (lambda c: setattr(c, "init_from", "/nonexistent/dir"), "not a directory"),
+    (lambda c: setattr(c, "init_from", "/nonexistent/dir"), "no existing directory"),
 ])
 def test_invalid_values_are_rejected(change, message):
     config = base_config()

@@ -189,3 +189,19 @@ def test_push_to_hub_with_a_fake_api(tmp_path, models):
     with pytest.raises(hub.HubError, match="not a Hub-ready"):
         hub.push_to_hub(tmp_path, "someone/x", api=api)
     assert len(api.calls) == 2
+
+
+def test_predict_takes_an_hf_hub_id(tmp_path, models, hub_cache, capsys):
+    from PIL import Image
+
+    from cbam_jax.cli import main
+
+    folder = save_pretrained(tmp_path / "1", *models[1], metadata=METADATA, hub=True)
+    add_snapshot(hub_cache, "someone/cbam18", COMMIT_V1, hub_files(folder), refs=["v1.0"])
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
+    outputs = []
+    for source in ("hf-hub:someone/cbam18@v1.0", str(folder)):
+        assert main(["predict", "--pretrained", source, "--json", str(image)]) == 0, capsys.readouterr().err
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and outputs[0]["top_k"][0]["class"] in METADATA["class_names"]

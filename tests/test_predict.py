@@ -190,7 +190,7 @@ def test_predict_cli_without_a_model_explains_and_fails(tmp_path, capsys):
     Image.fromarray(photo(40, 40)).save(image)
     empty = tmp_path / "empty"
     empty.mkdir()
-    for directory, message in [(empty, "no cbam-jax model could be loaded"), (tmp_path / "nowhere", "no such directory")]:
+    for directory, message in [(empty, "no cbam-jax model could be loaded"), (tmp_path / "nowhere", "no existing directory")]:
         assert main(["predict", "--pretrained", str(directory), str(image)]) == 2
         err = capsys.readouterr().err
         assert message in err and str(directory) in err and "cbam-jax convert" in err

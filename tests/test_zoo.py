@@ -2,12 +2,18 @@
 every failure is one line and leaves nothing in the cache; the registry's facts against the packages
 that publish them; `cbam-jax list-pretrained`."""
 
+import dataclasses
 import hashlib
 import http.server
 import io
+import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -26,14 +32,17 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 class Server:
-    """A local HTTP server of in-memory files. Modes per path: 'ok' (honours Range), 'cut' (sends half,
-    then closes, every time), 'cut_once' (the first request is cut, later ones are served)."""
+    """A local HTTP server of in-memory files. Modes per path: 'ok' (honours Range; 416 for a Range
+    from the end), 'no_range' (ignores Range: the whole file every time), 'cut' (sends half, then closes,
+    every time), 'cut_once' (the first request is cut, later ones are served), 'stall' (sends half, then
+    waits for `release` before it closes)."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.modes: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.bytes_sent = 0
+        self.release = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,8 +55,11 @@ class Server:
                 mode = server.modes.get(self.path, "ok")
                 start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if match and mode != "cut":
+                if match and mode not in ("cut", "no_range"):
                     start = int(match[1])
+                    if start >= len(data):
+                        self.send_error(416)
+                        return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
@@ -55,10 +67,13 @@ class Server:
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 body = data[start:]
-                if mode == "cut" or (mode == "cut_once" and len(server.requests) == 1):
+                if mode in ("cut", "stall") or (mode == "cut_once" and len(server.requests) == 1):
                     body = body[: len(body) // 2]  # then the connection closes
                 self.wfile.write(body)
+                self.wfile.flush()
                 server.bytes_sent += len(body)
+                if mode == "stall":
+                    server.release.wait(60)
 
             def log_message(self, *args):
                 pass
@@ -71,6 +86,7 @@ class Server:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
 
     def stop(self):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -216,6 +232,139 @@ def test_resume_after_a_cut_with_a_range_request(server, cache, registered, chec
     assert (cache / "models" / "cbam_resnet18.test").is_dir()
 
 
+# ---- a download that was killed or interrupted resumes in the next run ------------------------------------------
+
+def direct_conversion(tmp_path, checkpoint):
+    (tmp_path / "direct.safetensors").write_bytes(checkpoint[0])
+    return from_torch(tmp_path / "direct.safetensors", arch="cbam_resnet18")[1]
+
+
+def test_a_killed_download_resumes_from_its_partial_file(tmp_path, server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint)
+    data, half = checkpoint[0], len(checkpoint[0]) // 2
+    zoo.partial_path(entry).parent.mkdir(parents=True)
+    zoo.partial_path(entry).write_bytes(data[:half])  # what a killed run leaves behind
+    _, variables = zoo.load_entry(entry)
+    assert server.requests == [("/w/tiny.safetensors", f"bytes={half}-")]
+    assert server.bytes_sent == len(data) - half
+    jax.tree.map(np.testing.assert_array_equal, variables, direct_conversion(tmp_path, checkpoint))
+    assert not zoo.partial_path(entry).exists() and zoo.model_dir(entry).is_dir()
+
+
+def test_kept_bytes_that_fail_the_checksum_are_downloaded_again(tmp_path, server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint)
+    half = len(checkpoint[0]) // 2
+    zoo.partial_path(entry).parent.mkdir(parents=True)
+    zoo.partial_path(entry).write_bytes(b"x" * half)  # not this file's beginning (it changed on the server)
+    _, variables = zoo.load_entry(entry)
+    assert server.requests == [("/w/tiny.safetensors", f"bytes={half}-"), ("/w/tiny.safetensors", None)]
+    jax.tree.map(np.testing.assert_array_equal, variables, direct_conversion(tmp_path, checkpoint))
+    assert not zoo.partial_path(entry).exists()
+
+
+def test_without_a_checksum_kept_bytes_are_not_resumed(server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint, checksum=None)
+    zoo.partial_path(entry).parent.mkdir(parents=True)
+    zoo.partial_path(entry).write_bytes(b"x" * 100)  # unverifiable: never used
+    zoo.load_entry(entry)
+    assert server.requests == [("/w/tiny.safetensors", None)]
+
+
+def test_an_interrupted_download_is_kept_and_not_fetched_again(server, cache, registered, checkpoint, monkeypatch):
+    entry = plain_entry(server, registered, checkpoint)
+    verify = zoo._verify_download
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(zoo, "_verify_download", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.load_entry(entry)
+    assert zoo.partial_path(entry).read_bytes() == checkpoint[0]  # kept, not used
+    assert cache_files(cache) == ["downloads", str(zoo.partial_path(entry).relative_to(cache))]
+    monkeypatch.setattr(zoo, "_verify_download", verify)
+    zoo.load_entry(entry)  # the whole file is there: the server answers 416, the file is verified and used
+    assert server.requests[1:] == [("/w/tiny.safetensors", f"bytes={len(checkpoint[0])}-")]
+    assert server.bytes_sent == len(checkpoint[0]) and zoo.model_dir(entry).is_dir()
+    assert not zoo.partial_path(entry).exists()
+
+
+def test_a_server_that_ignores_range_sends_the_file_again(tmp_path, server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint, mode="no_range")
+    data, half = checkpoint[0], len(checkpoint[0]) // 2
+    zoo.partial_path(entry).parent.mkdir(parents=True)
+    zoo.partial_path(entry).write_bytes(data[:half])
+    _, variables = zoo.load_entry(entry)
+    assert server.requests == [("/w/tiny.safetensors", f"bytes={half}-")]  # answered 200 with the whole file
+    assert server.bytes_sent == len(data)
+    jax.tree.map(np.testing.assert_array_equal, variables, direct_conversion(tmp_path, checkpoint))
+    assert not zoo.partial_path(entry).exists()
+
+
+def test_a_stalled_connection_fails_in_one_line_and_keeps_nothing(server, cache, registered, checkpoint,
+                                                                  monkeypatch):
+    monkeypatch.setattr(zoo, "TIMEOUT_S", 0.3)
+    entry = plain_entry(server, registered, checkpoint, mode="stall")  # half of what is asked, then silence
+    with pytest.raises(zoo.DownloadError, match="timed out") as error:
+        zoo.load_entry(entry)
+    assert_one_line_failure(error, cache, entry.url, entry.checksum.split(":")[1], str(zoo.pickup_path(entry)))
+    half = len(checkpoint[0]) // 2
+    assert server.requests[:2] == [("/w/tiny.safetensors", None), ("/w/tiny.safetensors", f"bytes={half}-")]
+    assert len(server.requests) == zoo.ATTEMPTS  # each attempt made progress, so each was resumed
+
+
+def test_loads_of_the_same_entry_take_turns(server, cache, registered, checkpoint, capfd):
+    entry = plain_entry(server, registered, checkpoint, mode="stall")
+    half = len(checkpoint[0]) // 2
+    results = {}
+
+    def load(name):
+        results[name] = zoo.load_entry(entry)
+    first = threading.Thread(target=load, args=("first",))
+    first.start()
+    wait_for(lambda: zoo.partial_path(entry).is_file() and zoo.partial_path(entry).stat().st_size == half)
+    second = threading.Thread(target=load, args=("second",))
+    second.start()
+    waited = []
+    wait_for(lambda: waited.append(capfd.readouterr().err)
+             or "Waiting for another process fetching cbam_resnet18.test" in "".join(waited))
+    server.modes["/w/tiny.safetensors"] = "ok"
+    server.release.set()
+    first.join(60)
+    second.join(60)
+    assert server.bytes_sent == len(checkpoint[0]) and len(server.requests) == 2  # one download, resumed once
+    jax.tree.map(np.testing.assert_array_equal, results["first"][1], results["second"][1])
+    assert cache_files(cache)[0] == "models"
+
+
+def wait_for(condition, seconds=120.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_download_killed_mid_file_resumes_in_the_next_process(tmp_path, server, cache, registered, checkpoint):
+    entry = plain_entry(server, registered, checkpoint, mode="stall")
+    half = len(checkpoint[0]) // 2
+    script = ("import json, sys\nfrom cbam_jax import zoo\n"
+              "zoo.load_entry(zoo.Pretrained(**json.loads(sys.argv[1])))\n")
+    env = {**os.environ, "PYTHONPATH": str(README.parent), zoo.CACHE_ENV: str(cache)}
+    process = subprocess.Popen([sys.executable, "-c", script, json.dumps(dataclasses.asdict(entry))], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: zoo.partial_path(entry).is_file() and zoo.partial_path(entry).stat().st_size == half)
+    finally:
+        process.kill()
+        process.wait()
+    server.modes["/w/tiny.safetensors"] = "ok"
+    _, variables = zoo.load_entry(entry)
+    assert server.requests == [("/w/tiny.safetensors", None), ("/w/tiny.safetensors", f"bytes={half}-")]
+    assert server.bytes_sent == len(checkpoint[0])  # the second half only, once
+    jax.tree.map(np.testing.assert_array_equal, variables, direct_conversion(tmp_path, checkpoint))
+    assert not zoo.partial_path(entry).exists()
+
+
 def test_wrong_checksum(server, cache, registered, checkpoint):
     entry = plain_entry(server, registered, checkpoint, checksum="sha256:" + "0" * 64)
     with pytest.raises(zoo.DownloadError) as error:
@@ -275,6 +424,24 @@ def test_a_file_of_another_model_is_refused(server, cache, registered, checkpoin
     with pytest.raises(ValueError, match="123"):
         zoo.load_entry(entry)
     assert not cache.exists()
+
+
+def test_predict_and_export_take_a_registered_name(tmp_path, server, cache, registered, checkpoint, capsys):
+    from PIL import Image
+
+    from cbam_jax.cli import main
+
+    entry = plain_entry(server, registered, checkpoint, preprocessing={"resize": 20, "crop": 16, "mean": [0.5] * 3,
+                                                                       "std": [0.25] * 3})
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(image)
+    outputs = []
+    for source in (entry.name, str(zoo.model_dir(entry))):  # downloaded and cached by name, then the cache itself
+        assert main(["predict", "--pretrained", source, "--json", str(image)]) == 0, capsys.readouterr().err
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and len(server.requests) == 1
+    assert main(["export", entry.name, str(tmp_path / "exported"), "--formats", "stablehlo"]) == 0, capsys.readouterr()
+    assert json.loads((tmp_path / "exported" / "artifact.json").read_text())["input"]["shape"][1:3] == [16, 16]
 
 
 # ---- names and the table ---------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     """Export the pretrained model in `model_dir` to the new directory `out`; returns the metadata written.
 
     Args:
-      model_dir: a `save_pretrained` / `cbam-jax convert` / training `pretrained/` directory.
+      model_dir: a `save_pretrained` / `cbam-jax convert` / training `pretrained/` directory, a registered
+        name (`cbam-jax list-pretrained`) or an 'hf-hub:ORG/NAME[@REV]' id.
       out: the directory to create (must not exist).
       height, width: the fixed input size (default: the metadata's preprocessing crop).
       dynamic_size: symbolic height and width too (StableHLO only).
@@ -75,8 +76,6 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
       ExportError: a bad argument or a case the exporters cannot take (nothing is written).
       FileNotFoundError / ValueError: `model_dir` is not a pretrained model directory.
     """
-    from cbam_jax.pretrained import load_metadata, load_pretrained
-
     out = Path(out).absolute()
     formats = tuple(dict.fromkeys(formats))
     unknown = sorted(set(formats) - set(FORMATS))
@@ -91,8 +90,9 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
         if dynamic_size:
             raise ExportError("the ONNX export takes a symbolic batch only, not a symbolic height and width; "
                               "drop --dynamic-size, or export --formats stablehlo.")
-    model, variables = load_pretrained(model_dir)
-    metadata = load_metadata(model_dir)
+    from cbam_jax.zoo import load_with_metadata
+
+    model, variables, metadata = load_with_metadata(model_dir)
     channels = int(np.shape(variables["params"]["conv1"]["kernel"])[2])
     if dynamic_size:
         if height is not None or width is not None:
@@ -181,8 +181,9 @@ def _check(kind: str, actual: np.ndarray, expected: np.ndarray, tolerance: float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a pretrained model directory (cbam-jax convert, "
-                        "save_pretrained, or a training run's WORKDIR/pretrained)")
+    parser.add_argument("model_dir", metavar="MODEL", help="a pretrained model directory (cbam-jax convert, "
+                        "save_pretrained, or a training run's WORKDIR/pretrained), a registered name "
+                        "(`cbam-jax list-pretrained`) or an hf-hub:ORG/NAME[@REV] id")
     parser.add_argument("out", metavar="OUT", help="the directory to create for the artifacts")
     parser.add_argument("--height", type=int, help="input height (default: the preprocessing crop)")
     parser.add_argument("--width", type=int, help="input width (default: the preprocessing crop)")
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         document = export_artifacts(args.model_dir, args.out, height=args.height, width=args.width,
                                     dynamic_size=args.dynamic_size, formats=formats)
-    except (ExportError, ValueError, FileNotFoundError, ImportError) as error:
+    except (ExportError, ValueError, OSError, ImportError) as error:  # (OSError: also a failed download)
         print(f"cbam-jax export: error: {error} Nothing was written to {args.out}.", file=sys.stderr)
         return 1
     shape = "x".join(str(d) for d in document["input"]["shape"])

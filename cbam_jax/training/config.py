@@ -76,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 0  # 0: once per epoch
     config.keep_checkpoints = 2  # latest periodic checkpoints kept (the best one is kept separately)
     config.stop_at_step = 0  # > 0: save and stop after this step (scheduled preemption); rerun to resume
-    config.init_from = ""  # pretrained directory to fine-tune from (the head is re-initialised on a class-count change)
+    config.init_from = ""  # weights to fine-tune from: a registry name, 'hf-hub:ORG/NAME[@REV]', a directory or a PyTorch file
+    config.freeze = ""  # comma-separated module patterns kept as they are, BatchNorm statistics too ('conv1,bn1': the stem)
+    config.new_lr_factor = 1.0  # learning-rate factor of the parameters init_from did not provide (attention, a new head)
     config.progress_bar = True  # tqdm on stderr (process 0)
     config.tensorboard = True  # events in workdir/tensorboard (needs tensorboardX)
     config.compilation_cache_dir = "~/.cache/cbam_jax/xla"  # '' disables the persistent compile cache
@@ -135,9 +137,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"config.{name} must be > 0; got {value}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ValueError("Set config.num_epochs > 0 or config.num_train_steps > 0.")
-    if config.init_from and not os.path.isdir(os.path.expanduser(config.init_from)):
-        raise ValueError(f"config.init_from = {config.init_from!r} is not a directory; give the folder that "
-                         "`cbam-jax convert` wrote.")
+    if config.init_from:
+        from cbam_jax.zoo import source_kind
+        try:
+            source_kind(config.init_from)  # checks the name or path only: nothing is downloaded here
+        except ValueError as error:
+            raise ValueError(f"config.init_from: {error}") from None
+    if config.new_lr_factor <= 0 or (config.new_lr_factor != 1 and not config.init_from):
+        raise ValueError(f"config.new_lr_factor = {config.new_lr_factor} must be > 0 and applies to the parameters "
+                         "config.init_from does not provide; set config.init_from, or leave the factor at 1.")
     config.lock()
     return config
 

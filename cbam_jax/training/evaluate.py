@@ -39,7 +39,8 @@ def evaluate_split(parallel, variables: dict, source, dataset: ml_collections.Co
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a training workdir (its checkpoint and the config it was trained with)")
-    source.add_argument("--pretrained", help="a converted pretrained model directory (needs --config)")
+    source.add_argument("--pretrained", help="a converted pretrained model directory, a registered name or an "
+                        "hf-hub:ORG/NAME[@REV] id (needs --config)")
     parser.add_argument("--config", help="a config file (configs/NAME.py) naming the dataset; "
                                          "default for --workdir: the config saved in the checkpoint")
     parser.add_argument("--split", help="split to evaluate (default: the config's dataset.eval_split)")
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the metrics as one JSON line; exit code 1 with a message on bad input."""
     try:
         result = _evaluate(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:  # (OSError: also a failed download)
         print(f"cbam-jax eval: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result))
@@ -69,9 +70,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
     else:
         if not args.config:
             raise ValueError("--pretrained needs --config configs/NAME.py to say which dataset to evaluate on.")
-        from cbam_jax.pretrained import load_pretrained
+        from cbam_jax.zoo import load
         config = load_config(args.config)
-        model, variables = load_pretrained(args.pretrained)
+        model, variables = load(args.pretrained)
         step = None
     batch_size = args.batch_size or config.eval_batch_size
     DataParallel.check_batch_size(batch_size, "eval_batch_size (--batch-size)")

@@ -39,7 +39,8 @@ class DataParallel:
     """Compiled train/eval steps of one mode plus the matching placement of state and batches."""
 
     def __init__(self, mode: str, model: nn.Module, tx, *, num_classes: int, label_smoothing: float,
-                 mean: tuple, std: tuple, dynamic_loss_scale: bool, bn_group_size: int = 0):
+                 mean: tuple, std: tuple, dynamic_loss_scale: bool, bn_group_size: int = 0,
+                 frozen_statistics: frozenset[str] = frozenset()):
         if mode not in ("jit", "pmap"):
             raise ValueError(f"Unknown parallel mode {mode!r}; use 'jit' or 'pmap'.")
         self.check_bn_group_size(bn_group_size, mode)
@@ -47,7 +48,7 @@ class DataParallel:
         self.bn_group_size = bn_group_size
         common = dict(num_classes=num_classes, mean=tuple(mean), std=tuple(std))
         train = functools.partial(step_lib.train_step, tx=tx, label_smoothing=label_smoothing,
-                                  dynamic_loss_scale=dynamic_loss_scale, **common)
+                                  dynamic_loss_scale=dynamic_loss_scale, frozen_statistics=frozen_statistics, **common)
         evaluate = functools.partial(step_lib.eval_step, **common)
         if mode == "pmap":
             model = model.clone(bn_axis_name=PMAP_AXIS)

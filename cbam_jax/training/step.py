@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cbam_jax.images import normalize
 
@@ -58,8 +59,10 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
                num_classes: int, label_smoothing: float, mean: tuple, std: tuple, dynamic_loss_scale: bool,
-               axis_name: str | tuple[str, ...] | None = None) -> tuple[TrainState, dict]:
-    """One SGD step on `batch` {'image': uint8 (B, H, W, C), 'label': int (B,)}; returns (state, metric sums)."""
+               axis_name: str | tuple[str, ...] | None = None,
+               frozen_statistics: frozenset[str] = frozenset()) -> tuple[TrainState, dict]:
+    """One SGD step on `batch` {'image': uint8 (B, H, W, C), 'label': int (B,)}; returns (state, metric sums).
+    The BatchNorm statistics at `frozen_statistics` (flat paths, 'bn1/mean') keep their values."""
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
@@ -74,6 +77,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
         batch_stats = jax.lax.pmean(batch_stats, axis_name)
+    if frozen_statistics:
+        batch_stats = _keep(batch_stats, state.batch_stats, frozen_statistics)
     grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -87,6 +92,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
         metrics = jax.lax.psum(metrics, axis_name)
     metrics["loss_scale"] = state.loss_scale
     return new_state, metrics
+
+
+def _keep(updated: Any, old: Any, paths: frozenset[str]) -> Any:
+    """`updated` with the leaves at `paths` (flat, '/'-joined) taken from `old`."""
+    flat, before = flatten_dict(updated, sep="/"), flatten_dict(old, sep="/")
+    return unflatten_dict({path: before[path] if path in paths else value for path, value in flat.items()}, sep="/")
 
 
 def _apply_loss_scaling(old: TrainState, new: TrainState, finite: jax.Array) -> TrainState:

@@ -10,12 +10,11 @@ import json
 import math
 import os
 import signal
+import sys
 from typing import NamedTuple
 
 import jax
 import ml_collections
-import numpy as np
-from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from cbam_jax.data import make_source, train_dataset
@@ -50,24 +49,6 @@ def build_model(config: ml_collections.ConfigDict):
     return create_model(config.model.name, num_classes=config.dataset.num_classes, stem=config.model.stem,
                         variant=config.model.variant, width=config.model.width,
                         dtype=config.precision, **attention_options)
-
-
-def init_from_pretrained(path: str, variables: dict) -> dict:
-    """Fine-tuning start: copy every pretrained array whose path and shape match `variables`; the
-    classifier head keeps its fresh initialisation when the class count differs."""
-    from cbam_jax.pretrained import load_pretrained
-
-    _, pretrained = load_pretrained(path)
-    target = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
-    source = traverse_util.flatten_dict(jax.device_get(dict(pretrained)), sep="/")
-    mismatched = sorted(k for k in target if not k.split("/")[1].startswith("fc")
-                        and (k not in source or np.shape(source[k]) != np.shape(target[k])))
-    if mismatched:
-        raise ValueError(f"The pretrained model in {path!r} does not match config.model: {len(mismatched)} array(s) "
-                         f"missing or of another shape, e.g. {mismatched[:3]}. Set config.model to its architecture.")
-    merged = {k: (np.asarray(source[k], v.dtype) if k in source and np.shape(source[k]) == np.shape(v) else v)
-              for k, v in target.items()}
-    return traverse_util.unflatten_dict(merged, sep="/")
 
 
 class _Preemption:
@@ -156,6 +137,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     model = build_model(config)
     run = {"model_config": model_config(model), "config": config.to_json()}
+    image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
+    freeze = optim.freeze_patterns(config)
+    if freeze:  # a pattern that names nothing fails before the workdir is made (shapes only: no compile)
+        abstract = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, *image_shape)))
+        optim.parameter_labels(abstract["params"], freeze, (), 1.0)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     saved_meta = checkpoints.meta()
     if saved_meta is not None:
@@ -172,18 +158,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = optim.make_optimizer(config, schedule)
     dynamic_loss_scale = config.precision == "float16"
-    image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
 
-    # The state: fresh, resumed from the workdir, or fine-tuned from a pretrained model.
+    # The state: fresh, resumed from the workdir, or fine-tuned from pretrained weights (what they lack,
+    # e.g. the attention of a plain ResNet, is fresh: 'new', recorded in the checkpoints for resuming).
     state = jax.device_get(step_lib.create_state(model, tx, jax.random.key(config.seed), image_shape,
                                                  dynamic_loss_scale))
+    new_params, report = saved_meta.get("new_params", []) if saved_meta is not None else [], None
+    if saved_meta is None and config.init_from:
+        from cbam_jax.convert.transfer import init_from
+
+        variables, report = init_from(config.init_from, model, initial=_model_variables(state))
+        new_params = [path for path in report.new if path.startswith("params/")]
+        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    run["new_params"] = new_params
+    labels = optim.parameter_labels(state.params, freeze, new_params, config.new_lr_factor)
+    if labels is not None or config.init_from:
+        tx = optim.make_optimizer(config, schedule, labels)
+        state = jax.device_get(step_lib.state_from_variables(_model_variables(state), tx, dynamic_loss_scale))
     data_state, best = None, Best()
     if saved_meta is not None:
         state, data_state, saved_meta = checkpoints.restore(state)
         best = Best(saved_meta["best_accuracy"], saved_meta["best_step"])
-    elif config.init_from:
-        variables = init_from_pretrained(config.init_from, {"params": state.params, "batch_stats": state.batch_stats})
-        state = jax.device_get(step_lib.state_from_variables(variables, tx, dynamic_loss_scale))
     start_step = int(state.step)
     checkpoints.discard_best_after(start_step)
 
@@ -193,11 +188,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stream.set_state(data_state)
     parallel = DataParallel(config.parallel, model, tx, num_classes=config.dataset.num_classes,
                             label_smoothing=config.label_smoothing, mean=config.dataset.mean, std=config.dataset.std,
-                            dynamic_loss_scale=dynamic_loss_scale, bn_group_size=config.bn_group_size)
+                            dynamic_loss_scale=dynamic_loss_scale, bn_group_size=config.bn_group_size,
+                            frozen_statistics=optim.frozen_statistics(state.batch_stats, freeze))
     placed = parallel.place_state(state)
     batches = parallel.prefetch(stream)  # its get_state() is the stream's after the last batch trained on
     log = MetricLog(workdir, config.tensorboard, progress_bar=config.progress_bar, total_steps=total_steps,
                     start_step=start_step)
+    if report is not None:  # what the pretrained weights provided, in metrics.jsonl and on the terminal
+        log.write(start_step, "init_from", {"source": config.init_from, "summary": report.summary(),
+                                            "new": list(report.new), "dropped": list(report.dropped)})
+        if jax.process_index() == 0:
+            print(f"init_from {config.init_from}: {report.summary()}", file=sys.stderr)
     window = MetricWindow(parallel.metrics_to_host, schedule, loss_scaled=dynamic_loss_scale)
     status, step, final_eval, compile_seconds = "finished", start_step, None, 0.0
     try:

@@ -12,6 +12,9 @@
    report says what was new.
 3. Fine-tune on the digits 7-9 with the stem (conv1, bn1) frozen: `optax.multi_transform` gives its
    parameters zero updates, and its BatchNorm statistics are put back after every step.
+
+train.py does the same from a config: `--config.init_from=SOURCE --config.freeze=conv1,bn1`
+(and `--config.new_lr_factor` for the parameters the source lacked); see the README.
 """
 
 import argparse

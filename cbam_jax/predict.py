@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from cbam_jax.errors import UsageError, UserError
+
 # Re-exported: they lived here before cbam_jax.images, and users import them from here.
 from cbam_jax.images import (  # noqa: F401
     InputError,
@@ -54,7 +56,7 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
     Raises:
       InputError: the directory is missing or holds no model, or the preprocessing is incomplete.
     """
-    from cbam_jax.pretrained import load_metadata, load_pretrained  # the checkpoint stack, only when used
+    from cbam_jax.pretrained import NonFiniteWeights, load_metadata, load_pretrained  # the checkpoint stack, only when used
 
     path = Path(path)
     if not path.is_dir():
@@ -63,7 +65,9 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
     try:
         model, variables = load_pretrained(path)
         metadata = load_metadata(path) or {}
-    except Exception as error:  # any failure here means the same thing to the user: no usable model
+    except NonFiniteWeights as error:  # a model, but broken: the message says so
+        raise InputError(f"--pretrained {path}: {error}") from None
+    except Exception as error:  # any other failure here means the same thing to the user: no usable model
         raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "
                          f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "
                          "or `cbam_jax.save_pretrained`.") from error
@@ -109,8 +113,10 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("preprocessing (default: as saved with the model)")
     group.add_argument("--resize", type=int, help="short side after resizing")
     group.add_argument("--crop", type=int, help="side of the center crop")
-    group.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="channel means on the [0, 1] scale")
-    group.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="channel stds on the [0, 1] scale")
+    group.add_argument("--mean", type=float, nargs="+", metavar="M",
+                       help="channel means on the [0, 1] scale, one per channel (R G B, or one for a grey model)")
+    group.add_argument("--std", type=float, nargs="+", metavar="S",
+                       help="channel stds on the [0, 1] scale, one per channel (R G B, or one for a grey model)")
 
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,17 +133,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_preprocessing_arguments(parser)
 
 
+def check_positive(args: argparse.Namespace, *options: str) -> None:
+    """UsageError unless each integer option (attribute name) is >= 1."""
+    for option in options:
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1; got {value}.")
+
+
+def load_for_command(args: argparse.Namespace) -> LoadedModel:
+    """`load_model` of --pretrained with the preprocessing options; a model that cannot be used is a
+    UserError with exit code 2 (nothing was done)."""
+    try:
+        return load_model(args.pretrained, preprocessing_overrides(args))
+    except InputError as error:
+        raise UserError(str(error), exit_code=2) from None
+
+
+def report_failures(program: str, failures: int, total: int, what: str = "could not be read") -> int:
+    """The exit code of a command over `total` images: 1 if any failed (each was reported on its own
+    line; a count follows when there were several images), else 0."""
+    if failures and total > 1:
+        print(f"{program}: error: {failures} of {total} image(s) {what} (see the lines above).", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the top-k classes of every readable image; exit 1 if any image failed, 2 without a model."""
-    if args.top_k < 1 or args.batch_size < 1:
-        print("error: --top-k and --batch-size must be positive.", file=sys.stderr)
-        return 2
-    try:
-        loaded_model = load_model(args.pretrained, preprocessing_overrides(args))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    items, failures = load_images(args.images, loaded_model.preprocessing)
+    check_positive(args, "top_k", "batch_size")
+    loaded_model = load_for_command(args)
+    items, failures = load_images(args.images, loaded_model.preprocessing, program="cbam-jax predict")
     k = min(args.top_k, len(loaded_model.class_names))
     for batch in same_shape_batches(items, args.batch_size):
         inputs = normalize(np.stack([image for _, image in batch]), loaded_model.preprocessing.mean,
@@ -152,6 +177,4 @@ def run(args: argparse.Namespace) -> int:
                 print(path)
                 for rank, entry in enumerate(ranked, 1):
                     print(f"  {rank}. {entry['probability']:.4f}  {entry['class']} ({entry['index']})")
-    if failures:
-        print(f"{failures} of {len(args.images)} image(s) could not be read (see the errors above).", file=sys.stderr)
-    return 1 if failures else 0
+    return report_failures("cbam-jax predict", failures, len(args.images))

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cbam_jax.errors import InvalidInput, UserError
 from cbam_jax.resnet import ResNet
 
 CACHE_ENV = "CBAM_JAX_CACHE"
@@ -49,7 +50,7 @@ TIMEOUT_S = 30.0
 ATTEMPTS = 5  # connections per download; each retry resumes where the last one stopped
 
 
-class DownloadError(OSError):
+class DownloadError(UserError, OSError):
     """A published checkpoint that could not be fetched or verified; the message says where to put it by hand."""
 
 
@@ -205,9 +206,9 @@ def get(name: str, tag: str | None = None) -> Pretrained:
     arch, _, wanted = name.partition(".")
     tags = [entry.tag for entry in PRETRAINED.values() if entry.arch == arch]
     if tags:
-        raise ValueError(f"{arch} has no pretrained weights tagged {wanted!r}; its tags: {', '.join(tags)}.")
+        raise InvalidInput(f"{arch} has no pretrained weights tagged {wanted!r}; its tags: {', '.join(tags)}.")
     archs = sorted({entry.arch for entry in PRETRAINED.values()})
-    raise ValueError(f"No pretrained weights named {name!r}; published for: {', '.join(archs)} "
+    raise InvalidInput(f"No pretrained weights named {name!r}; published for: {', '.join(archs)} "
                      "(`cbam-jax list-pretrained`).")
 
 
@@ -273,7 +274,7 @@ def load(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
     if path.is_file():
         from cbam_jax.convert import from_torch
         return from_torch(path)
-    raise ValueError(f"{text!r} is no registered pretrained model (`cbam-jax list-pretrained`), no 'hf-hub:ORG/NAME' "
+    raise InvalidInput(f"{text!r} is no registered pretrained model (`cbam-jax list-pretrained`), no 'hf-hub:ORG/NAME' "
                      "id, and no existing directory or checkpoint file.")
 
 
@@ -447,7 +448,7 @@ def _convert(entry: Pretrained, checkpoint: Path) -> tuple[ResNet, dict[str, Any
     model, variables = from_torch(checkpoint, arch=entry.arch, layout=entry.layout)
     count = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(variables["params"]))
     if count != entry.num_params:
-        raise ValueError(f"{checkpoint} converts to {count:,} parameters, but {entry.name} has {entry.num_params:,}.")
+        raise InvalidInput(f"{checkpoint} converts to {count:,} parameters, but {entry.name} has {entry.num_params:,}.")
     return model, variables
 
 
@@ -504,12 +505,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the table of registered checkpoints; exit code 1 (one line on stderr) if none matches."""
+    """Print the table of registered checkpoints; a UserError (exit code 1, one line on stderr) if none matches."""
     rows = table_rows(args.pattern)
     if not rows:
-        print(f"cbam-jax list-pretrained: error: no pretrained weights match {args.pattern!r}; try 'cbam_*' or no "
-              f"pattern for all {len(PRETRAINED)}.", file=sys.stderr)
-        return 1
+        raise InvalidInput(f"no pretrained weights match {args.pattern!r}; try 'cbam_*' or no pattern for all "
+                           f"{len(PRETRAINED)}.")
     print(format_table(rows, markdown=args.markdown))
     if args.cached:
         for name in list_pretrained(args.pattern):

@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cbam_jax.atomic import atomic_output, check_destination
+from cbam_jax.errors import InvalidInput, UsageError, UserError, one_line
 
 FORMAT_VERSION = 1
 METADATA_FILE = "artifact.json"
@@ -45,7 +46,7 @@ STABLEHLO_CHECK_TOLERANCE = 1e-5
 ONNX_CHECK_TOLERANCE = 1e-4
 
 
-class ExportError(ValueError):
+class ExportError(InvalidInput):
     """A model, size or format that cannot be exported; the message says why and what to do."""
 
 
@@ -73,6 +74,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     Raises:
       ExportError: a bad argument or a case the exporters cannot take (nothing is written).
       FileNotFoundError / ValueError: `model_dir` is not a pretrained model directory.
+      OutputError: `out` cannot be written there (nothing is written).
     """
     from cbam_jax.pretrained import load_metadata, load_pretrained
 
@@ -81,8 +83,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; choose from {list(FORMATS)}.")
-    if out.exists():
-        raise ExportError(f"{out} already exists; choose a new directory or remove it first.")
+    check_destination(out)
     if "onnx" in formats:
         from cbam_jax.artifacts import onnx_graph  # fails early with the install hint when onnx is missing
 
@@ -109,9 +110,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     document = _document(model, metadata, channels, height, width, formats)
     check_images = np.random.default_rng(0).standard_normal((2, height or 37, width or 29, channels)).astype(np.float32)
     expected = np.asarray(jax.jit(apply)(check_images))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_output(out, folder=True) as staging:  # OUT appears complete or not at all
         if "stablehlo" in formats:
             from cbam_jax.artifacts.stablehlo import export_stablehlo, run_stablehlo
 
@@ -130,13 +129,6 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
             _check("ONNX", outputs, expected, ONNX_CHECK_TOLERANCE)
         (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary directory
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return document
 
 
@@ -201,14 +193,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export; print the files written, or one line on what is wrong (exit code 1, nothing written)."""
+    """Export; print the files written, or a UserError (one line, exit code 1, nothing written)."""
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for option in ("height", "width"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise UsageError(f"--{option} must be >= 1; got {getattr(args, option)}.")
     try:
         document = export_artifacts(args.model_dir, args.out, height=args.height, width=args.width,
                                     dynamic_size=args.dynamic_size, formats=formats)
-    except (ExportError, ValueError, FileNotFoundError, ImportError) as error:
-        print(f"cbam-jax export: error: {error} Nothing was written to {args.out}.", file=sys.stderr)
-        return 1
+    except UserError as error:
+        raise UserError(f"{one_line(error)} Nothing was written to {args.out}.", exit_code=error.exit_code) from None
     shape = "x".join(str(d) for d in document["input"]["shape"])
     print(f"Exported {args.model_dir} -> {args.out}: {', '.join(document['files'].values())} "
           f"(input {shape} float32 NHWC), {METADATA_FILE}, {SCRIPT_FILE}.")

@@ -42,7 +42,7 @@ def digits_source(split: str) -> ArraySource:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("The embedded digits dataset ships with scikit-learn: pip install scikit-learn") from error
+        raise MissingDependency("The embedded digits dataset ships with scikit-learn: pip install scikit-learn") from error
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = digits.target

@@ -333,11 +333,11 @@ def config_from_flags(argv: Sequence[str], flag_values, default: str) -> ml_coll
     for negated, field in overrides:
         if field not in known and not field.startswith("model.attention_options."):
             raise ConfigError(f"--{negated}config.{field}: the config has no field {field!r} to override"
-                              + _did_you_mean(field, known) + ".")
+                              + _did_you_mean(field, known))
     try:
         config_flags.DEFINE_config_file("config", default, "training recipe (configs/NAME.py[:ARGUMENT])",
                                         flag_values=flag_values, lock_config=True, sys_argv=list(argv))
-        flag_values(list(argv))
+        unparsed = flag_values(list(argv))[1:]
         config = flag_values.config
         config.keys()  # a recipe that failed to load raises here
     except (KeyError, AttributeError) as error:  # an attention option the recipe does not set
@@ -351,6 +351,8 @@ def config_from_flags(argv: Sequence[str], flag_values, default: str) -> ml_coll
         raise ConfigError(_flag_error_message(error, recipe)) from None
     except (OSError, SyntaxError, TypeError, ValueError) as error:
         raise ConfigError(f"--config {recipe}: {_last_line(error)}") from None
+    if unparsed:
+        raise ConfigError(f"unexpected argument(s) {unparsed}; overrides look like --config.batch_size=256.")
     return config
 
 
@@ -370,7 +372,7 @@ def _did_you_mean(field: str, known: dict) -> str:
     candidates = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
     same_name = [name for name in known if name.rsplit(".", 1)[-1] == field.rsplit(".", 1)[-1]]
     suggestion = candidates or same_name
-    return f"; did you mean {suggestion[0]!r}?" if suggestion else " (see cbam_jax/training/config.py for the fields)"
+    return f"; did you mean {suggestion[0]!r}?" if suggestion else " (see cbam_jax/training/config.py for the fields)."
 
 
 def _flag_error_message(error: Exception, recipe: str) -> str:
@@ -378,6 +380,8 @@ def _flag_error_message(error: Exception, recipe: str) -> str:
     if "Error whilst parsing config file" in text:  # the recipe's get_config raised: its last line says why
         return f"--config {recipe}: {_last_line(text)}"
     text = re.sub(r"^flag (--\S+?)=", r"\1=", text)
+    if text.startswith("Unknown command line flag"):
+        text += " (the flags are --config, --config.FIELD=VALUE and --workdir; see --helpfull)."
     return _last_line(text)
 
 

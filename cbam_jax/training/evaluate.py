@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from cbam_jax.data import eval_batches, make_source
+from cbam_jax.errors import UsageError
 from cbam_jax.registry import model_from_config
 from cbam_jax.training.checkpoint import restore_variables
 from cbam_jax.training.config import load_config, validate
@@ -68,7 +69,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
         step = meta["step"]
     else:
         if not args.config:
-            raise ValueError("--pretrained needs --config configs/NAME.py to say which dataset to evaluate on.")
+            raise UsageError("--pretrained needs --config configs/NAME.py to say which dataset to evaluate on.")
         from cbam_jax.pretrained import load_pretrained
         config = load_config(args.config)
         model, variables = load_pretrained(args.pretrained)

@@ -6,19 +6,24 @@ architecture -> datasets -> model init -> restore -> compile and train. An inter
 with the same workdir: the state, the optimizer and the position in the data stream are restored.
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from cbam_jax.data import make_source, train_dataset
+from cbam_jax.data.pipeline import check_source
+from cbam_jax.errors import InvalidInput, UserError
 from cbam_jax.registry import create_model, model_config
 from cbam_jax.training import config as config_lib
 from cbam_jax.training import optim
@@ -63,7 +68,7 @@ def init_from_pretrained(path: str, variables: dict) -> dict:
     mismatched = sorted(k for k in target if not k.split("/")[1].startswith("fc")
                         and (k not in source or np.shape(source[k]) != np.shape(target[k])))
     if mismatched:
-        raise ValueError(f"The pretrained model in {path!r} does not match config.model: {len(mismatched)} array(s) "
+        raise InvalidInput(f"The pretrained model in {path!r} does not match config.model: {len(mismatched)} array(s) "
                          f"missing or of another shape, e.g. {mismatched[:3]}. Set config.model to its architecture.")
     merged = {k: (np.asarray(source[k], v.dtype) if k in source and np.shape(source[k]) == np.shape(v) else v)
               for k, v in target.items()}
@@ -156,16 +161,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     model = build_model(config)
     run = {"model_config": model_config(model), "config": config.to_json()}
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    saved_meta = checkpoints.meta()
-    if saved_meta is not None:
-        check_architecture(saved_meta, run["model_config"], workdir)
-
     train_source = make_source(config.dataset, config.dataset.train_split)
     eval_source = make_source(config.dataset, config.dataset.eval_split)
+    check_source(train_source, config.dataset, config.dataset.train_split)
+    check_source(eval_source, config.dataset, config.dataset.eval_split)
+
+    created_workdir = not os.path.exists(workdir)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    with _removed_on_user_error(workdir if created_workdir else None, checkpoints):
+        saved_meta = checkpoints.meta()
+        if saved_meta is not None:
+            check_architecture(saved_meta, run["model_config"], workdir)
+            check_recipe(saved_meta, config, workdir)
+        return _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source)
+
+
+def check_recipe(saved_meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse to resume a checkpoint written under another recipe (config_lib.recipe_changes: every
+    field outside config_lib.FREE_FIELDS), unless config.allow_config_change (then log the changes)."""
+    changes = config_lib.recipe_changes(saved_meta["config"], config)
+    if not changes:
+        return
+    if config.allow_config_change:
+        logging.warning("Resuming %s with a changed recipe (config.allow_config_change): %s", workdir, "; ".join(changes))
+        return
+    raise InvalidInput(f"The workdir {workdir} holds a run trained with another recipe ({'; '.join(changes)}). "
+                       "Resume with the config that wrote it, use a new --workdir, or pass "
+                       "--config.allow_config_change=True to continue under the new values.")
+
+
+@contextlib.contextmanager
+def _removed_on_user_error(created_workdir: str | None, checkpoints: Checkpoints):
+    """A workdir this run created is removed again when a user mistake ends the run before its first
+    checkpoint: a failed command leaves no folder behind."""
+    try:
+        yield
+    except UserError:
+        if created_workdir is not None and checkpoints.latest_step() is None:
+            checkpoints.close()
+            shutil.rmtree(created_workdir, ignore_errors=True)
+        raise
+
+
+def _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source) -> dict:
+    """The loop of `train_and_evaluate`, from a checked config, workdir and data."""
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"config.batch_size = {config.batch_size} exceeds the {len(train_source)} training examples.")
+        raise InvalidInput(f"config.batch_size = {config.batch_size} exceeds the {len(train_source)} training examples.")
     total_steps = config.num_train_steps if config.num_train_steps > 0 else int(math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or steps_per_epoch

@@ -47,11 +47,12 @@ class LoadedModel:
     preprocessing: Preprocessing
 
 
-def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
+def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | None = None, *,
+               allow_nonfinite: bool = False) -> LoadedModel:
     """Load a `save_pretrained` directory (e.g. written by `cbam-jax convert`) and its metadata.
 
     `preprocessing_overrides` (keys of `Preprocessing`, None values ignored) replace or supply the
-    saved preprocessing.
+    saved preprocessing. Weights holding NaN or inf are refused unless `allow_nonfinite`.
 
     Raises:
       InputError: the directory is missing or holds no model, or the preprocessing is incomplete.
@@ -63,10 +64,10 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
         raise InputError(f"--pretrained {path}: no such directory. Pass a directory written by "
                          "`cbam-jax convert` or `cbam_jax.save_pretrained`.")
     try:
-        model, variables = load_pretrained(path)
+        model, variables = load_pretrained(path, allow_nonfinite=allow_nonfinite)
         metadata = load_metadata(path) or {}
     except NonFiniteWeights as error:  # a model, but broken: the message says so
-        raise InputError(f"--pretrained {path}: {error}") from None
+        raise InputError(f"--pretrained {path}: {str(error).replace('allow_nonfinite=True', '--allow-nonfinite')}") from None
     except Exception as error:  # any other failure here means the same thing to the user: no usable model
         raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "
                          f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "
@@ -117,6 +118,8 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
                        help="channel means on the [0, 1] scale, one per channel (R G B, or one for a grey model)")
     group.add_argument("--std", type=float, nargs="+", metavar="S",
                        help="channel stds on the [0, 1] scale, one per channel (R G B, or one for a grey model)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="use weights holding NaN or inf (refused by default: such weights are broken)")
 
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +148,7 @@ def load_for_command(args: argparse.Namespace) -> LoadedModel:
     """`load_model` of --pretrained with the preprocessing options; a model that cannot be used is a
     UserError with exit code 2 (nothing was done)."""
     try:
-        return load_model(args.pretrained, preprocessing_overrides(args))
+        return load_model(args.pretrained, preprocessing_overrides(args), allow_nonfinite=args.allow_nonfinite)
     except InputError as error:
         raise UserError(str(error), exit_code=2) from None
 

@@ -67,7 +67,7 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
         model, variables = load_pretrained(path, allow_nonfinite=allow_nonfinite)
         metadata = load_metadata(path) or {}
     except NonFiniteWeights as error:  # a model, but broken: the message says so
-        raise InputError(f"--pretrained {path}: {str(error).replace('allow_nonfinite=True', '--allow-nonfinite')}") from None
+        raise InputError(f"--pretrained {path}: {error.for_option('--allow-nonfinite')}") from None
     except Exception as error:  # any other failure here means the same thing to the user: no usable model
         raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "
                          f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "

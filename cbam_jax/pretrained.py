@@ -93,6 +93,10 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
 class NonFiniteWeights(InvalidInput):
     """Weights that hold NaN or infinite values (e.g. saved from a diverged training run)."""
 
+    def for_option(self, option: str) -> "NonFiniteWeights":
+        """The same error naming the command-line `option` (e.g. '--allow-nonfinite') as the override."""
+        return NonFiniteWeights(str(self).replace("allow_nonfinite=True", option))
+
 
 def check_finite(arrays: Mapping[str, Any], origin: str, override: str = "allow_nonfinite=True") -> None:
     """NonFiniteWeights naming the arrays of `arrays` (nested mappings of arrays) with NaN or inf values.

@@ -61,7 +61,7 @@ def input_shape(height: int | None, width: int | None, channels: int) -> tuple:
 
 def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, height: int | None = None,
                      width: int | None = None, dynamic_size: bool = False,
-                     formats: Sequence[str] = FORMATS) -> dict[str, Any]:
+                     formats: Sequence[str] = FORMATS, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Export the pretrained model in `model_dir` to the new directory `out`; returns the metadata written.
 
     Args:
@@ -70,6 +70,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
       height, width: the fixed input size (default: the metadata's preprocessing crop).
       dynamic_size: symbolic height and width too (StableHLO only).
       formats: any of 'stablehlo', 'onnx'.
+      allow_nonfinite: export weights holding NaN or inf (refused by default).
 
     Raises:
       ExportError: a bad argument or a case the exporters cannot take (nothing is written).
@@ -91,7 +92,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
         if dynamic_size:
             raise ExportError("the ONNX export takes a symbolic batch only, not a symbolic height and width; "
                               "drop --dynamic-size, or export --formats stablehlo.")
-    model, variables = load_pretrained(model_dir)
+    model, variables = load_pretrained(model_dir, allow_nonfinite=allow_nonfinite)
     metadata = load_metadata(model_dir)
     channels = int(np.shape(variables["params"]["conv1"]["kernel"])[2])
     if dynamic_size:
@@ -190,6 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="symbolic height and width as well as batch (StableHLO only)")
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help=f"comma-separated, from {', '.join(FORMATS)} (default: both)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="export weights holding NaN or inf (refused by default: such weights are broken)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,8 +203,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{option} must be >= 1; got {getattr(args, option)}.")
     try:
         document = export_artifacts(args.model_dir, args.out, height=args.height, width=args.width,
-                                    dynamic_size=args.dynamic_size, formats=formats)
+                                    dynamic_size=args.dynamic_size, formats=formats,
+                                    allow_nonfinite=args.allow_nonfinite)
     except UserError as error:
+        if hasattr(error, "for_option"):  # NaN/inf weights: name the option that lets them through
+            error = error.for_option("--allow-nonfinite")
         raise UserError(f"{one_line(error)} Nothing was written to {args.out}.", exit_code=error.exit_code) from None
     shape = "x".join(str(d) for d in document["input"]["shape"])
     print(f"Exported {args.model_dir} -> {args.out}: {', '.join(document['files'].values())} "

@@ -22,7 +22,7 @@ from cbam_jax.convert.mapping import load_variables, to_numpy_state_dict
 from cbam_jax.convert.reading import ConversionError, read_state_dict
 from cbam_jax.convert.transfer import transfer_variables
 from cbam_jax.errors import MissingInput, UserError, one_line
-from cbam_jax.pretrained import IMAGENET_PREPROCESSING, load_metadata, load_pretrained, save_pretrained
+from cbam_jax.pretrained import IMAGENET_PREPROCESSING, NonFiniteWeights, load_metadata, load_pretrained, save_pretrained
 from cbam_jax.registry import VARIANTS, create_model, parse_name
 
 
@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         check_destination(args.dst)
         summary = _to_torch(args) if args.to_torch else _from_torch(args)
     except UserError as error:
+        if isinstance(error, NonFiniteWeights):
+            error = error.for_option("--allow-nonfinite")
         raise UserError(f"{one_line(error)} Nothing was written to {args.dst}.", exit_code=error.exit_code) from None
     print(summary)
     return 0

@@ -114,12 +114,37 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("preprocessing (default: as saved with the model)")
     group.add_argument("--resize", type=int, help="short side after resizing")
     group.add_argument("--crop", type=int, help="side of the center crop")
-    group.add_argument("--mean", type=float, nargs="+", metavar="M",
+    group.add_argument("--mean", action=_ChannelValues, nargs="+", metavar="M",
                        help="channel means on the [0, 1] scale, one per channel (R G B, or one for a grey model)")
-    group.add_argument("--std", type=float, nargs="+", metavar="S",
+    group.add_argument("--std", action=_ChannelValues, nargs="+", metavar="S",
                        help="channel stds on the [0, 1] scale, one per channel (R G B, or one for a grey model)")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="use weights holding NaN or inf (refused by default: such weights are broken)")
+
+
+class _ChannelValues(argparse.Action):
+    """`--mean 0.5` or `--mean 0.48 0.46 0.41`: the leading numbers; what follows them (the IMAGE
+    arguments, as in `--std 0.2 0.2 0.2 photo.jpg`) goes to `trailing_images`, see `image_arguments`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        numbers = []
+        for value in values:
+            try:
+                numbers.append(float(value))
+            except ValueError:
+                break
+        if not numbers:
+            parser.error(f"argument {option_string}: expected 1 or 3 numbers; got {values[0]!r}")
+        setattr(namespace, self.dest, numbers)
+        namespace.trailing_images = getattr(namespace, "trailing_images", []) + list(values[len(numbers):])
+
+
+def image_arguments(args: argparse.Namespace) -> list[str]:
+    """The IMAGE arguments of a command, including those that followed --mean/--std values."""
+    images = list(args.images) + list(getattr(args, "trailing_images", []))
+    if not images:
+        raise UsageError("give at least one IMAGE file to read (e.g. photo.jpg).")
+    return images
 
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,7 +152,7 @@ def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--pretrained", required=True, metavar="DIR",
                         help="a model directory written by `cbam-jax convert` or save_pretrained")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="classes to print per image (%(default)s)")
@@ -164,6 +189,7 @@ def report_failures(program: str, failures: int, total: int, what: str = "could 
 def run(args: argparse.Namespace) -> int:
     """Print the top-k classes of every readable image; exit 1 if any image failed, 2 without a model."""
     check_positive(args, "top_k", "batch_size")
+    args.images = image_arguments(args)
     loaded_model = load_for_command(args)
     items, failures = load_images(args.images, loaded_model.preprocessing, program="cbam-jax predict")
     k = min(args.top_k, len(loaded_model.class_names))

@@ -144,7 +144,7 @@ CASES = [
     ("cbam-jax", ["export", "model", "existing_out"], 1, "existing_out"),
     ("cbam-jax", ["export", "model", "afile/artifacts"], 1, "afile"),
     ("cbam-jax", ["export", "model", "artifacts", "--formats", "tflite"], 1, "tflite"),
-    ("cbam-jax", ["export", "model", "artifacts", "--height", "0"], 2, "--height"),
+    ("cbam-jax", ["export", "model", "artifacts", "--height", "0", "--width", "8"], 1, "height=0"),
     ("cbam-jax", ["export", "nan_model", "artifacts"], 1, "--allow-nonfinite"),
     # convert (safetensors: no torch needed)
     ("cbam-jax", ["convert", "missing.safetensors", "converted"], 1, "missing.safetensors"),

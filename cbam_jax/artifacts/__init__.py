@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_jax.atomic import atomic_output, check_destination
-from cbam_jax.errors import InvalidInput, UsageError, UserError, one_line
+from cbam_jax.errors import InvalidInput, UserError, one_line
 
 FORMAT_VERSION = 1
 METADATA_FILE = "artifact.json"
@@ -198,9 +198,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export; print the files written, or a UserError (one line, exit code 1, nothing written)."""
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    for option in ("height", "width"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            raise UsageError(f"--{option} must be >= 1; got {getattr(args, option)}.")
     try:
         document = export_artifacts(args.model_dir, args.out, height=args.height, width=args.width,
                                     dynamic_size=args.dynamic_size, formats=formats,

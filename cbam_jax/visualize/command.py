@@ -11,7 +11,8 @@ import numpy as np
 from cbam_jax.atomic import atomic_output, check_destination
 from cbam_jax.errors import UsageError, UserError, report
 from cbam_jax.images import load_images, normalize, same_shape_batches
-from cbam_jax.predict import add_preprocessing_arguments, check_positive, load_for_command, report_failures
+from cbam_jax.predict import (add_preprocessing_arguments, check_positive, image_arguments, load_for_command,
+                              report_failures)
 from cbam_jax.visualize.figures import FIGURE_KEY, attention_figure
 from cbam_jax.visualize.maps import attention_maps, grad_cam, last_block_name
 
@@ -30,7 +31,7 @@ def output_names(paths: Sequence[str]) -> dict[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--pretrained", required=True, metavar="DIR",
                         help="a model directory written by `cbam-jax convert` or save_pretrained")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG figures (created if needed)")
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     --out is created with the first figure: a command whose images all fail leaves no folder behind.
     """
     check_positive(args, "batch_size")
+    args.images = image_arguments(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory.")

@@ -229,3 +229,12 @@ def test_bad_input_is_a_clear_value_error(name, overrides, shape, message):
     model = create_model(name, stem="cifar", **overrides)
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+
+
+def test_train_apply_on_an_empty_batch_is_an_error_not_nan_statistics():
+    model = ResNet(stage_sizes=(1,), block="basic", attention="cbam", num_classes=3, stem="cifar", width=8,
+                   attention_options={"reduction": 4})
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.apply(variables, jnp.zeros((0, 8, 8, 3)), train=True, mutable=["batch_stats"])
+    assert model.apply(variables, jnp.zeros((0, 8, 8, 3))).shape == (0, 3)  # eval on nothing is fine

@@ -126,9 +126,16 @@ def test_bfloat16_forward(attention, block):
     logits, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
     assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(updates))
-    reference = jax.jit(_small(attention, block).apply)(variables, x)
+    float32_apply = jax.jit(_small(attention, block).apply)
+    # Scale the head so that the float32 logits are O(1) (at init they can be ~0.03): an error bound
+    # relative to their spread then means something, and all-zero logits cannot pass it.
+    variables["params"]["fc"]["kernel"] /= float(jnp.std(float32_apply(variables, x)))
+    reference = float32_apply(variables, x)
+    scale = float(jnp.std(reference))
+    assert 0.9 < scale < 1.1
     eval_logits = jax.jit(model.apply)(variables, x)
-    assert float(jnp.abs(eval_logits - reference).max()) < 0.1 * float(jnp.abs(reference).max()) + 0.05
+    # bfloat16 keeps 8 bits of mantissa: measured 1.3-1.7% of the logits' spread here.
+    assert float(jnp.abs(eval_logits - reference).max()) < 0.05 * scale
 
 
 @pytest.mark.slow

@@ -156,10 +156,16 @@ def test_tfds_mock_data(name, augment, resize):
         assert sum(int(b["mask"].sum()) for b in evaluated) == len(source)
 
 
-def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
+def test_missing_tfds_dataset_says_how_to_prepare(tmp_path, capfd):
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(FileNotFoundError, match="download_and_prepare"):
+    with pytest.raises(FileNotFoundError, match="download_and_prepare") as caught:
         tfds_source("cifar10", "train", data_dir=str(tmp_path))
+    cause = caught.value.__cause__
+    # The cause is tfds finding no prepared data in tmp_path, not an unrelated failure on the way
+    # (an import error of a download dependency once passed this test).
+    assert not isinstance(cause, ImportError) and str(tmp_path / "cifar10") in str(cause), repr(cause)
+    assert list(tmp_path.iterdir()) == []  # opened without downloading or preparing anything
+    assert "Downloading" not in capfd.readouterr().out
 
 
 def test_data_that_does_not_fit_the_config_is_refused_with_numbers(tmp_path):

@@ -61,7 +61,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
     import tensorflow_datasets as tfds
 
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir or None)
+        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as error:  # tfds raises several types for "not prepared" (AssertionError, DatasetNotFound...)
         where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
         raise MissingInput(

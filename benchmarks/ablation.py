@@ -144,7 +144,15 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_study_dir(args: argparse.Namespace) -> None:
-    """Refuse a study folder that holds runs of other settings."""
+    """Refuse a study folder that holds runs of other settings, or that cannot be created."""
+    from cbam_jax.atomic import check_destination
+
+    if os.path.exists(args.study_dir) and not os.path.isdir(args.study_dir):
+        raise UsageError(f"--study-dir {args.study_dir} is a file, not a folder; use another --study-dir")
+    try:
+        check_destination(args.study_dir, replace=True, option="--study-dir")
+    except UserError as error:
+        raise UsageError(str(error)) from None
     path = os.path.join(args.study_dir, "study.json")
     if os.path.isfile(path):
         with open(path) as f:

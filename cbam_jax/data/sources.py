@@ -59,7 +59,10 @@ def digits_source(split: str) -> ArraySource:
 def tfds_source(name: str, split: str, data_dir: str | None = None):
     """`tfds.data_source(name, split)` over ArrayRecord files; a clear error when not prepared."""
     import tensorflow_datasets as tfds
+    from absl import logging
 
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # tfds warns about a missing prepared folder before raising
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as error:  # tfds raises several types for "not prepared" (AssertionError, DatasetNotFound...)
@@ -71,6 +74,8 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
             f".download_and_prepare(file_format='array_record')\"\n"
             "ImageNet needs its archives in <data_dir>/downloads/manual first (see configs/imagenet2012.py)."
         ) from error
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 class ImageFolderSource:

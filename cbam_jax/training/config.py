@@ -378,7 +378,9 @@ def _did_you_mean(field: str, known: dict) -> str:
 def _flag_error_message(error: Exception, recipe: str) -> str:
     text = str(error)
     if "Error whilst parsing config file" in text:  # the recipe's get_config raised: its last line says why
-        return f"--config {recipe}: {_last_line(text)}"
+        hint = (" (this recipe takes no :ARGUMENT; give --config FILE.py)"
+                if "get_config() takes 0 positional arguments" in text else "")
+        return f"--config {recipe}: {_last_line(text)}{hint}"
     text = re.sub(r"^flag (--\S+?)=", r"\1=", text)
     if text.startswith("Unknown command line flag"):
         text += " (the flags are --config, --config.FIELD=VALUE and --workdir; see --helpfull)."

@@ -124,6 +124,11 @@ def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path, cache_dir):
     step, state = final_state(tmp_path)
     assert step == 8
     assert_same_state(state, straight[1][1])
+    # It resumed at killed_at rather than starting again (which would also end in the same state):
+    # the steps up to the checkpoint were trained, and logged, once.
+    logged = [r["step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
+    before_kill = [s for s in logged if s <= killed_at]
+    assert before_kill and len(before_kill) == len(set(before_kill))
 
 
 def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, cache_dir):

@@ -51,6 +51,10 @@ def main(argv: list[str]) -> int:
         return report(PROGRAM, error)
     except FloatingPointError as error:  # the loss diverged: the message says what to change
         return report(PROGRAM, error, exit_code=1)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        # What train.py always reported in one line: checks of the libraries it calls that do not raise
+        # a UserError (yet). Other exceptions are bugs and keep their traceback.
+        return report(PROGRAM, error, exit_code=1)
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted; run the same command again to resume from the last checkpoint.",
               file=sys.stderr)

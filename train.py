@@ -1,31 +1,67 @@
 """Train a CBAM-ResNet: `python train.py --config configs/default.py --workdir runs/default
-[--config.batch_size=256 ...]`. The logic lives in cbam_jax.training.trainer."""
+[--config.batch_size=256 ...]`. The logic lives in cbam_jax.training.trainer.
 
+A user mistake (a missing recipe, a typo in an override, a workdir that is a file, data that does
+not fit the config, a resumed workdir of another recipe) ends with one line on stderr and exit
+code 1 (2 for a wrong command line); see "When something goes wrong" in the README.
+"""
+
+import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/default.py", "training recipe (configs/NAME.py)", lock_config=True)
+from cbam_jax.errors import UserError, report
+
+PROGRAM = "train.py"
+DEFAULT_RECIPE = "configs/default.py"
 flags.DEFINE_string("workdir", "runs/default", "checkpoints, metrics.jsonl and TensorBoard events go here; "
                     "an existing run in it is resumed")
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; overrides look like --config.batch_size=256.")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from cbam_jax.training.trainer import format_summary, train_and_evaluate
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with --config (the recipe and its overrides); a mistake is one line."""
+    from cbam_jax.training.config import config_from_flags
 
     try:
-        summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 1
+        config_from_flags(argv, flags.FLAGS, DEFAULT_RECIPE)
+    except UserError as error:
+        sys.exit(report(PROGRAM, error, exit_code=2))
+    return argv[:1]
+
+
+def main(argv: list[str]) -> int:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from cbam_jax.atomic import check_destination
+    from cbam_jax.errors import OutputError
+    from cbam_jax.training.config import validate
+    from cbam_jax.training.trainer import format_summary, train_and_evaluate
+
+    workdir = flags.FLAGS.workdir
+    try:
+        if not workdir:
+            raise OutputError("--workdir is empty; give the folder for the run, e.g. --workdir runs/NAME.")
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise OutputError(f"--workdir {workdir}: is a file, not a folder; choose another --workdir.")
+        check_destination(workdir, replace=True, option="--workdir")
+        config = validate(flags.FLAGS.config)
+        summary = train_and_evaluate(config, workdir)
+    except UserError as error:
+        return report(PROGRAM, error)
+    except FloatingPointError as error:  # the loss diverged: the message says what to change
+        return report(PROGRAM, error, exit_code=1)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        # What train.py always reported in one line: checks of the libraries it calls that do not raise
+        # a UserError (yet). Other exceptions are bugs and keep their traceback.
+        return report(PROGRAM, error, exit_code=1)
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted; run the same command again to resume from the last checkpoint.",
+              file=sys.stderr)
+        return 130
     print(format_summary(summary))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -23,13 +23,15 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from cbam_jax.errors import UsageError, UserError, report
+
+PROGRAM = "python -m benchmarks.ablation"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "ablation.py")
 
@@ -55,10 +57,6 @@ PAPER: dict[str, tuple[str, float, float]] = {
 # --quick: fewer epochs and seeds of the digits recipe, sized to finish in < 15 min on 2 idle cores.
 QUICK = {"seeds": 3, "overrides": ["--config.num_epochs=10", "--config.checkpoint_every_steps=110"]}
 FULL_SEEDS = 5
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,32 +112,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_config(row: str, base: str, overrides: Sequence[str], seed: int):
     """The validated config of one run: configs/ablation.py:ROW,base=BASE with train.py's overrides."""
     from absl import flags
-    from ml_collections import config_flags
 
-    from cbam_jax.training.config import validate
+    from cbam_jax.training.config import config_from_flags, validate
 
-    argv = ["ablation", *overrides]
-    flag_values = flags.FlagValues()
     try:  # exactly what train.py does with `--config configs/ablation.py:ROW,base=BASE --config.X=Y ...`
-        config_flags.DEFINE_config_file("config", f"{RECIPE}:{row},base={base}", flag_values=flag_values,
-                                        lock_config=True, sys_argv=argv)
-        flag_values(argv)
-        config = flag_values.config
-        config.seed = seed  # a recipe that failed to load raises here
-        config.progress_bar = False  # one line per run instead
+        config = config_from_flags(["ablation", *overrides], flags.FlagValues(), f"{RECIPE}:{row},base={base}")
+        with config.unlocked():
+            config.seed = seed
+            config.progress_bar = False  # one line per run instead
         return validate(config)
-    except (KeyError, AttributeError) as error:  # an override of a field the config does not have
-        text = str(error)
-        field = re.search(r"[A-Za-z_]\w*", text)
-        suggestion = re.search(r'Did you mean "([\w.]+)"', text)
-        raise UsageError(f"row {row}: the config has no field {field.group() if field else text!r} to override"
-                         + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else
-                            " (--config.FIELD=VALUE must name an existing field; model.attention_options holds "
-                            "the row's options only)")) from None
-    except (flags.Error, ValueError, TypeError, OSError) as error:
-        message = " ".join(str(error).split()).replace("Configuration is not available because of an earlier "
-                                                       "failure to load: ", "")
-        raise UsageError(f"row {row}: {message or type(error).__name__}") from None
+    except UserError as error:
+        raise UsageError(f"row {row}: {error}") from None
 
 
 def count_parameters(config) -> int:
@@ -161,7 +144,15 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_study_dir(args: argparse.Namespace) -> None:
-    """Refuse a study folder that holds runs of other settings."""
+    """Refuse a study folder that holds runs of other settings, or that cannot be created."""
+    from cbam_jax.atomic import check_destination
+
+    if os.path.exists(args.study_dir) and not os.path.isdir(args.study_dir):
+        raise UsageError(f"--study-dir {args.study_dir} is a file, not a folder; use another --study-dir")
+    try:
+        check_destination(args.study_dir, replace=True, option="--study-dir")
+    except UserError as error:
+        raise UsageError(str(error)) from None
     path = os.path.join(args.study_dir, "study.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -175,7 +166,6 @@ def check_study_dir(args: argparse.Namespace) -> None:
 
 def train_run(config, workdir: str, parameters: int) -> dict[str, Any]:
     """Train (or resume) one run; its result, also written to WORKDIR/result.json."""
-    from benchmarks.throughput import _write_text, write_atomic
     from cbam_jax.training.trainer import train_and_evaluate
 
     summary = train_and_evaluate(config, workdir)
@@ -189,7 +179,7 @@ def train_run(config, workdir: str, parameters: int) -> dict[str, Any]:
               "train_seconds": summary["train_seconds"], "first_step_seconds": summary["first_step_seconds"],
               "parameters": parameters, "model": config.model.name,
               "attention_options": config.model.attention_options.to_dict(), "seed": config.seed}
-    write_atomic(os.path.join(workdir, "result.json"), lambda temp: _write_text(temp, json.dumps(result, indent=1)))
+    write_text(os.path.join(workdir, "result.json"), json.dumps(result, indent=1))
     return result
 
 
@@ -235,7 +225,7 @@ def plot(stats: dict[str, dict[str, Any]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.throughput import _write_text, write_atomic
+    from cbam_jax.atomic import atomic_output
 
     tables = [(t, [r for r in rows if r in stats]) for t, rows in TABLES.items()]
     tables = [(t, rows) for t, rows in tables if rows]
@@ -260,8 +250,17 @@ def plot(stats: dict[str, dict[str, Any]], path: str, title: str) -> None:
                fontsize=8)
     fig.suptitle(title.replace("; ", "\n"), fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.93))
-    write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
+    with atomic_output(path, replace=True) as temporary:
+        fig.savefig(temporary, format="png", dpi=110)
     plt.close(fig)
+
+
+def write_text(path: str, text: str) -> None:
+    """`path` replaced whole (never half-written), with the user's umask."""
+    from cbam_jax.atomic import atomic_output
+
+    with atomic_output(path, replace=True) as temporary:
+        temporary.write_text(text)
 
 
 def machine() -> str:
@@ -292,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in args.rows:  # builds each model's shapes: bad option values fail here
             try:
                 parameters[row] = count_parameters(configs[row, 0])
-            except ValueError as error:
+            except ValueError as error:  # an option value the layer refuses when built
                 raise UsageError(f"row {row}: {error}") from None
         check_study_dir(args)
         first = next(iter(configs.values()))
@@ -300,14 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for split in (first.dataset.train_split, first.dataset.eval_split):
             make_source(first.dataset, split)  # the dataset is there (tfds prepared, folder readable)
-    except (UsageError, ValueError, FileNotFoundError, ImportError) as error:  # the dataset's errors too
-        print(f"python -m benchmarks.ablation: error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:  # the dataset's errors too
+        return report(PROGRAM, error, exit_code=2)
 
-    from benchmarks.throughput import _write_text, write_atomic
-
-    os.makedirs(args.study_dir, exist_ok=True)
-    write_atomic(os.path.join(args.study_dir, "study.json"), lambda temp: _write_text(temp, json.dumps(settings(args))))
+    write_text(os.path.join(args.study_dir, "study.json"), json.dumps(settings(args)))
     results: dict[str, list[dict[str, Any]]] = {row: [] for row in args.rows}
     try:
         for (row, seed), config in configs.items():
@@ -328,11 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "are kept, the interrupted one continues from its last checkpoint).", file=sys.stderr)
         return 130
     except InterruptedError as error:
-        print(f"python -m benchmarks.ablation: {error}", file=sys.stderr)
+        print(f"{PROGRAM}: {error}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as error:
-        print(f"python -m benchmarks.ablation: error: {error}", file=sys.stderr)
-        return 1
+    except UserError as error:
+        return report(PROGRAM, error)
 
     stats = aggregate(results)
     title = (f"CBAM ablation on {first.dataset.name or first.dataset.source} ({first.model.name.split('_')[-1]}, width "
@@ -340,11 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{'epochs' if first.num_train_steps <= 0 else 'steps'}), {args.seeds} seed(s); {machine()}")
     table = markdown(stats, title)
     print(table)
-    write_atomic(os.path.join(args.study_dir, "results.md"), lambda temp: _write_text(temp, table))
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python -m benchmarks.ablation", *(argv if argv is not None else sys.argv[1:])]),
-              "settings": settings(args), "machine": machine(), "rows": stats, "runs": results}
-    write_atomic(os.path.join(args.study_dir, "results.json"), lambda temp: _write_text(temp, json.dumps(report, indent=1)))
+    write_text(os.path.join(args.study_dir, "results.md"), table)
+    document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(["python -m benchmarks.ablation", *(argv if argv is not None else sys.argv[1:])]),
+                "settings": settings(args), "machine": machine(), "rows": stats, "runs": results}
+    write_text(os.path.join(args.study_dir, "results.json"), json.dumps(document, indent=1))
     written = ["results.md", "results.json"]
     if args.plot:
         try:

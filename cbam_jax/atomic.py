@@ -18,6 +18,9 @@ error (KeyboardInterrupt included) it is removed. What this guarantees:
 - A write that was killed (SIGKILL, power loss) leaves its temporary behind; the next write to the
   same `path` removes it once its process is gone. A folder replacement killed between its two
   renames leaves the old output under `.NAME.replaced-PID-TOKEN`; the next write puts it back first.
+- A write that fails for a reason of the file system (no permission, a file where a folder should
+  be, a full disk) raises `cbam_jax.errors.OutputError` (an OSError) naming `path` and the reason.
+  `check_destination(path)` finds the common ones before any work is done.
 """
 
 import contextlib
@@ -27,6 +30,8 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from cbam_jax.errors import OutputError
 
 PARTIAL = "partial"  # a write in progress (or killed)
 REPLACED = "replaced"  # an old folder moved aside while the new one is renamed into place
@@ -45,27 +50,31 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False, replace: boo
         renames, the old one deleted afterwards). False: an existing `path` is a FileExistsError.
 
     Raises:
-      FileExistsError: `path` exists and `replace` is False (checked before and after writing).
+      OutputError: `path` exists and `replace` is False (checked before and after writing; also a
+        FileExistsError), or the file system refused a write (no permission, not a folder, full).
     """
     path = Path(path).absolute()
-    created_parents = _make_parents(path.parent)
+    try:
+        created_parents = _make_parents(path.parent)
+    except OSError as error:
+        raise _output_error(path, error) from error
     temporary = retired = None
     try:
         _clean_leftovers(path)
         if _present(path) and not replace:
-            raise FileExistsError(f"{path} already exists; choose a new name or remove it first.")
+            raise OutputExists(f"{path} already exists; choose a new name or remove it first.")
         temporary = _hidden_name(path, PARTIAL)
         if folder:
             temporary.mkdir()
         yield temporary
         _sync(temporary)
         if _present(path) and not replace:
-            raise FileExistsError(f"{path} already exists; choose a new name or remove it first.")
+            raise OutputExists(f"{path} already exists; choose a new name or remove it first.")
         if folder and _present(path):
             retired = _hidden_name(path, REPLACED)
             os.rename(path, retired)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if retired is not None and retired.exists() and not _present(path):
             os.rename(retired, path)  # interrupted between the two renames: the old output stays
         if temporary is not None:
@@ -73,10 +82,41 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False, replace: boo
         for parent in reversed(created_parents):
             with contextlib.suppress(OSError):
                 parent.rmdir()
+        if isinstance(error, OSError) and not isinstance(error, OutputError):
+            raise _output_error(path, error) from error
         raise
     finally:
         if retired is not None and _present(path):
             _remove(retired)
+
+
+class OutputExists(OutputError, FileExistsError):
+    """The output is there already and may not be replaced."""
+
+
+def check_destination(path: str | os.PathLike, *, replace: bool = False, option: str | None = None) -> None:
+    """Fail before any work when `path` cannot be created: it exists (unless `replace`), a parent is a
+    file, or the nearest existing folder is not writable. Creates nothing.
+
+    `option` (e.g. '--out') is named in the message. Raises OutputError.
+    """
+    path = Path(path).absolute()
+    name = f"{option} {path}" if option else str(path)
+    if _present(path) and not replace:
+        raise OutputExists(f"{name} already exists; choose a new name or remove it first.")
+    folder = path.parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{name}: {folder} is a file, not a folder; choose another place.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{name}: no permission to write in {folder}; choose another place.")
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    reason = error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+    return OutputError(f"cannot write {path}: {reason}{where}.")
 
 
 def _present(path: Path) -> bool:

@@ -2,12 +2,17 @@
 
 Each subcommand lives in its own module with two functions, `add_arguments(parser)` and
 `run(args) -> int` (the exit code); they are imported only when used, so `cbam-jax convert`
-does not pay for the training stack and vice versa.
+does not pay for the training stack and vice versa. A user mistake, raised as
+`cbam_jax.errors.UserError` by the subcommand (or a wrong command line, found by argparse), is
+reported here, once, as one line on stderr; anything else is a bug and keeps its traceback.
 """
 
 import argparse
 import importlib
+import os
 import sys
+
+from cbam_jax.errors import UsageError, UserError, report
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -20,22 +25,40 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a UsageError (one line) instead of usage text and a message."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} -h`).")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]) and run the chosen subcommand; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="cbam-jax", description="CBAM and CBAM-ResNets in JAX/Flax.")
-    subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    subparsers.required = True
     argv = sys.argv[1:] if argv is None else argv
-    # Only the chosen subcommand's module is imported; the others are listed by name and help.
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    modules = {}
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:
-            modules[name] = importlib.import_module(module_name)
-            modules[name].add_arguments(sub)
-    args = parser.parse_args(argv)
-    return int(modules[args.command].run(args))
+    program = "cbam-jax"
+    try:
+        parser = ArgumentParser(prog=program, description="CBAM and CBAM-ResNets in JAX/Flax.")
+        subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=ArgumentParser)
+        subparsers.required = True
+        # Only the chosen subcommand's module is imported; the others are listed by name and help.
+        chosen = next((a for a in argv if not a.startswith("-")), None)
+        modules = {}
+        for name, (module_name, help_text) in SUBCOMMANDS.items():
+            sub = subparsers.add_parser(name, help=help_text, description=help_text)
+            if name == chosen:
+                program = f"cbam-jax {name}"
+                modules[name] = importlib.import_module(module_name)
+                modules[name].add_arguments(sub)
+        args = parser.parse_args(argv)
+        return int(modules[args.command].run(args))
+    except UserError as error:
+        return report(program, error)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `cbam-jax list-pretrained | head -3`: the reader is gone, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cbam_jax import registry
-from cbam_jax.atomic import atomic_output
+from cbam_jax.atomic import OutputExists, atomic_output
+from cbam_jax.errors import InvalidInput
 from cbam_jax.resnet import ResNet
 
 HUB_PREFIX = "hf-hub:"
@@ -45,7 +46,7 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 COLLECTIONS = ("params", "batch_stats")
 
 
-class HubError(ValueError):
+class HubError(InvalidInput):
     """A Hub repository or folder that cannot be loaded or published; the message says why."""
 
 
@@ -111,7 +112,7 @@ def save_folder(path: str | os.PathLike, model: ResNet, variables: Mapping[str, 
 
     path = Path(path).absolute()
     if path.exists():
-        raise FileExistsError(f"save_pretrained: {path} already exists; choose a new path or remove it first.")
+        raise OutputExists(f"save_pretrained: {path} already exists; choose a new path or remove it first.")
     if "params" not in variables:
         raise ValueError(f"save_pretrained: variables must contain 'params'; got collections {sorted(variables)}.")
     tree = {c: unfreeze(variables[c]) for c in COLLECTIONS if c in variables}

@@ -13,7 +13,7 @@ subtract `mean` and divide by `std` per channel (one value per channel).
 """
 
 import dataclasses
-import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cbam_jax.errors import InvalidInput, report
+
+# Larger images are refused before they are decoded: a small file whose header claims a huge size
+# (a "decompression bomb") would otherwise take gigabytes. 100 megapixels is e.g. 12000 x 8000.
+MAX_IMAGE_PIXELS = 100_000_000
 # Transparent pixels are shown over white, as an image viewer shows them.
 ALPHA_BACKGROUND = (255, 255, 255)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class InputError(Exception):
+class InputError(InvalidInput):
     """A user input (image file, model directory, option) that cannot be used; the message says why."""
 
 
@@ -96,10 +101,12 @@ def _is_positive_int(value: Any) -> bool:
 def load_image(path: str | Path) -> np.ndarray:
     """Read a JPEG/PNG (any mode: greyscale, 16-bit, palette, RGBA, CMYK) as RGB uint8 (H, W, 3).
 
-    EXIF orientation is applied; transparent pixels are composited over white.
+    EXIF orientation is applied; transparent pixels are composited over white; of an animated
+    image (GIF, APNG, WebP) the first frame is read.
 
     Raises:
-      InputError: the file is missing, is a directory, or is not a readable image.
+      InputError: the file is missing, is a directory, is not a readable image, is larger than
+        MAX_IMAGE_PIXELS, or holds floating-point pixels; the message starts with the path.
     """
     path = Path(path)
     if not path.exists():
@@ -107,23 +114,35 @@ def load_image(path: str | Path) -> np.ndarray:
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not an image file.")
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not later
-            image = ImageOps.exif_transpose(image)
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit and raises at twice it; ours is checked below, before decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InputError(f"{path}: the image is {width} x {height} pixels, more than the "
+                                     f"{MAX_IMAGE_PIXELS:,} cbam-jax reads (cbam_jax.images.MAX_IMAGE_PIXELS); "
+                                     "downscale it first.")
+                image.load()  # decode now, so a truncated file fails here and not later
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image, path)
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image Pillow can read (expected JPEG, PNG or another common format).") from None
-    except (OSError, ValueError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:
+        raise InputError(f"{path}: the image is too large to read ({error}).") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        if isinstance(error, InputError):
+            raise
         raise InputError(f"{path}: the image cannot be decoded ({error}); is the file truncated or corrupt?") from None
-    return _to_rgb(image)
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
+def _to_rgb(image: Image.Image, path: Path) -> np.ndarray:
     if image.mode in SIXTEEN_BIT_MODES:  # 16-bit greyscale: scale to 8 bits instead of clipping at 255
         grey = np.asarray(image, dtype=np.float64)
         grey = np.round(grey * (255.0 / 65535.0) if grey.max() > 255 else grey)
         return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
     if image.mode == "F":
-        raise InputError("floating-point images are not supported; save the image as 8- or 16-bit PNG.")
+        raise InputError(f"{path}: floating-point images are not supported; save the image as 8- or 16-bit PNG.")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
@@ -131,9 +150,10 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def load_images(paths: Sequence[str], preprocessing: Preprocessing) -> tuple[list[tuple[str, np.ndarray]], int]:
+def load_images(paths: Sequence[str], preprocessing: Preprocessing,
+                program: str = "cbam-jax") -> tuple[list[tuple[str, np.ndarray]], int]:
     """Load, convert to the model's channels and crop each image (uint8); an unusable one is reported
-    on stderr and skipped.
+    on stderr (one line, `program: error: PATH: why`) and skipped.
 
     Returns:
       ([(path, cropped uint8 image (crop, crop, channels))], number of failures).
@@ -143,7 +163,7 @@ def load_images(paths: Sequence[str], preprocessing: Preprocessing) -> tuple[lis
         try:
             loaded.append((path, resize_and_crop(to_model_channels(load_image(path), preprocessing), preprocessing)))
         except InputError as error:
-            print(f"error: {error}", file=sys.stderr)
+            report(program, error)
             failures += 1
     return loaded, failures
 

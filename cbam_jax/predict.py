@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from cbam_jax.errors import UsageError, UserError
+
 # Re-exported: they lived here before cbam_jax.images, and users import them from here.
 from cbam_jax.images import (  # noqa: F401
     InputError,
@@ -45,17 +47,19 @@ class LoadedModel:
     preprocessing: Preprocessing
 
 
-def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
+def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | None = None, *,
+               allow_nonfinite: bool = False) -> LoadedModel:
     """Load a `save_pretrained` directory (e.g. written by `cbam-jax convert`), a registered name
     ('cbam_resnet50', downloaded and cached once) or an 'hf-hub:ORG/NAME[@REV]' id, and its metadata.
 
     `preprocessing_overrides` (keys of `Preprocessing`, None values ignored) replace or supply the
-    saved preprocessing.
+    saved preprocessing. Weights holding NaN or inf are refused unless `allow_nonfinite`.
 
     Raises:
       InputError: the directory is missing or holds no model, or the preprocessing is incomplete.
     """
     from cbam_jax import zoo
+    from cbam_jax.pretrained import NonFiniteWeights  # the checkpoint stack, only when used
 
     try:
         kind = zoo.source_kind(path)
@@ -66,11 +70,13 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
         raise InputError(f"--pretrained {path}: a checkpoint file, not a model directory; convert it first "
                          "(`cbam-jax convert`), or pass a registered name or an hf-hub:ORG/NAME id.")
     try:
-        model, variables, metadata = zoo.load_with_metadata(path)
+        model, variables, metadata = zoo.load_with_metadata(path, allow_nonfinite=allow_nonfinite)
         metadata = metadata or {}
+    except NonFiniteWeights as error:  # a model, but broken: the message says so
+        raise InputError(f"--pretrained {path}: {error.for_option('--allow-nonfinite')}") from None
     except zoo.DownloadError as error:  # says where to put the file by hand
         raise InputError(f"--pretrained {path}: {error}") from None
-    except Exception as error:  # any failure here means the same thing to the user: no usable model
+    except Exception as error:  # any other failure here means the same thing to the user: no usable model
         raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "
                          f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "
                          "or `cbam_jax.save_pretrained`.") from error
@@ -116,8 +122,37 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("preprocessing (default: as saved with the model)")
     group.add_argument("--resize", type=int, help="short side after resizing")
     group.add_argument("--crop", type=int, help="side of the center crop")
-    group.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="channel means on the [0, 1] scale")
-    group.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="channel stds on the [0, 1] scale")
+    group.add_argument("--mean", action=_ChannelValues, nargs="+", metavar="M",
+                       help="channel means on the [0, 1] scale, one per channel (R G B, or one for a grey model)")
+    group.add_argument("--std", action=_ChannelValues, nargs="+", metavar="S",
+                       help="channel stds on the [0, 1] scale, one per channel (R G B, or one for a grey model)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="use weights holding NaN or inf (refused by default: such weights are broken)")
+
+
+class _ChannelValues(argparse.Action):
+    """`--mean 0.5` or `--mean 0.48 0.46 0.41`: the leading numbers; what follows them (the IMAGE
+    arguments, as in `--std 0.2 0.2 0.2 photo.jpg`) goes to `trailing_images`, see `image_arguments`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        numbers = []
+        for value in values:
+            try:
+                numbers.append(float(value))
+            except ValueError:
+                break
+        if not numbers:
+            parser.error(f"argument {option_string}: expected 1 or 3 numbers; got {values[0]!r}")
+        setattr(namespace, self.dest, numbers)
+        namespace.trailing_images = getattr(namespace, "trailing_images", []) + list(values[len(numbers):])
+
+
+def image_arguments(args: argparse.Namespace) -> list[str]:
+    """The IMAGE arguments of a command, including those that followed --mean/--std values."""
+    images = list(args.images) + list(getattr(args, "trailing_images", []))
+    if not images:
+        raise UsageError("give at least one IMAGE file to read (e.g. photo.jpg).")
+    return images
 
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,7 +160,7 @@ def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--pretrained", required=True, metavar="MODEL",
                         help="a model directory written by `cbam-jax convert` or save_pretrained, a registered "
                              "name (`cbam-jax list-pretrained`) or an hf-hub:ORG/NAME[@REV] id")
@@ -135,17 +170,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_preprocessing_arguments(parser)
 
 
+def check_positive(args: argparse.Namespace, *options: str) -> None:
+    """UsageError unless each integer option (attribute name) is >= 1."""
+    for option in options:
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1; got {value}.")
+
+
+def load_for_command(args: argparse.Namespace) -> LoadedModel:
+    """`load_model` of --pretrained with the preprocessing options; a model that cannot be used is a
+    UserError with exit code 2 (nothing was done)."""
+    try:
+        return load_model(args.pretrained, preprocessing_overrides(args), allow_nonfinite=args.allow_nonfinite)
+    except InputError as error:
+        raise UserError(str(error), exit_code=2) from None
+
+
+def report_failures(program: str, failures: int, total: int, what: str = "could not be read") -> int:
+    """The exit code of a command over `total` images: 1 if any failed (each was reported on its own
+    line; a count follows when there were several images), else 0."""
+    if failures and total > 1:
+        print(f"{program}: error: {failures} of {total} image(s) {what} (see the lines above).", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the top-k classes of every readable image; exit 1 if any image failed, 2 without a model."""
-    if args.top_k < 1 or args.batch_size < 1:
-        print("error: --top-k and --batch-size must be positive.", file=sys.stderr)
-        return 2
-    try:
-        loaded_model = load_model(args.pretrained, preprocessing_overrides(args))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    items, failures = load_images(args.images, loaded_model.preprocessing)
+    check_positive(args, "top_k", "batch_size")
+    args.images = image_arguments(args)
+    loaded_model = load_for_command(args)
+    items, failures = load_images(args.images, loaded_model.preprocessing, program="cbam-jax predict")
     k = min(args.top_k, len(loaded_model.class_names))
     for batch in same_shape_batches(items, args.batch_size):
         inputs = normalize(np.stack([image for _, image in batch]), loaded_model.preprocessing.mean,
@@ -160,6 +215,4 @@ def run(args: argparse.Namespace) -> int:
                 print(path)
                 for rank, entry in enumerate(ranked, 1):
                     print(f"  {rank}. {entry['probability']:.4f}  {entry['class']} ({entry['index']})")
-    if failures:
-        print(f"{failures} of {len(args.images)} image(s) could not be read (see the errors above).", file=sys.stderr)
-    return 1 if failures else 0
+    return report_failures("cbam-jax predict", failures, len(args.images))

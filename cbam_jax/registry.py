@@ -18,6 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from cbam_jax.errors import InvalidInput
 from cbam_jax.layers.common import upgrade_renamed_options
 from cbam_jax.resnet import ATTENTION_LAYERS, ResNet, attention_options, layer_options
 
@@ -67,7 +68,7 @@ def parse_name(name: str) -> tuple[str | None, int]:
         for depth in DEPTHS:
             if name == f"{prefix}resnet{depth}":
                 return attention, depth
-    raise ValueError(f"Unknown model name {name!r}; available: {', '.join(list_models())}.")
+    raise InvalidInput(f"Unknown model name {name!r}; available: {', '.join(list_models())}.")
 
 
 def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet", variant: str = "official",
@@ -99,9 +100,9 @@ def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet", 
     attention, depth = parse_name(name)
     overrides = upgrade_renamed_options(overrides, "create_model")
     if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; available: {', '.join(VARIANTS)}.")
+        raise InvalidInput(f"Unknown variant {variant!r}; available: {', '.join(VARIANTS)}.")
     if variant not in VARIANTS_OF_ATTENTION[attention]:
-        raise ValueError(f"{name} exists only in the variant(s) {VARIANTS_OF_ATTENTION[attention]}; got {variant!r}.")
+        raise InvalidInput(f"{name} exists only in the variant(s) {VARIANTS_OF_ATTENTION[attention]}; got {variant!r}.")
     block, stage_sizes = DEPTHS[depth]
     preset = VARIANTS[variant]
     model_fields = layer_options(ResNet) - {"stage_sizes", "block", "attention", "attention_options",
@@ -109,7 +110,7 @@ def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet", 
     attention_fields = attention_options(ATTENTION_LAYERS[attention]) if attention else set()
     unknown = sorted(set(overrides) - model_fields - attention_fields)
     if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for {name}; allowed: model options {sorted(model_fields)}"
+        raise InvalidInput(f"Unknown option(s) {unknown} for {name}; allowed: model options {sorted(model_fields)}"
                          + (f", attention options {sorted(attention_fields)}." if attention else "."))
     model_kwargs = {"zero_init_residual": preset["zero_init_residual"]}
     model_kwargs.update({k: v for k, v in overrides.items() if k in model_fields})
@@ -147,5 +148,5 @@ def model_from_config(config: dict[str, Any]) -> ResNet:
         config["attention_options"] = upgrade_renamed_options(config["attention_options"], "model config", warn=False)
     unknown = sorted(set(config) - layer_options(ResNet))
     if unknown:
-        raise ValueError(f"Unknown model config field(s) {unknown}; allowed: {sorted(layer_options(ResNet))}.")
+        raise InvalidInput(f"Unknown model config field(s) {unknown}; allowed: {sorted(layer_options(ResNet))}.")
     return ResNet(**config)  # its __post_init__ turns lists into tuples and dtype names into dtypes

@@ -261,7 +261,7 @@ class ResNet(nn.Module):
         With `features_only`: the list of feature maps (B, H / r, W / r, C) for `feature_info`'s
         channels C and reductions r (rounded up at odd sizes, like PyTorch), in `dtype`.
         """
-        check_nhwc(x, "ResNet")
+        check_nhwc(x, "ResNet", train)
         if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4) and x.shape[-1] > x.shape[1]:
             raise ValueError(f"ResNet expects NHWC images; shape {tuple(x.shape)} looks like NCHW. "
                              "Transpose with x.transpose(0, 2, 3, 1).")

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cbam_jax.errors import InvalidInput, UserError
 from cbam_jax.resnet import ResNet
 
 try:
@@ -59,7 +60,7 @@ TIMEOUT_S = 30.0
 ATTEMPTS = 5  # connections per download; each retry resumes where the last one stopped
 
 
-class DownloadError(OSError):
+class DownloadError(UserError, OSError):
     """A published checkpoint that could not be fetched or verified; the message says where to put it by hand."""
 
 
@@ -215,9 +216,9 @@ def get(name: str, tag: str | None = None) -> Pretrained:
     arch, _, wanted = name.partition(".")
     tags = [entry.tag for entry in PRETRAINED.values() if entry.arch == arch]
     if tags:
-        raise ValueError(f"{arch} has no pretrained weights tagged {wanted!r}; its tags: {', '.join(tags)}.")
+        raise InvalidInput(f"{arch} has no pretrained weights tagged {wanted!r}; its tags: {', '.join(tags)}.")
     archs = sorted({entry.arch for entry in PRETRAINED.values()})
-    raise ValueError(f"No pretrained weights named {name!r}; published for: {', '.join(archs)} "
+    raise InvalidInput(f"No pretrained weights named {name!r}; published for: {', '.join(archs)} "
                      "(`cbam-jax list-pretrained`).")
 
 
@@ -298,8 +299,8 @@ def source_kind(source: str | os.PathLike) -> str:
         try:
             get(text)
         except ValueError as error:  # a known architecture with another tag: its tags
-            raise ValueError(f"{str(error).rstrip('.')} ({text!r} is no directory or file either).") from None
-    raise ValueError(f"{text!r} is no registered pretrained model (`cbam-jax list-pretrained`), no 'hf-hub:ORG/NAME' "
+            raise InvalidInput(f"{str(error).rstrip('.')} ({text!r} is no directory or file either).") from None
+    raise InvalidInput(f"{text!r} is no registered pretrained model (`cbam-jax list-pretrained`), no 'hf-hub:ORG/NAME' "
                      "id, and no existing directory or checkpoint file.")
 
 
@@ -315,11 +316,13 @@ def load(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
     return model, variables
 
 
-def load_with_metadata(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any], dict[str, Any]]:
+def load_with_metadata(source: str | os.PathLike, *, allow_nonfinite: bool = False
+                       ) -> tuple[ResNet, dict[str, Any], dict[str, Any]]:
     """(model, variables, metadata) from any source `load` takes: the one loader of the commands that take
     a model (`cbam-jax predict`, `attention`, `eval --pretrained`, `export`) and of training's `init_from`.
     The metadata (class names, preprocessing, source: `cbam_jax.pretrained`'s conventions) is that saved
-    with the model; {} for a PyTorch checkpoint file.
+    with the model; {} for a PyTorch checkpoint file. Weights holding NaN or inf are refused
+    (`NonFiniteWeights`) unless `allow_nonfinite`.
 
     Raises:
       ValueError: `source` is none of these (or does not load); DownloadError as `load_entry`.
@@ -338,10 +341,10 @@ def load_with_metadata(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any
         return model, variables, load_metadata(model_dir(entry))
     path = Path(text).expanduser()
     if kind == "directory":
-        model, variables = load_pretrained(path)
+        model, variables = load_pretrained(path, allow_nonfinite=allow_nonfinite)
         return model, variables, load_metadata(path)
     from cbam_jax.convert import from_torch
-    model, variables = from_torch(path)
+    model, variables = from_torch(path, allow_nonfinite=allow_nonfinite)
     return model, variables, {}
 
 
@@ -355,11 +358,11 @@ def pretrained_variables(name: str, tag: bool | str, model: ResNet) -> dict[str,
 
     entry = get(name, tag if isinstance(tag, str) else None)
     if entry.arch != name:
-        raise ValueError(f"Pretrained weights {entry.name!r} are for {entry.arch}, not {name}; to start a {name} "
+        raise InvalidInput(f"Pretrained weights {entry.name!r} are for {entry.arch}, not {name}; to start a {name} "
                          "from them use cbam_jax.convert.transfer.init_from.")
     published_variant = get_layout(entry.layout).variant
     if model.attention == "cbam" and variant_of(model) != published_variant:
-        raise ValueError(f"{entry.name} holds {published_variant}-variant weights; create the model with "
+        raise InvalidInput(f"{entry.name} holds {published_variant}-variant weights; create the model with "
                          f"variant={published_variant!r}.")
     _, variables = load_entry(entry)
     variables, _ = transfer_variables(variables, model, new_attention=False)
@@ -590,7 +593,7 @@ def _convert(entry: Pretrained, checkpoint: Path) -> tuple[ResNet, dict[str, Any
     model, variables = from_torch(checkpoint, arch=entry.arch, layout=entry.layout)
     count = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(variables["params"]))
     if count != entry.num_params:
-        raise ValueError(f"{checkpoint} converts to {count:,} parameters, but {entry.name} has {entry.num_params:,}.")
+        raise InvalidInput(f"{checkpoint} converts to {count:,} parameters, but {entry.name} has {entry.num_params:,}.")
     return model, variables
 
 
@@ -647,12 +650,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the table of registered checkpoints; exit code 1 (one line on stderr) if none matches."""
+    """Print the table of registered checkpoints; a UserError (exit code 1, one line on stderr) if none matches."""
     rows = table_rows(args.pattern)
     if not rows:
-        print(f"cbam-jax list-pretrained: error: no pretrained weights match {args.pattern!r}; try 'cbam_*' or no "
-              f"pattern for all {len(PRETRAINED)}.", file=sys.stderr)
-        return 1
+        raise InvalidInput(f"no pretrained weights match {args.pattern!r}; try 'cbam_*' or no pattern for all "
+                           f"{len(PRETRAINED)}.")
     print(format_table(rows, markdown=args.markdown))
     if args.cached:
         for name in list_pretrained(args.pattern):

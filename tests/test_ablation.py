@@ -69,7 +69,7 @@ def test_rows_on_another_base_recipe():
 @pytest.mark.parametrize("argument, error, message", [
     ("nope", ValueError, "unknown row 'nope'; rows: resnet"),
     ("cbam,bass=tiny", ValueError, "'ROW' or 'ROW,base=RECIPE'"),
-    ("cbam,base=nope", FileNotFoundError, "recipes live in configs/"),
+    ("cbam,base=nope", FileNotFoundError, "recipes: configs/"),
 ])
 def test_bad_recipe_argument(argument, error, message):
     with pytest.raises(error, match=message):

@@ -1,6 +1,7 @@
 """Every recipe loads and validates; bad fields fail with a message that says what to fix."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,34 @@ def test_train_py_rejects_unknown_override():
                              "--workdir", "/nonexistent"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "batchsize" in result.stderr
+
+
+def test_resume_refuses_a_changed_recipe_and_lists_the_fields():
+    from cbam_jax.training.trainer import check_recipe
+
+    saved = validate(base_config())
+    changed = base_config()
+    changed.learning_rate, changed.dataset.train_augment = 0.2, "none"
+    changed.stop_at_step, changed.progress_bar = 7, False  # free fields: never listed
+    changed = validate(changed)
+    with pytest.raises(ValueError) as caught:
+        check_recipe({"config": saved.to_json()}, changed, "runs/x")
+    message = str(caught.value)
+    assert "learning_rate: 0.1 -> 0.2" in message and "dataset.train_augment" in message
+    assert "stop_at_step" not in message and "progress_bar" not in message
+    assert "allow_config_change=True" in message
+    check_recipe({"config": saved.to_json()}, validate(base_config()), "runs/x")  # the same recipe resumes
+    allowed = base_config()
+    allowed.learning_rate, allowed.allow_config_change = 0.2, True
+    check_recipe({"config": saved.to_json()}, validate(allowed), "runs/x")  # logged, not refused
+
+
+def test_a_field_added_since_the_checkpoint_counts_as_its_default():
+    from cbam_jax.training.config import recipe_changes
+
+    saved = json.loads(validate(base_config()).to_json())
+    del saved["allow_config_change"], saved["label_smoothing"]  # written before these fields existed
+    assert recipe_changes(json.dumps(saved), validate(base_config())) == []
+    smoothed = base_config()
+    smoothed.label_smoothing = 0.1
+    assert recipe_changes(json.dumps(saved), validate(smoothed)) == ["label_smoothing: 0.0 -> 0.1"]

@@ -156,7 +156,36 @@ def test_tfds_mock_data(name, augment, resize):
         assert sum(int(b["mask"].sum()) for b in evaluated) == len(source)
 
 
-def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
+def test_missing_tfds_dataset_says_how_to_prepare(tmp_path, capfd):
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(FileNotFoundError, match="download_and_prepare"):
+    with pytest.raises(FileNotFoundError, match="download_and_prepare") as caught:
         tfds_source("cifar10", "train", data_dir=str(tmp_path))
+    cause = caught.value.__cause__
+    # The cause is tfds finding no prepared data in tmp_path, not an unrelated failure on the way
+    # (an import error of a download dependency once passed this test).
+    assert not isinstance(cause, ImportError) and str(tmp_path / "cifar10") in str(cause), repr(cause)
+    assert list(tmp_path.iterdir()) == []  # opened without downloading or preparing anything
+    assert "Downloading" not in capfd.readouterr().out
+
+
+def test_data_that_does_not_fit_the_config_is_refused_with_numbers(tmp_path):
+    from cbam_jax.data.pipeline import check_source
+
+    dataset = base_config().dataset  # the digits: 10 classes
+    images = np.zeros((6, 8, 8, 1), np.uint8)
+    check_source(ArraySource(images, np.arange(6)), dataset, "train")
+    with dataset.unlocked():
+        dataset.num_classes = 5
+    with pytest.raises(ValueError, match=r"labels outside \[0, 5\) \(e.g. 5 and 5, 1 of 6 read\).*num_classes=6"):
+        check_source(ArraySource(images, np.arange(6)), dataset, "train")
+    with pytest.raises(ValueError, match=r"labels outside \[0, 5\) \(e.g. -1"):
+        check_source(ArraySource(images, np.array([0, 1, 2, 3, 4, -1])), dataset, "train")
+    with pytest.raises(ValueError, match="has no examples"):
+        check_source(ArraySource(images[:0], np.arange(0)), dataset, "test")
+    with pytest.raises(ValueError, match=r"shape \(8, 8, 2\)"):
+        check_source(ArraySource(np.zeros((2, 8, 8, 2), np.uint8), np.arange(2)), dataset, "train")
+    for name in ("a", "b", "c", "d", "e", "f"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name / "x.png")
+    with pytest.raises(ValueError, match="6 class folders but config.dataset.num_classes = 5"):
+        check_source(ImageFolderSource(str(tmp_path), channels=1), dataset, "train")

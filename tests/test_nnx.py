@@ -3,7 +3,6 @@ pretrained weights and give Linen variables back."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx

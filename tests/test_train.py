@@ -111,16 +111,24 @@ def test_stop_and_resume_is_exact(straight, tmp_path, cache_dir):
 
 def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path, cache_dir):
     checkpoints = tmp_path / "checkpoints"
-    process = start_train_until(tmp_path, cache_dir, lambda: checkpoints.is_dir() and bool(os.listdir(checkpoints)))
+    # A finished checkpoint (orbax renames STEP.orbax-checkpoint-tmp-* to STEP when done): the resume
+    # below must start from it, not from scratch, for the test to show that resuming is exact.
+    process = start_train_until(tmp_path, cache_dir, lambda: checkpoints.is_dir() and any(
+        name.isdigit() for name in os.listdir(checkpoints)))
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = final_state(tmp_path)[0]
-    assert killed_at is None or killed_at < 8
+    assert killed_at is not None and killed_at < 8
     resumed = run_train(tmp_path, cache_dir, *SLOW_OVERRIDES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     step, state = final_state(tmp_path)
     assert step == 8
     assert_same_state(state, straight[1][1])
+    # It resumed at killed_at rather than starting again (which would also end in the same state):
+    # the steps up to the checkpoint were trained, and logged, once.
+    logged = [r["step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
+    before_kill = [s for s in logged if s <= killed_at]
+    assert before_kill and len(before_kill) == len(set(before_kill))
 
 
 def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, cache_dir):
@@ -140,7 +148,7 @@ def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, cache_dir):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
     assert run_train(tmp_path, cache_dir, "--config.stop_at_step=4").returncode == 0
     _, good = final_state(tmp_path)
-    result = run_train(tmp_path, cache_dir, "--config.learning_rate=1e30")
+    result = run_train(tmp_path, cache_dir, "--config.learning_rate=1e30", "--config.allow_config_change=True")
     assert result.returncode == 1
     assert "training loss became" in result.stderr and "last good checkpoint (step 4)" in result.stderr
     step, state = final_state(tmp_path)

@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from cbam_jax.data import digits_source
 from cbam_jax import create_model
 from cbam_jax.convert.transfer import init_from
 from cbam_jax.pretrained import save_pretrained
@@ -104,12 +105,22 @@ def test_eval_subcommand_on_a_pretrained_directory(tmp_path, capsys):
 
     model = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4)
     variables = _variables(model)  # (variances positive)
+    # A head that predicts class 3 for every image, with logit 5 against 0: the accuracy and loss
+    # are then known from the labels alone, independently of the pipeline and the network.
+    variables["params"]["fc"]["kernel"] = np.zeros_like(variables["params"]["fc"]["kernel"])
+    variables["params"]["fc"]["bias"] = np.where(np.arange(10) == 3, 5.0, 0.0).astype(np.float32)
     save_pretrained(tmp_path / "pretrained", model, variables)
     assert main(["eval", "--pretrained", str(tmp_path / "pretrained"), "--config", "configs/tiny.py",
                  "--batch-size", "100"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["count"] == 359 and 0.0 <= result["accuracy"] <= 1.0 and result["split"] == "test"
-    assert main(["eval", "--pretrained", str(tmp_path / "pretrained")]) == 1
+    labels = digits_source("test").labels
+    hits = int(np.sum(labels == 3))
+    log_partition = np.log(np.exp(5.0) + 9.0)
+    expected_loss = (hits * (log_partition - 5.0) + (len(labels) - hits) * log_partition) / len(labels)
+    assert result["count"] == 359 == len(labels) and result["split"] == "test"
+    assert result["accuracy"] == pytest.approx(hits / len(labels), abs=1e-9)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert main(["eval", "--pretrained", str(tmp_path / "pretrained")]) == 2
     assert "needs --config" in capsys.readouterr().err
 
 

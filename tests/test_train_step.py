@@ -41,11 +41,24 @@ def test_weight_decay_mask(decay_norm_and_bias):
     assert float(updates["bn"]["scale"][0]) == pytest.approx(-0.5 if decay_norm_and_bias else 0.0)
 
 
+def _two_updates(tx, params, gradients):
+    state = tx.init(params)
+    for gradient in gradients:
+        updates, state = tx.update({"w": gradient}, state, params)
+    return np.asarray(updates["w"])
+
+
 def test_adamw_and_clipping_build():
+    """Adam normalises a single step, so clipping shows on the second: a huge gradient then a small
+    one. The clipped optimizer must act exactly as the unclipped one fed the clipped gradients."""
     params = {"w": jnp.ones((2, 2))}
-    tx = make_optimizer(config(optimizer="adamw", weight_decay=0.01, grad_clip_norm=1.0), 1e-3)
-    updates, _ = tx.update({"w": jnp.full((2, 2), 1e6)}, tx.init(params), params)
-    assert np.all(np.isfinite(updates["w"])) and float(jnp.max(jnp.abs(updates["w"]))) < 0.01
+    huge, small = jnp.full((2, 2), 1e6), jnp.full((2, 2), 0.1)  # global norms 2e6 (clipped to 1) and 0.2 (kept)
+    clipped = make_optimizer(config(optimizer="adamw", weight_decay=0.01, grad_clip_norm=1.0), 1e-3)
+    unclipped = make_optimizer(config(optimizer="adamw", weight_decay=0.01, grad_clip_norm=0.0), 1e-3)
+    got = _two_updates(clipped, params, [huge, small])
+    np.testing.assert_allclose(got, _two_updates(unclipped, params, [huge / 2e6, small]), rtol=1e-6)
+    without_clipping = _two_updates(unclipped, params, [huge, small])
+    assert np.all(np.abs(got - without_clipping) > 0.1 * np.abs(without_clipping))
 
 
 def test_fp16_loss_scaling_skips_overflow_and_grows():

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbam_jax.atomic import atomic_output
+from cbam_jax.atomic import atomic_output, check_destination
+from cbam_jax.errors import InvalidInput, UserError, one_line
 
 FORMAT_VERSION = 1
 METADATA_FILE = "artifact.json"
@@ -46,7 +46,7 @@ STABLEHLO_CHECK_TOLERANCE = 1e-5
 ONNX_CHECK_TOLERANCE = 1e-4
 
 
-class ExportError(ValueError):
+class ExportError(InvalidInput):
     """A model, size or format that cannot be exported; the message says why and what to do."""
 
 
@@ -61,7 +61,7 @@ def input_shape(height: int | None, width: int | None, channels: int) -> tuple:
 
 def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, height: int | None = None,
                      width: int | None = None, dynamic_size: bool = False,
-                     formats: Sequence[str] = FORMATS) -> dict[str, Any]:
+                     formats: Sequence[str] = FORMATS, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Export the pretrained model in `model_dir` to the new directory `out`; returns the metadata written.
 
     Args:
@@ -71,18 +71,19 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
       height, width: the fixed input size (default: the metadata's preprocessing crop).
       dynamic_size: symbolic height and width too (StableHLO only).
       formats: any of 'stablehlo', 'onnx'.
+      allow_nonfinite: export weights holding NaN or inf (refused by default).
 
     Raises:
       ExportError: a bad argument or a case the exporters cannot take (nothing is written).
       FileNotFoundError / ValueError: `model_dir` is not a pretrained model directory.
+      OutputError: `out` cannot be written there (nothing is written).
     """
     out = Path(out).absolute()
     formats = tuple(dict.fromkeys(formats))
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; choose from {list(FORMATS)}.")
-    if out.exists():
-        raise ExportError(f"{out} already exists; choose a new directory or remove it first.")
+    check_destination(out)
     if "onnx" in formats:
         from cbam_jax.artifacts import onnx_graph  # fails early with the install hint when onnx is missing
 
@@ -92,7 +93,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
                               "drop --dynamic-size, or export --formats stablehlo.")
     from cbam_jax.zoo import load_with_metadata
 
-    model, variables, metadata = load_with_metadata(model_dir)
+    model, variables, metadata = load_with_metadata(model_dir, allow_nonfinite=allow_nonfinite)
     channels = int(np.shape(variables["params"]["conv1"]["kernel"])[2])
     if dynamic_size:
         if height is not None or width is not None:
@@ -110,7 +111,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     document = _document(model, metadata, channels, height, width, formats)
     check_images = np.random.default_rng(0).standard_normal((2, height or 37, width or 29, channels)).astype(np.float32)
     expected = np.asarray(jax.jit(apply)(check_images))
-    with atomic_output(out, folder=True) as staging:
+    with atomic_output(out, folder=True) as staging:  # OUT appears complete or not at all
         if "stablehlo" in formats:
             from cbam_jax.artifacts.stablehlo import export_stablehlo, run_stablehlo
 
@@ -191,17 +192,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="symbolic height and width as well as batch (StableHLO only)")
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help=f"comma-separated, from {', '.join(FORMATS)} (default: both)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="export weights holding NaN or inf (refused by default: such weights are broken)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export; print the files written, or one line on what is wrong (exit code 1, nothing written)."""
+    """Export; print the files written, or a UserError (one line, exit code 1, nothing written)."""
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     try:
         document = export_artifacts(args.model_dir, args.out, height=args.height, width=args.width,
-                                    dynamic_size=args.dynamic_size, formats=formats)
-    except (ExportError, ValueError, OSError, ImportError) as error:  # (OSError: also a failed download)
-        print(f"cbam-jax export: error: {error} Nothing was written to {args.out}.", file=sys.stderr)
-        return 1
+                                    dynamic_size=args.dynamic_size, formats=formats,
+                                    allow_nonfinite=args.allow_nonfinite)
+    except UserError as error:
+        if hasattr(error, "for_option"):  # NaN/inf weights: name the option that lets them through
+            error = error.for_option("--allow-nonfinite")
+        raise UserError(f"{one_line(error)} Nothing was written to {args.out}.", exit_code=error.exit_code) from None
     shape = "x".join(str(d) for d in document["input"]["shape"])
     print(f"Exported {args.model_dir} -> {args.out}: {', '.join(document['files'].values())} "
           f"(input {shape} float32 NHWC), {METADATA_FILE}, {SCRIPT_FILE}.")

@@ -21,6 +21,8 @@ import jax
 import jax.extend
 import numpy as np
 
+from cbam_jax.errors import MissingDependency
+
 OPSET = 18
 INT64_MAX = np.iinfo(np.int64).max
 INSTALL_HINT = "the ONNX export needs the onnx and onnxruntime packages: pip install 'cbam-jax[onnx]'"
@@ -32,7 +34,7 @@ def require_onnx() -> None:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise ImportError(INSTALL_HINT + ".") from None
+        raise MissingDependency(INSTALL_HINT + ".") from None
 
 
 def export_onnx(apply: Callable[[jax.Array], jax.Array], spec: jax.ShapeDtypeStruct, *,

@@ -12,16 +12,16 @@ all; on any error the exit code is 1, one line on stderr says why, and nothing i
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-from cbam_jax.atomic import atomic_output
+from cbam_jax.atomic import atomic_output, check_destination
 from cbam_jax.convert.detect import detect, variant_of
 from cbam_jax.convert.layouts import LAYOUTS, get_layout
 from cbam_jax.convert.mapping import load_variables, to_numpy_state_dict
 from cbam_jax.convert.reading import ConversionError, read_state_dict
 from cbam_jax.convert.transfer import transfer_variables
-from cbam_jax.pretrained import IMAGENET_PREPROCESSING, load_metadata, load_pretrained, save_pretrained
+from cbam_jax.errors import MissingInput, UserError, one_line
+from cbam_jax.pretrained import IMAGENET_PREPROCESSING, NonFiniteWeights, load_metadata, load_pretrained, save_pretrained
 from cbam_jax.registry import VARIANTS, create_model, parse_name
 
 
@@ -39,16 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--to-torch the variant's own)")
     parser.add_argument("--strip-prefix", help="extra key prefix to remove, e.g. 'model.' ('module.' always is)")
     parser.add_argument("--class-names", type=Path, help="text file with one class name per line, saved as metadata")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="convert weights holding NaN or inf (refused by default: such weights are broken)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert; print a one-line summary, or one line on stderr on what went wrong (exit code 1)."""
+    """Convert and print a one-line summary; a UserError (one line on stderr, exit code 1) on what went wrong."""
     try:
+        check_destination(args.dst)
         summary = _to_torch(args) if args.to_torch else _from_torch(args)
-    except (ConversionError, ValueError, OSError) as error:
-        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"cbam-jax convert: error: {message} Nothing was written to {args.dst}.", file=sys.stderr)
-        return 1
+    except UserError as error:
+        if isinstance(error, NonFiniteWeights):
+            error = error.for_option("--allow-nonfinite")
+        raise UserError(f"{one_line(error)} Nothing was written to {args.dst}.", exit_code=error.exit_code) from None
     print(summary)
     return 0
 
@@ -61,7 +64,7 @@ def _from_torch(args: argparse.Namespace) -> str:
     class_names = _read_class_names(args.class_names) if args.class_names else None
     if Path(args.src).is_dir():
         return _transfer_from_directory(args, class_names)
-    state = read_state_dict(args.src, strip_prefix=args.strip_prefix)
+    state = read_state_dict(args.src, strip_prefix=args.strip_prefix, allow_nonfinite=args.allow_nonfinite)
     if args.arch and parse_name(args.arch)[0] is not None:
         plain = detect(state, layout=args.layout)
         if plain.arch.startswith("resnet"):  # a plain ResNet into an attention model: transfer its backbone
@@ -90,7 +93,7 @@ def _transfer_from_directory(args: argparse.Namespace, class_names: list[str] | 
     if not args.arch:
         raise ConversionError(f"{args.src} is a directory: give --arch to start an attention model from the plain "
                               "ResNet in it, or a PyTorch checkpoint file to convert.")
-    source, variables = load_pretrained(args.src)
+    source, variables = load_pretrained(args.src, allow_nonfinite=args.allow_nonfinite)
     metadata = load_metadata(args.src)
     return _transfer(args, source, variables, {"directory": str(args.src)}, class_names or metadata.get("class_names"),
                      metadata.get("preprocessing"))
@@ -124,7 +127,7 @@ def _to_torch(args: argparse.Namespace) -> str:
         raise ConversionError(f"{destination} already exists; choose a new file name or remove it first.")
     if destination.suffix not in (".pth", ".pt", ".bin", ".tar", ".safetensors"):
         raise ConversionError(f"Unknown output type {destination.name!r}: use .pth (torch.save) or .safetensors.")
-    model, variables = load_pretrained(args.src)
+    model, variables = load_pretrained(args.src, allow_nonfinite=args.allow_nonfinite)
     variant = variant_of(model)
     if args.variant and args.variant != variant:
         raise ConversionError(f"{args.src} holds a {variant!r}-variant model; it cannot be written as {args.variant!r}.")
@@ -145,7 +148,12 @@ def _to_torch(args: argparse.Namespace) -> str:
 
 
 def _read_class_names(path: Path) -> list[str]:
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise MissingInput(f"--class-names {path}: no such file (expected one class name per line).")
+    try:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConversionError(f"--class-names {path}: cannot read it as text ({error}).") from None
     if not names:
         raise ConversionError(f"{path} lists no class names (expected one per line).")
     return names

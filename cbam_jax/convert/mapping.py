@@ -27,7 +27,7 @@ LISTED = 12  # entries shown per category in a mismatch message
 
 def from_torch(source: Mapping[str, Any] | str | os.PathLike, *, arch: str | None = None,
                variant: str | None = None, layout: str | None = None,
-               strip_prefix: str | None = None) -> tuple[ResNet, dict[str, Any]]:
+               strip_prefix: str | None = None, allow_nonfinite: bool = False) -> tuple[ResNet, dict[str, Any]]:
     """Load PyTorch ResNet weights (official CBAM/BAM, timm, common variant, pytorchcv, torchvision).
 
     Args:
@@ -37,6 +37,7 @@ def from_torch(source: Mapping[str, Any] | str | os.PathLike, *, arch: str | Non
       variant: 'official', 'timm' or 'common'; the layout's own variant when None.
       layout: source layout name (see `cbam_jax.convert.layouts.LAYOUTS`); detected when None.
       strip_prefix: an extra key prefix to remove ('module.' always is).
+      allow_nonfinite: accept weights holding NaN or inf (refused by default).
 
     Returns:
       (model, variables): a `ResNet` and {'params', 'batch_stats'} for `model.apply(variables, x)`,
@@ -45,7 +46,7 @@ def from_torch(source: Mapping[str, Any] | str | os.PathLike, *, arch: str | Non
     Raises:
       ConversionError: unreadable file, unknown layout, or keys/shapes that do not fit the model.
     """
-    state = read_state_dict(source, strip_prefix=strip_prefix)
+    state = read_state_dict(source, strip_prefix=strip_prefix, allow_nonfinite=allow_nonfinite)
     detected = detect(state, arch=arch, variant=variant, layout=layout)
     model = detected.build()
     return model, load_variables(state, model, get_layout(detected.layout), detected=detected)

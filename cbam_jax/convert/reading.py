@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from cbam_jax.convert.layout import NUM_BATCHES_TRACKED
+from cbam_jax.errors import InvalidInput
 
 
-class ConversionError(ValueError):
+class ConversionError(InvalidInput):
     """A checkpoint that cannot be read or does not fit the model; the message says why and what to do."""
 
 
@@ -27,17 +28,19 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_em
 DATA_PARALLEL_PREFIX = "module."
 
 
-def read_state_dict(source: Mapping[str, Any] | str | os.PathLike, *,
-                    strip_prefix: str | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(source: Mapping[str, Any] | str | os.PathLike, *, strip_prefix: str | None = None,
+                    allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
     """A flat float state_dict {key: numpy array} from a mapping or a checkpoint file.
 
     Args:
       source: a state_dict (values: torch tensors or numpy arrays), a wrapped training checkpoint,
         or a path to a .pth/.pth.tar/.pt/.bin/.ckpt or .safetensors file.
       strip_prefix: an extra key prefix to remove (e.g. 'model.backbone.'); 'module.' always is.
+      allow_nonfinite: accept tensors holding NaN or inf (refused by default: broken weights).
 
     Raises:
       ConversionError: unreadable, truncated or unsafe file, or not a state_dict.
+      NonFiniteWeights: a tensor holds NaN or inf (unless `allow_nonfinite`).
     """
     if isinstance(source, Mapping):
         raw, origin = source, "the given state_dict"
@@ -54,6 +57,10 @@ def read_state_dict(source: Mapping[str, Any] | str | os.PathLike, *,
         arrays[key] = _to_numpy(value, key, origin)
     if not arrays:
         raise ConversionError(f"{origin} holds no tensors.")
+    if not allow_nonfinite:
+        from cbam_jax.pretrained import check_finite
+
+        check_finite(arrays, origin)
     return _strip_prefixes(arrays, strip_prefix, origin)
 
 

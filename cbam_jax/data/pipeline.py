@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 
 from cbam_jax.data import transforms
-from cbam_jax.data.sources import ImageFolderSource, digits_source, tfds_source
+from cbam_jax.data.sources import ArraySource, ImageFolderSource, digits_source, tfds_source
+from cbam_jax.errors import InvalidInput
 from cbam_jax.images import Preprocessing, ensure_channels, resize, resize_and_crop
 
 
@@ -28,6 +29,58 @@ def make_source(dataset: ml_collections.ConfigDict, split: str):
         return tfds_source(dataset.name, split, dataset.data_dir)
     return ImageFolderSource(os.path.join(os.path.expanduser(dataset.data_dir), split), dataset.channels,
                              verify=dataset.verify_images)
+
+
+# Examples read to check a source whose labels are not known without reading it (tfds without label
+# names): enough to catch a wrong num_classes on most data sets, cheap enough to do before every run.
+LABEL_SAMPLE = 512
+
+
+def check_source(source, dataset: ml_collections.ConfigDict, split: str) -> None:
+    """Refuse a split that does not fit the config before anything trains: no examples, labels outside
+    [0, dataset.num_classes), images whose shape or channels the pipeline cannot make into
+    (image_size, image_size, channels). Labels are read whole where the source holds them (arrays,
+    image folders, tfds label names), else from the first LABEL_SAMPLE examples.
+
+    Raises:
+      InvalidInput: naming the split, the numbers and the config field to change.
+    """
+    where = f"split {split!r} of config.dataset (source {dataset.source!r})"
+    if len(source) == 0:
+        raise InvalidInput(f"{where} has no examples; point config.dataset at a split with data.")
+    num_classes = dataset.num_classes
+    if isinstance(source, ArraySource):
+        labels = source.labels
+    elif isinstance(source, ImageFolderSource):
+        labels = np.unique([label for _, label in source.files])
+        if len(source.classes) > num_classes:
+            raise InvalidInput(f"{where} has {len(source.classes)} class folders but config.dataset.num_classes = "
+                               f"{num_classes}; set --config.dataset.num_classes={len(source.classes)}.")
+    else:
+        labels = _known_labels(source)
+        if labels is None:
+            labels = np.asarray([source[i]["label"] for i in range(min(len(source), LABEL_SAMPLE))])
+    labels = np.asarray(labels)
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.size:
+        raise InvalidInput(f"{where} has labels outside [0, {num_classes}) (e.g. {int(outside.min())} and "
+                           f"{int(outside.max())}, {outside.size} of {labels.size} read) while config.dataset.num_classes = "
+                           f"{num_classes}; set --config.dataset.num_classes={int(labels.max()) + 1} or fix the labels.")
+    image = np.asarray(source[0]["image"])
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)) or 0 in image.shape:
+        raise InvalidInput(f"{where}: its images have shape {image.shape}; expected (H, W) or (H, W, 1|3|4) to make "
+                           f"into config.dataset.image_size = {dataset.image_size}, channels = {dataset.channels}.")
+    if image.dtype != np.uint8:
+        raise InvalidInput(f"{where}: its images are {image.dtype}; the pipeline reads uint8 images (0..255).")
+
+
+def _known_labels(source) -> np.ndarray | None:
+    """All labels a tfds source declares (range(num_classes) of its label feature), None if it does not say."""
+    try:
+        declared = int(source.dataset_info.features["label"].num_classes)
+    except Exception:  # no info or no class label feature: read a sample instead
+        return None
+    return np.arange(declared)
 
 
 def eval_preprocessing(dataset: ml_collections.ConfigDict) -> Preprocessing:
@@ -64,7 +117,7 @@ def _eval_example(example: dict, preprocessing: Preprocessing) -> dict:
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
-        raise ValueError(f"Batch size {global_batch} is not divisible by the {process_count} processes; "
+        raise InvalidInput(f"Batch size {global_batch} is not divisible by the {process_count} processes; "
                          f"use a multiple of {process_count}.")
     return global_batch // process_count
 

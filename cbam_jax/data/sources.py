@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 
+from cbam_jax.errors import InvalidInput, MissingDependency, MissingInput
 from cbam_jax.images import InputError, ensure_channels, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -38,11 +39,11 @@ def digits_source(split: str) -> ArraySource:
     The split is stratified by class and never changes (seed 0): 'train' has 1,438 images, 'test' 359.
     """
     if split not in ("train", "test"):
-        raise ValueError(f"The digits dataset has splits 'train' and 'test'; got {split!r}.")
+        raise InvalidInput(f"The digits dataset has splits 'train' and 'test'; got {split!r}.")
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("The embedded digits dataset ships with scikit-learn: pip install scikit-learn") from error
+        raise MissingDependency("The embedded digits dataset ships with scikit-learn: pip install scikit-learn") from error
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = digits.target
@@ -58,18 +59,23 @@ def digits_source(split: str) -> ArraySource:
 def tfds_source(name: str, split: str, data_dir: str | None = None):
     """`tfds.data_source(name, split)` over ArrayRecord files; a clear error when not prepared."""
     import tensorflow_datasets as tfds
+    from absl import logging
 
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # tfds warns about a missing prepared folder before raising
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir or None)
+        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as error:  # tfds raises several types for "not prepared" (AssertionError, DatasetNotFound...)
         where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-        raise FileNotFoundError(
+        raise MissingInput(
             f"Could not open tfds dataset {name!r} split {split!r} in {where}: {error}\n"
             f"Prepare it once (needs TensorFlow: pip install 'cbam-jax[prepare]'):\n"
             f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir={data_dir or None!r})"
             f".download_and_prepare(file_format='array_record')\"\n"
             "ImageNet needs its archives in <data_dir>/downloads/manual first (see configs/imagenet2012.py)."
         ) from error
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 class ImageFolderSource:
@@ -84,10 +90,10 @@ class ImageFolderSource:
 
     def __init__(self, root: str, channels: int = 3, verify: bool = False):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"Image folder {root!r} does not exist; expected {root}/CLASS_NAME/image.jpg.")
+            raise MissingInput(f"Image folder {root!r} does not exist; expected {root}/CLASS_NAME/image.jpg.")
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not self.classes:
-            raise ValueError(f"Image folder {root!r} has no class sub-folders; expected {root}/CLASS_NAME/image.jpg.")
+            raise InvalidInput(f"Image folder {root!r} has no class sub-folders; expected {root}/CLASS_NAME/image.jpg.")
         if channels not in (1, 3):
             raise ValueError(f"ImageFolderSource: channels must be 1 (greyscale) or 3 (RGB); got {channels!r}.")
         self.channels = channels
@@ -106,7 +112,7 @@ class ImageFolderSource:
                     warnings.warn(f"Skipping unreadable image {error}")
             self.files = readable
         if not self.files:
-            raise ValueError(f"Image folder {root!r} has no images with extensions {IMAGE_EXTENSIONS}.")
+            raise InvalidInput(f"Image folder {root!r} has no images with extensions {IMAGE_EXTENSIONS}.")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -116,6 +122,6 @@ class ImageFolderSource:
         try:
             image = load_image(path)
         except InputError as error:
-            raise ValueError(f"Cannot read image {error} Remove or replace it, or set "
+            raise InvalidInput(f"Cannot read image {error} Remove or replace it, or set "
                              "config.dataset.verify_images=True to skip unreadable files with a warning.") from error
         return {"image": ensure_channels(image, self.channels), "label": label}

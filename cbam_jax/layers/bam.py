@@ -57,7 +57,7 @@ class BAM(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Gate `x` (B, H, W, C); `train` selects batch statistics for the BatchNorms."""
         layer = type(self).__name__
-        check_nhwc(x, layer)
+        check_nhwc(x, layer, train)
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"{layer}: combine must be one of {COMBINE_MODES}; got {self.combine!r}.")
         channels = x.shape[-1]

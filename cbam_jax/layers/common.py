@@ -72,13 +72,17 @@ def upgrade_renamed_options(options: Mapping[str, Any], owner: str, *, warn: boo
     return upgraded
 
 
-def check_nhwc(x: jax.Array, layer: str) -> None:
-    """Raise a ValueError unless `x` is a rank-4 (batch, height, width, channels) array."""
+def check_nhwc(x: jax.Array, layer: str, train: bool = False) -> None:
+    """Raise a ValueError unless `x` is a rank-4 (batch, height, width, channels) array, with at least
+    one image when `train` (BatchNorm statistics of an empty batch are NaN and would be kept)."""
     if x.ndim != 4:
         raise ValueError(
             f"{layer} expects an NHWC input of rank 4 (batch, height, width, channels); "
             f"got shape {tuple(x.shape)}. Add a batch axis or transpose NCHW with x.transpose(0, 2, 3, 1)."
         )
+    if train and x.shape[0] == 0:
+        raise ValueError(f"{layer}: train=True needs at least one image for the BatchNorm statistics; got an empty "
+                         f"batch of shape {tuple(x.shape)}. Skip empty batches, or apply with train=False.")
 
 
 def hidden_width(channels: int, reduction: int, layer: str) -> int:

@@ -119,7 +119,7 @@ class SpatialGate(nn.Module):
         to the channel gate's).
         """
         layer = type(self).__name__
-        check_nhwc(x, layer)
+        check_nhwc(x, layer, train and self.use_bn)
         check_spatial_options(self.kernel_size, self.pool_order, layer, self.descriptor)
 
         cpu_path = cpu_ops.use_cpu_path(self.implementation)

@@ -18,6 +18,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from cbam_jax.errors import InvalidInput, MissingInput
 from cbam_jax.layers.common import upgrade_renamed_options
 from cbam_jax.pretrained import process_local_checkpointer
 
@@ -50,6 +51,7 @@ class Checkpoints:
         self.workdir = workdir
         self.latest = _manager(os.path.join(workdir, LATEST_DIR), keep, "latest")
         self.best = _manager(os.path.join(workdir, BEST_DIR), 1, "best")
+        self.closed = False
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -84,7 +86,10 @@ class Checkpoints:
                 self.best.delete(saved)
 
     def close(self) -> None:
-        """Wait for every pending save to be on disk."""
+        """Wait for every pending save to be on disk (a second call does nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         for manager in (self.latest, self.best):
             manager.wait_until_finished()
             manager.close()
@@ -111,7 +116,7 @@ def restore_variables(workdir: str | os.PathLike, which: str = "best") -> tuple[
             meta = process_local_checkpointer(ocp.JsonCheckpointHandler).restore(directory / "meta")
             return {"params": state["params"], "batch_stats": state["batch_stats"]}, meta
     expected = " or ".join(f"{workdir}/{folder}/STEP" for folder in folders)
-    raise FileNotFoundError(f"No checkpoint in {str(workdir)!r} (expected {expected}).")
+    raise MissingInput(f"No checkpoint in {str(workdir)!r} (expected {expected}).")
 
 
 def _finished_steps(folder: Path) -> list[int]:
@@ -127,7 +132,7 @@ def check_architecture(saved_meta: dict, model_config: dict, workdir: str) -> No
     saved, current = architecture(saved_meta["model_config"]), architecture(model_config)
     if saved != current:
         differences = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        raise ValueError(
+        raise InvalidInput(
             f"The workdir {workdir!r} holds a checkpoint of another architecture (fields that differ: "
             f"{', '.join(f'{k}: saved {saved.get(k)!r} vs config {current.get(k)!r}' for k in differences)}). "
             "Use a new --workdir, or the config that wrote it.")

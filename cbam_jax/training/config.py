@@ -2,14 +2,22 @@
 
 A recipe in `configs/NAME.py` starts from `base_config()`, changes what it needs and returns
 `validate(config)`. `train.py` validates again after command-line overrides
-(`--config.batch_size=256`), so a bad value fails before any data is read or anything compiles.
+(`--config.batch_size=256`, parsed by `config_from_flags`), so a bad value fails before any data is
+read or anything compiles. A resumed run compares its config with the one saved in the checkpoint
+(`recipe_changes`): only the `FREE_FIELDS` may differ unless `allow_config_change` is set.
 """
 
+import difflib
 import importlib.util
+import json
+import math
 import os
+import re
+from collections.abc import Sequence
 
 import ml_collections
 
+from cbam_jax.errors import InvalidInput, MissingInput
 from cbam_jax.registry import VARIANTS, create_model, list_models
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
@@ -18,6 +26,17 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 PARALLEL_MODES = ("jit", "pmap")
 SOURCES = ("digits", "tfds", "folder")
 TRAIN_AUGMENTS = ("none", "pad_crop", "random_resized_crop")
+# Fields a resumed run may change freely: how the run is logged, evaluated, checkpointed, stopped,
+# read and spread over devices, not what it computes (a name covers the fields of a group). Every
+# other field, including any added later, is part of the recipe: a resumed run with another value
+# is refused unless config.allow_config_change is True.
+FREE_FIELDS = ("log_every_steps", "eval_every_steps", "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
+               "stop_at_step", "progress_bar", "tensorboard", "compilation_cache_dir", "parallel",
+               "allow_config_change", "distributed", "dataset.data_dir", "dataset.num_threads", "dataset.prefetch")
+
+
+class ConfigError(InvalidInput):
+    """A config field (or a --config flag) that cannot be used; the message names it and the fix."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -79,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.init_from = ""  # weights to fine-tune from: a registry name, 'hf-hub:ORG/NAME[@REV]', a directory or a PyTorch file
     config.freeze = ""  # comma-separated module patterns kept as they are, BatchNorm statistics too ('conv1,bn1': the stem)
     config.new_lr_factor = 1.0  # learning-rate factor of the parameters init_from did not provide (attention, a new head)
+    config.allow_config_change = False  # resume a workdir whose checkpoint was trained with other recipe fields (logged)
     config.progress_bar = True  # tqdm on stderr (process 0)
     config.tensorboard = True  # events in workdir/tensorboard (needs tensorboardX)
     config.compilation_cache_dir = "~/.cache/cbam_jax/xla"  # '' disables the persistent compile cache
@@ -93,20 +113,20 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"config.{name} = {value!r} is not one of {list(allowed)}.")
+        raise ConfigError(f"config.{name} = {value!r} is not one of {list(allowed)}.")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check every field against the schema of `base_config()`; returns the config, locked.
 
     Raises:
-      ValueError: an unknown or missing field, a wrong type or an invalid value, with the fix.
+      ConfigError (a ValueError): an unknown or missing field, a wrong type or an invalid value, with the fix.
     """
     if "model" in config and "attention_options" not in config.model and not config.is_locked:
         config.model.attention_options = ml_collections.ConfigDict()  # a config saved before the field existed
     _check_fields(config, base_config(), "config")
     if config.model.name not in list_models():
-        raise ValueError(f"config.model.name = {config.model.name!r} is not a model; choose from {list_models()}.")
+        raise ConfigError(f"config.model.name = {config.model.name!r} is not a model; choose from {list_models()}.")
     _choice("model.variant", config.model.variant, tuple(VARIANTS))
     _check_attention_options(config.model)
     _choice("model.stem", config.model.stem, ("imagenet", "cifar"))
@@ -117,35 +137,59 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice("precision", config.precision, PRECISIONS)
     _choice("parallel", config.parallel, PARALLEL_MODES)
     if config.bn_group_size < 0 or (config.bn_group_size and config.parallel != "jit"):
-        raise ValueError(f"config.bn_group_size = {config.bn_group_size} must be 0 (global BatchNorm statistics) or a "
+        raise ConfigError(f"config.bn_group_size = {config.bn_group_size} must be 0 (global BatchNorm statistics) or a "
                          "positive device count with parallel='jit'.")
     if config.dataset.source == "tfds" and not config.dataset.name:
-        raise ValueError("config.dataset.name must name the tfds dataset (e.g. 'cifar10') when source='tfds'.")
+        raise ConfigError("config.dataset.name must name the tfds dataset (e.g. 'cifar10') when source='tfds'.")
     if config.dataset.source == "folder" and not config.dataset.data_dir:
-        raise ValueError("config.dataset.data_dir must be the image folder root when source='folder'.")
+        raise ConfigError("config.dataset.data_dir must be the image folder root when source='folder'.")
     _choice("dataset.channels", config.dataset.channels, (1, 3))
     for field in ("mean", "std"):
         if len(config.dataset[field]) != config.dataset.channels:
-            raise ValueError(f"config.dataset.{field} needs {config.dataset.channels} value(s) "
+            raise ConfigError(f"config.dataset.{field} needs {config.dataset.channels} value(s) "
                              f"(dataset.channels); got {tuple(config.dataset[field])}.")
     positive = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
                 "dataset.num_classes": config.dataset.num_classes, "dataset.image_size": config.dataset.image_size,
                 "model.width": config.model.width, "model.reduction": config.model.reduction, "log_every_steps": config.log_every_steps,
-                "keep_checkpoints": config.keep_checkpoints, "learning_rate": config.learning_rate}
+                "keep_checkpoints": config.keep_checkpoints, "learning_rate": config.learning_rate,
+                "lr_step_epochs": config.lr_step_epochs, "lr_step_factor": config.lr_step_factor}
     for name, value in positive.items():
         if value <= 0:
-            raise ValueError(f"config.{name} must be > 0; got {value}.")
+            raise ConfigError(f"config.{name} must be > 0; got {value}.")
+    not_negative = {"eval_every_steps": (config.eval_every_steps, "0: once per epoch"),
+                    "checkpoint_every_steps": (config.checkpoint_every_steps, "0: once per epoch"),
+                    "stop_at_step": (config.stop_at_step, "0: run to the end"),
+                    "warmup_epochs": (config.warmup_epochs, "0: no warm-up"),
+                    "weight_decay": (config.weight_decay, "0: none"), "grad_clip_norm": (config.grad_clip_norm, "0: no clipping"),
+                    "momentum": (config.momentum, "0: plain SGD"), "dataset.crop_padding": (config.dataset.crop_padding, ""),
+                    "dataset.eval_resize": (config.dataset.eval_resize, "0: resize to image_size"),
+                    "dataset.num_threads": (config.dataset.num_threads, ""), "dataset.prefetch": (config.dataset.prefetch, ""),
+                    "distributed.num_processes": (config.distributed.num_processes, "0: detected")}
+    for name, (value, meaning) in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"config.{name} must be >= 0{f' ({meaning})' if meaning else ''}; got {value}.")
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError(f"config.label_smoothing must be in [0, 1); got {config.label_smoothing}.")
+    if config.momentum >= 1:
+        raise ConfigError(f"config.momentum must be in [0, 1); got {config.momentum}.")
+    if min(config.dataset.std) <= 0:
+        raise ConfigError(f"config.dataset.std must be positive; got {tuple(config.dataset.std)}.")
+    if config.model.attention_options.to_dict() or not config.model.name.startswith("resnet"):
+        if config.model.reduction > config.model.width:
+            raise ConfigError(f"config.model.reduction = {config.model.reduction} exceeds config.model.width = "
+                              f"{config.model.width}: the first attention MLP would have no units; use a reduction "
+                              f"<= {config.model.width}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        raise ValueError("Set config.num_epochs > 0 or config.num_train_steps > 0.")
+        raise ConfigError("Set config.num_epochs > 0 or config.num_train_steps > 0.")
     if config.init_from:
         from cbam_jax.zoo import source_kind
         try:
             source_kind(config.init_from)  # checks the name or path only: nothing is downloaded here
         except ValueError as error:
-            raise ValueError(f"config.init_from: {error}") from None
+            raise ConfigError(f"config.init_from: {error}") from None
     if config.new_lr_factor <= 0 or (config.new_lr_factor != 1 and not config.init_from):
-        raise ValueError(f"config.new_lr_factor = {config.new_lr_factor} must be > 0 and applies to the parameters "
-                         "config.init_from does not provide; set config.init_from, or leave the factor at 1.")
+        raise ConfigError(f"config.new_lr_factor = {config.new_lr_factor} must be > 0 and applies to the parameters "
+                          "config.init_from does not provide; set config.init_from, or leave the factor at 1.")
     config.lock()
     return config
 
@@ -154,14 +198,14 @@ def _check_attention_options(model: ml_collections.ConfigDict) -> None:
     """model.attention_options: names the model's attention layer takes (values are checked when it is built)."""
     options = model.attention_options.to_dict()
     if "reduction" in options:
-        raise ValueError("Set the reduction as config.model.reduction, not in config.model.attention_options.")
+        raise ConfigError("Set the reduction as config.model.reduction, not in config.model.attention_options.")
     try:
         built = create_model(model.name, variant=model.variant, **options)
     except ValueError as error:
-        raise ValueError(f"config.model.attention_options: {error}") from None
+        raise ConfigError(f"config.model.attention_options: {error}") from None
     not_attention = sorted(set(options) - set(built.attention_options))
     if not_attention:
-        raise ValueError(f"config.model.attention_options: {not_attention} are model options, not options of "
+        raise ConfigError(f"config.model.attention_options: {not_attention} are model options, not options of "
                          f"the attention layer (set the width in config.model.width, the dtype through config.precision).")
 
 
@@ -173,34 +217,186 @@ def _check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Conf
     unknown = sorted(set(config.keys()) - set(schema.keys()))
     missing = sorted(set(schema.keys()) - set(config.keys()))
     if unknown:
-        raise ValueError(f"Unknown config field(s) {[f'{prefix}.{k}' for k in unknown]}; "
+        raise ConfigError(f"Unknown config field(s) {[f'{prefix}.{k}' for k in unknown]}; "
                          f"known fields: {sorted(schema.keys())}.")
     if missing:
-        raise ValueError(f"Missing config field(s) {[f'{prefix}.{k}' for k in missing]}; start recipes from "
+        raise ConfigError(f"Missing config field(s) {[f'{prefix}.{k}' for k in missing]}; start recipes from "
                          "cbam_jax.training.config.base_config().")
     for key, default in schema.items():
         value = config[key]
         if isinstance(default, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
-                raise ValueError(f"{prefix}.{key} must be a group of fields; got {value!r}.")
+                raise ConfigError(f"{prefix}.{key} must be a group of fields; got {value!r}.")
             _check_fields(value, default, f"{prefix}.{key}")
         elif isinstance(default, bool):
             if not isinstance(value, bool):
-                raise ValueError(f"{prefix}.{key} must be True or False; got {value!r}.")
-        elif isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{prefix}.{key} must be a number; got {value!r}.")
+                raise ConfigError(f"{prefix}.{key} must be True or False; got {value!r}.")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{prefix}.{key} must be an integer; got {value!r}.")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{prefix}.{key} must be a finite number; got {value!r}.")
+        elif isinstance(default, tuple):
+            if (isinstance(value, str) or not isinstance(value, Sequence) or not value
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+                raise ConfigError(f"{prefix}.{key} must be a tuple of numbers, e.g. --config.{prefix[7:] + '.' if prefix != 'config' else ''}"
+                                  f"{key}='(0.5, 0.5, 0.5)'; got {value!r}.")
         elif isinstance(default, str) and not isinstance(value, str):
-            raise ValueError(f"{prefix}.{key} must be a string; got {value!r}.")
+            raise ConfigError(f"{prefix}.{key} must be a string; got {value!r}.")
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """Run `get_config()` of a recipe file (e.g. 'configs/cifar10.py') and validate the result."""
     if not os.path.isfile(path):
-        here = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
-        raise FileNotFoundError(f"No config file {path!r}; recipes live in configs/ "
-                                f"({', '.join(sorted(os.listdir(here))) if os.path.isdir(here) else 'see the README'}).")
+        raise MissingInput(f"No config file {path!r}; {_recipes_hint()}.")
     spec = importlib.util.spec_from_file_location("cbam_jax_recipe", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ConfigError(f"{path}, line {error.lineno}: {error.msg} (the recipe is not valid Python).") from None
     return validate(module.get_config())
+
+
+def _recipes_hint() -> str:
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    if not os.path.isdir(here):
+        return "see the README for the recipes"
+    return "recipes: " + ", ".join(f"configs/{name}" for name in sorted(os.listdir(here)) if name.endswith(".py"))
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """The validated config saved in a checkpoint (`config.to_json()`); fields added to
+    `base_config()` since it was saved take their defaults."""
+    config = base_config()
+    _update(config, json.loads(text), "config")
+    return validate(config)
+
+
+def _update(config: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+        if key not in config:
+            raise ConfigError(f"The saved config has a field {prefix}.{key} that this version of cbam-jax does not know.")
+        if isinstance(config[key], ml_collections.ConfigDict) and key != "attention_options":
+            _update(config[key], value, f"{prefix}.{key}")
+        elif key == "attention_options":
+            config[key] = ml_collections.ConfigDict(value)
+        else:
+            config[key] = tuple(value) if isinstance(config[key], tuple) else value
+
+
+# ---- resuming: which fields of a saved config may differ ---------------------------------------
+
+def recipe_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
+    """'FIELD: SAVED -> NOW' for each recipe field (not in FREE_FIELDS) whose value differs between
+    the config a checkpoint was written with (its `to_json()`) and `config`. A field the saved config
+    lacks (added to cbam-jax since) counts as its default."""
+    saved, now = _flat(json.loads(saved_json)), _flat(json.loads(config.to_json()))
+    defaults = _flat(json.loads(base_config().to_json()))
+    changes = []
+    for field in sorted(set(saved) | set(now)):
+        if field not in now or any(field == free or field.startswith(free + ".") for free in FREE_FIELDS):
+            continue
+        before = saved.get(field, defaults.get(field))
+        if before != now[field]:
+            changes.append(f"{field}: {before!r} -> {now[field]!r}")
+    return changes
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        flat.update(_flat(value, name) if isinstance(value, dict) else {name: value})
+    return flat
+
+
+# ---- the command line: --config FILE.py[:ARGUMENT] --config.FIELD=VALUE ... ---------------------
+
+CONFIG_FLAG = re.compile(r"^--?config(=|$)")
+OVERRIDE_FLAG = re.compile(r"^--?(no)?config\.([\w.]+)")
+
+
+def config_from_flags(argv: Sequence[str], flag_values, default: str) -> ml_collections.ConfigDict:
+    """Define `--config` (a recipe `FILE.py[:ARGUMENT]`, default `default`) on the absl `flag_values`,
+    parse `argv` (program name first) with it, and return the config with its overrides (locked, not
+    validated: the caller may still set fields).
+
+    Raises:
+      ConfigError / MissingInput: a missing recipe file, a recipe that fails to load, an override of a
+        field the config does not have (with the closest field names), a value of the wrong type,
+        an unknown flag: one line naming the flag and the fix.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    recipe = _flag_value(argv, CONFIG_FLAG) or default
+    path = recipe.split(":", 1)[0]
+    if not os.path.isfile(path):
+        what = "is a directory, not a recipe file" if os.path.isdir(path) else "no such recipe file"
+        raise MissingInput(f"--config {recipe}: {what}; {_recipes_hint()}.")
+    overrides = [(match[1] or "", match[2]) for match in map(OVERRIDE_FLAG.match, argv[1:]) if match]
+    known = _flat(json.loads(base_config().to_json()))
+    for negated, field in overrides:
+        if field not in known and not field.startswith("model.attention_options."):
+            raise ConfigError(f"--{negated}config.{field}: the config has no field {field!r} to override"
+                              + _did_you_mean(field, known))
+    try:
+        config_flags.DEFINE_config_file("config", default, "training recipe (configs/NAME.py[:ARGUMENT])",
+                                        flag_values=flag_values, lock_config=True, sys_argv=list(argv))
+        unparsed = flag_values(list(argv))[1:]
+        config = flag_values.config
+        config.keys()  # a recipe that failed to load raises here
+    except (KeyError, AttributeError):  # an attention option the recipe does not set
+        options = [field for _, field in overrides if field.startswith("model.attention_options.")]
+        if not options:
+            raise
+        raise ConfigError(f"--config.{options[0]}: the config has no field {options[0].split('.')[-1]!r} to "
+                          "override (config.model.attention_options holds the options the recipe sets; set "
+                          "others in a recipe).") from None
+    except flags.Error as error:
+        raise ConfigError(_flag_error_message(error, recipe)) from None
+    except (OSError, SyntaxError, TypeError, ValueError) as error:
+        raise ConfigError(f"--config {recipe}: {_last_line(error)}") from None
+    if unparsed:
+        raise ConfigError(f"unexpected argument(s) {unparsed}; overrides look like --config.batch_size=256.")
+    return config
+
+
+def _flag_value(argv: Sequence[str], flag: re.Pattern) -> str | None:
+    """The value of the last `--flag=VALUE` or `--flag VALUE` in argv."""
+    value = None
+    for index, argument in enumerate(argv):
+        match = flag.match(argument)
+        if match and match[1] == "=":
+            value = argument.split("=", 1)[1]
+        elif match and index + 1 < len(argv):
+            value = argv[index + 1]
+    return value
+
+
+def _did_you_mean(field: str, known: dict) -> str:
+    candidates = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+    same_name = [name for name in known if name.rsplit(".", 1)[-1] == field.rsplit(".", 1)[-1]]
+    suggestion = candidates or same_name
+    return f"; did you mean {suggestion[0]!r}?" if suggestion else " (see cbam_jax/training/config.py for the fields)."
+
+
+def _flag_error_message(error: Exception, recipe: str) -> str:
+    text = str(error)
+    if "Error whilst parsing config file" in text:  # the recipe's get_config raised: its last line says why
+        hint = (" (this recipe takes no :ARGUMENT; give --config FILE.py)"
+                if "get_config() takes 0 positional arguments" in text else "")
+        return f"--config {recipe}: {_last_line(text)}{hint}"
+    text = re.sub(r"^flag (--\S+?)=", r"\1=", text)
+    if text.startswith("Unknown command line flag"):
+        text += " (the flags are --config, --config.FIELD=VALUE and --workdir; see --helpfull)."
+    return _last_line(text)
+
+
+def _last_line(error: object) -> str:
+    """The last non-empty line of a message, without a leading 'SomeError: ' (tracebacks in messages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[-1] if lines else type(error).__name__
+    return re.sub(r"^(\w+\.)*\w*(Error|Exception): ", "", line)

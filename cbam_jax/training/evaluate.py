@@ -7,15 +7,17 @@ configs/NAME.py` evaluates a converted pretrained model on that config's eval sp
 
 import argparse
 import json
-import sys
+import os
 
 import jax
 import ml_collections
 
 from cbam_jax.data import eval_batches, make_source
+from cbam_jax.data.pipeline import check_source
+from cbam_jax.errors import InvalidInput, MissingInput, UsageError
 from cbam_jax.registry import model_from_config
 from cbam_jax.training.checkpoint import restore_variables
-from cbam_jax.training.config import load_config, validate
+from cbam_jax.training.config import config_from_json, load_config
 from cbam_jax.training.parallel import DataParallel
 
 
@@ -51,25 +53,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the metrics as one JSON line; exit code 1 with a message on bad input."""
-    try:
-        result = _evaluate(args)
-    except (ValueError, OSError, ImportError) as error:  # (OSError: also a failed download)
-        print(f"cbam-jax eval: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(result))
+    """Print the metrics as one JSON line; a UserError (one line on stderr, exit code 1) on bad input."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}.")
+    if args.workdir and not os.path.isdir(args.workdir):
+        raise MissingInput(f"--workdir {args.workdir}: {'is a file, not a' if os.path.exists(args.workdir) else 'no such'} "
+                           "training workdir; give the --workdir a train.py run wrote.")
+    if args.config and not os.path.isfile(args.config):
+        raise MissingInput(f"--config {args.config}: no such recipe file; give configs/NAME.py.")
+    print(json.dumps(_evaluate(args)))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
     if args.workdir:
         variables, meta = restore_variables(args.workdir, args.checkpoint)
-        config = load_config(args.config) if args.config else validate(ml_collections.ConfigDict(json.loads(meta["config"])))
+        config = load_config(args.config) if args.config else config_from_json(meta["config"])
         model = model_from_config(meta["model_config"])
         step = meta["step"]
     else:
         if not args.config:
-            raise ValueError("--pretrained needs --config configs/NAME.py to say which dataset to evaluate on.")
+            raise UsageError("--pretrained needs --config configs/NAME.py to say which dataset to evaluate on.")
         from cbam_jax.zoo import load
         config = load_config(args.config)
         model, variables = load(args.pretrained)
@@ -78,6 +82,10 @@ def _evaluate(args: argparse.Namespace) -> dict:
     DataParallel.check_batch_size(batch_size, "eval_batch_size (--batch-size)")
     split = args.split or config.dataset.eval_split
     source = make_source(config.dataset, split)
+    if model.num_classes != config.dataset.num_classes:
+        raise InvalidInput(f"the model has {model.num_classes} outputs but --config {args.config} says "
+                           f"dataset.num_classes = {config.dataset.num_classes}; evaluate with the model's dataset config.")
+    check_source(source, config.dataset, split)
     parallel = DataParallel(args.parallel, model, tx=None, num_classes=model.num_classes, label_smoothing=0.0,
                             mean=config.dataset.mean, std=config.dataset.std, dynamic_loss_scale=False)
     placed = parallel.place_state({"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})

@@ -10,6 +10,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from cbam_jax.errors import InvalidInput
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """Linear warm-up (config.warmup_epochs) then 'constant', 'step' (x lr_step_factor every
@@ -90,7 +92,7 @@ def parameter_labels(params: Any, patterns: Collection[str], new: Collection[str
     for pattern in patterns:
         if not any(is_frozen(path, [pattern]) for path in flat):
             modules = sorted({path.rpartition("/")[0] for path in flat if "/" in path})
-            raise ValueError(f"config.freeze pattern {pattern!r} names no part of the model; give module paths "
+            raise InvalidInput(f"config.freeze pattern {pattern!r} names no part of the model; give module paths "
                              f"such as {', '.join(modules[:4])} (fnmatch patterns: 'layer1_*', '*/attention').")
     new = set(new)
     if not patterns and (not new or new_lr_factor == 1):

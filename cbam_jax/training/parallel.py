@@ -26,6 +26,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cbam_jax.errors import InvalidInput
 from cbam_jax.training import step as step_lib
 
 PMAP_AXIS = "batch"
@@ -84,7 +85,7 @@ class DataParallel:
         """Fail early (before reading data or compiling) on a batch the devices cannot split evenly."""
         devices = jax.device_count()
         if batch_size % devices:
-            raise ValueError(f"config.{name} = {batch_size} is not divisible by the {devices} devices "
+            raise InvalidInput(f"config.{name} = {batch_size} is not divisible by the {devices} devices "
                              f"({jax.process_count()} process(es)); use a multiple of {devices}, e.g. "
                              f"{max(devices, batch_size // devices * devices)}.")
 
@@ -95,11 +96,11 @@ class DataParallel:
             return
         devices = jax.device_count()
         if mode != "jit":
-            raise ValueError(f"config.bn_group_size = {bn_group_size} needs config.parallel = 'jit' "
+            raise InvalidInput(f"config.bn_group_size = {bn_group_size} needs config.parallel = 'jit' "
                              "('pmap' computes BatchNorm statistics over all devices); set bn_group_size=0 or parallel='jit'.")
         if bn_group_size < 0 or devices % bn_group_size:
             divisors = [d for d in range(1, devices + 1) if devices % d == 0]
-            raise ValueError(f"config.bn_group_size = {bn_group_size} does not divide the {devices} devices; "
+            raise InvalidInput(f"config.bn_group_size = {bn_group_size} does not divide the {devices} devices; "
                              f"use 0 (global statistics) or one of {divisors}.")
 
     def place_state(self, host_state: Any) -> Any:

@@ -6,18 +6,23 @@ architecture -> datasets -> model init -> restore -> compile and train. An inter
 with the same workdir: the state, the optimizer and the position in the data stream are restored.
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 from typing import NamedTuple
 
 import jax
 import ml_collections
+from absl import logging
 from jax.experimental import multihost_utils
 
 from cbam_jax.data import make_source, train_dataset
+from cbam_jax.data.pipeline import check_source
+from cbam_jax.errors import InvalidInput, UserError
 from cbam_jax.registry import create_model, model_config
 from cbam_jax.training import config as config_lib
 from cbam_jax.training import optim
@@ -142,16 +147,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if freeze:  # a pattern that names nothing fails before the workdir is made (shapes only: no compile)
         abstract = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, *image_shape)))
         optim.parameter_labels(abstract["params"], freeze, (), 1.0)
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    saved_meta = checkpoints.meta()
-    if saved_meta is not None:
-        check_architecture(saved_meta, run["model_config"], workdir)
-
     train_source = make_source(config.dataset, config.dataset.train_split)
     eval_source = make_source(config.dataset, config.dataset.eval_split)
+    check_source(train_source, config.dataset, config.dataset.train_split)
+    check_source(eval_source, config.dataset, config.dataset.eval_split)
+
+    created_workdir = not os.path.exists(workdir)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    with _removed_on_user_error(workdir if created_workdir else None, checkpoints):
+        saved_meta = checkpoints.meta()
+        if saved_meta is not None:
+            check_architecture(saved_meta, run["model_config"], workdir)
+            check_recipe(saved_meta, config, workdir)
+        return _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source)
+
+
+def check_recipe(saved_meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse to resume a checkpoint written under another recipe (config_lib.recipe_changes: every
+    field outside config_lib.FREE_FIELDS), unless config.allow_config_change (then log the changes)."""
+    changes = config_lib.recipe_changes(saved_meta["config"], config)
+    if not changes:
+        return
+    if config.allow_config_change:
+        logging.warning("Resuming %s with a changed recipe (config.allow_config_change): %s", workdir, "; ".join(changes))
+        return
+    raise InvalidInput(f"The workdir {workdir} holds a run trained with another recipe ({'; '.join(changes)}). "
+                       "Resume with the config that wrote it, use a new --workdir, or pass "
+                       "--config.allow_config_change=True to continue under the new values.")
+
+
+@contextlib.contextmanager
+def _removed_on_user_error(created_workdir: str | None, checkpoints: Checkpoints):
+    """A workdir this run created is removed again when a user mistake ends the run before its first
+    checkpoint: a failed command leaves no folder behind."""
+    try:
+        yield
+    except UserError:
+        if created_workdir is not None and checkpoints.latest_step() is None:
+            checkpoints.close()
+            shutil.rmtree(created_workdir, ignore_errors=True)
+        raise
+
+
+def _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source) -> dict:
+    """The loop of `train_and_evaluate`, from a checked config, workdir and data."""
+    image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
+    freeze = optim.freeze_patterns(config)
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"config.batch_size = {config.batch_size} exceeds the {len(train_source)} training examples.")
+        raise InvalidInput(f"config.batch_size = {config.batch_size} exceeds the {len(train_source)} training examples.")
     total_steps = config.num_train_steps if config.num_train_steps > 0 else int(math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or steps_per_epoch

@@ -2,16 +2,17 @@
 maps and Grad-CAM (the preprocessing saved with the model, as `cbam-jax predict`)."""
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from cbam_jax.atomic import atomic_output
-from cbam_jax.images import InputError, load_images, normalize, same_shape_batches
-from cbam_jax.predict import add_preprocessing_arguments, load_model, preprocessing_overrides
+from cbam_jax.atomic import atomic_output, check_destination
+from cbam_jax.errors import UsageError, UserError, report
+from cbam_jax.images import load_images, normalize, same_shape_batches
+from cbam_jax.predict import (add_preprocessing_arguments, check_positive, image_arguments, load_for_command,
+                              report_failures)
 from cbam_jax.visualize.figures import FIGURE_KEY, attention_figure
 from cbam_jax.visualize.maps import attention_maps, grad_cam, last_block_name
 
@@ -30,7 +31,7 @@ def output_names(paths: Sequence[str]) -> dict[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--pretrained", required=True, metavar="DIR",
                         help="a model directory written by `cbam-jax convert` or save_pretrained")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG figures (created if needed)")
@@ -44,28 +45,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write `{stem}_attention.png` per readable image into --out; exit 1 if any image failed, 2 on setup errors."""
+    """Write `{stem}_attention.png` per readable image into --out; exit 1 if any image failed, 2 on setup errors.
+
+    --out is created with the first figure: a command whose images all fail leaves no folder behind.
+    """
+    check_positive(args, "batch_size")
+    args.images = image_arguments(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory.")
     try:
-        loaded = load_model(args.pretrained, preprocessing_overrides(args))
-        if args.batch_size < 1:
-            raise InputError(f"--batch-size must be positive; got {args.batch_size}.")
-        if args.class_index is not None and not 0 <= args.class_index < len(loaded.class_names):
-            raise InputError(f"--class-index must be in [0, {len(loaded.class_names)}) for this model; "
-                             f"got {args.class_index}.")
-        blocks = [f"layer{stage + 1}_{block}" for stage, size in enumerate(loaded.model.stage_sizes)
-                  for block in range(size)]
-        cam_block = args.grad_cam_block or last_block_name(loaded.model)
-        if cam_block not in blocks:
-            raise InputError(f"--grad-cam-block must be one of this model's blocks ({blocks[0]} ... {blocks[-1]}); "
-                             f"got {cam_block!r}.")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out}: exists and is not a directory.")
-        out.mkdir(parents=True, exist_ok=True)
-    except (InputError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    items, failures = load_images(args.images, loaded.preprocessing)
+        check_destination(out, replace=True, option="--out")
+    except UserError as error:
+        raise UsageError(str(error)) from None
+    loaded = load_for_command(args)
+    if args.class_index is not None and not 0 <= args.class_index < len(loaded.class_names):
+        raise UsageError(f"--class-index must be in [0, {len(loaded.class_names)}) for this model; "
+                         f"got {args.class_index}.")
+    blocks = [f"layer{stage + 1}_{block}" for stage, size in enumerate(loaded.model.stage_sizes)
+              for block in range(size)]
+    cam_block = args.grad_cam_block or last_block_name(loaded.model)
+    if cam_block not in blocks:
+        raise UsageError(f"--grad-cam-block must be one of this model's blocks ({blocks[0]} ... {blocks[-1]}); "
+                         f"got {cam_block!r}.")
+    items, failures = load_images(args.images, loaded.preprocessing, program="cbam-jax attention")
     names = output_names([path for path, _ in items])
     footer = (f"model: {Path(args.pretrained).resolve().name}; Grad-CAM at the output of {cam_block}.\n"
               + FIGURE_KEY)
@@ -84,11 +87,9 @@ def run(args: argparse.Namespace) -> int:
             try:
                 with atomic_output(destination, replace=True) as temporary:
                     figure.save(temporary, format="PNG")
-            except OSError as error:
-                print(f"error: {destination}: cannot write the figure ({error}).", file=sys.stderr)
+            except OSError as error:  # an OutputError naming the file and the reason
+                report("cbam-jax attention", error)
                 failures += 1
                 continue
             print(f"{path} -> {destination} (Grad-CAM class: {label})")
-    if failures:
-        print(f"{failures} of {len(args.images)} image(s) failed (see the errors above).", file=sys.stderr)
-    return 1 if failures else 0
+    return report_failures("cbam-jax attention", failures, len(args.images), "failed")

@@ -1,6 +1,7 @@
 """The PyTorch source layouts, one module each, in the order detection tries them."""
 
 from cbam_jax.convert.layout import Layout
+from cbam_jax.errors import InvalidInput
 from cbam_jax.convert.layouts.common import COMMON, COMMON_2018
 from cbam_jax.convert.layouts.official import OFFICIAL
 from cbam_jax.convert.layouts.pytorchcv import PYTORCHCV, PYTORCHCV_BAM
@@ -18,5 +19,5 @@ LAYOUT_OF_VARIANT: dict[str, str] = {"official": "official", "timm": "timm", "co
 def get_layout(name: str) -> Layout:
     """The layout called `name`; ValueError listing the known ones otherwise."""
     if name not in LAYOUTS:
-        raise ValueError(f"Unknown PyTorch layout {name!r}; known layouts: {', '.join(LAYOUTS)}.")
+        raise InvalidInput(f"Unknown PyTorch layout {name!r}; known layouts: {', '.join(LAYOUTS)}.")
     return LAYOUTS[name]

@@ -1,0 +1,62 @@
+"""User mistakes: `UserError`, and how every entry point reports one.
+
+A mistake in what the user gave (a missing or unreadable file, a bad option or config value, data
+that does not fit the config, a workdir of another run) is raised as a `UserError` whose message
+names the input and the fix. The entry points (`train.py`, every `cbam-jax` subcommand, `python -m
+benchmarks.ablation`) catch it in one place and print it with `report`: one line on stderr, exit
+code `exit_code` (1, or 2 for a wrong command line). Any other exception is a bug and keeps its
+traceback.
+
+Library functions raise the subclasses that are also the builtin type their callers expect
+(`InvalidInput` is a ValueError, `MissingInput` a FileNotFoundError), so `except ValueError` around
+`load_pretrained` or `validate` keeps working.
+"""
+
+import sys
+
+
+class UserError(Exception):
+    """A user mistake; the message names the input and how to fix it. `exit_code`: 1 unless told."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(UserError):
+    """A wrong command line: an unknown option, a missing argument, an option value out of range."""
+
+    exit_code = 2
+
+
+class InvalidInput(UserError, ValueError):
+    """A value (option, config field, file content, data) that cannot be used."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file or directory the command needs does not exist."""
+
+
+class MissingDependency(UserError, ImportError):
+    """An optional package the command needs is not installed; the message gives the pip command."""
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written where asked (exists already, under a file, no permission, disk full)."""
+
+
+def one_line(message: object) -> str:
+    """The message with its lines joined by '; ' (library messages sometimes span lines)."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return "; ".join(lines)
+
+
+def report(program: str, error: BaseException, exit_code: int | None = None) -> int:
+    """Print `program: error: MESSAGE` as one line on stderr; returns the exit code to end with."""
+    print(f"{program}: error: {one_line(error) or type(error).__name__}", file=sys.stderr, flush=True)
+    if exit_code is not None:
+        return exit_code
+    return getattr(error, "exit_code", 1)

@@ -44,11 +44,12 @@ train: setup
 	rm -rf runs/default
 	$(PY) train.py --config configs/default.py --workdir runs/default
 
+# -n auto: one pytest worker per CPU (pytest-xdist); compiling dominates and XLA compiles on one thread.
 test: torch
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto -m "not slow"
 
 clean:
 	rm -rf .venv .venv312 build *.egg-info

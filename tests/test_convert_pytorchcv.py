@@ -61,6 +61,7 @@ def logits_error(reference, model, variables, shape):
         float(np.max(np.abs(logits - exact))), float(np.max(np.abs(expected - exact)))
 
 
+@pytest.mark.slow  # full-model parity
 @pytest.mark.parametrize("pytorchcv_name", ["bam_resnet18", "seresnet18", "cbam_resnet18", "resnet18"])
 def test_eval_logits_match_pytorchcv(pytorchcv_name):
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ def plain():
     return model, random_variables(model, (1, 16, 16, 3), seed=1)
 
 
+@pytest.mark.slow  # eager inits of five models: ~30 s on 2 cores
 @pytest.mark.parametrize("arch, variant", [("cbam_resnet18", "official"), ("cbam_resnet18", "timm"),
                                            ("cbam_resnet18", "common"), ("se_resnet18", "official"),
                                            ("bam_resnet18", "official")])
@@ -53,6 +54,7 @@ def test_plain_backbone_into_attention_models(plain, arch, variant):
     assert report.summary() == f"{len(given)} tensors loaded, {len(report.new)} new (attention {len(report.new)}), 0 dropped"
 
 
+@pytest.mark.slow
 def test_new_head_and_backbone(plain):
     _, source = plain
     target = create_model("resnet18", stem="cifar", width=8, num_classes=3)
@@ -89,6 +91,7 @@ def test_what_does_not_fit_is_one_error(plain):
         transfer_variables(source, cbam, new_attention=False)
 
 
+@pytest.mark.slow
 def test_init_from_directory_hub_folder_and_file(tmp_path, plain):
     model, source = plain
     target = create_model("bam_resnet18", reduction=4, **SMALL)

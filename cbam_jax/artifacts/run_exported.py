@@ -23,8 +23,10 @@ def load(artifact_dir: str | Path):
     return exported, metadata
 
 
-def normalize(images: np.ndarray, preprocessing: dict | None) -> np.ndarray:
-    """uint8 [0, 255] or float [0, 1] images -> float32 (x - mean) / std per channel."""
+def standardize(images: np.ndarray, preprocessing: dict | None) -> np.ndarray:
+    """uint8 [0, 255] or float [0, 1] images -> float32 (x - mean) / std per channel.
+
+    cbam_jax.images.normalize's arithmetic, restated: this script runs where cbam-jax is not installed."""
     images = np.asarray(images)
     x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
     if preprocessing:
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if images.ndim == 3:
         images = images[None]
-    logits = np.asarray(exported.call(normalize(images, metadata.get("preprocessing"))))
+    logits = np.asarray(exported.call(standardize(images, metadata.get("preprocessing"))))
     names = metadata.get("class_names")
     probabilities = np.exp(logits - logits.max(-1, keepdims=True))
     probabilities /= probabilities.sum(-1, keepdims=True)

@@ -20,13 +20,9 @@ from flax import nnx
 import cbam_jax
 import cbam_jax.nnx
 from cbam_jax.data import digits_source
+from cbam_jax.images import normalize
 
-MEAN, STD = 0.3, 0.4
-
-
-def normalize(images: np.ndarray) -> jax.Array:
-    """uint8 (B, 8, 8, 1) -> float32 ((x / 255) - mean) / std."""
-    return (jnp.asarray(images, jnp.float32) / 255.0 - MEAN) / STD
+MEAN, STD = (0.3,), (0.4,)  # per channel (one: greyscale)
 
 
 def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -66,9 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
         losses = []
         for step in range(steps_per_epoch):
             chosen = order[step * args.batch_size:(step + 1) * args.batch_size]
-            losses.append(train_step(model, optimizer, normalize(train.images[chosen]), jnp.asarray(train.labels[chosen])))
+            images = normalize(jnp.asarray(train.images[chosen]), MEAN, STD)
+            losses.append(train_step(model, optimizer, images, jnp.asarray(train.labels[chosen])))
         model.eval()
-        accuracy = float(correct(model, normalize(test.images), jnp.asarray(test.labels))) / len(test)
+        test_images = normalize(jnp.asarray(test.images), MEAN, STD)
+        accuracy = float(correct(model, test_images, jnp.asarray(test.labels))) / len(test)
         print(f"epoch {epoch + 1}: train loss {float(np.mean(losses)):.4f}, test accuracy {accuracy:.2%}", flush=True)
     summary = {"epochs": args.epochs, "test_accuracy": accuracy}
     if args.out:

@@ -137,7 +137,7 @@ def test_aggregate_and_markdown():
 
 
 def test_plot_draws_a_png(tmp_path):
-    pytest.importorskip("matplotlib")  # the optional 'bench' extra
+    pytest.importorskip("matplotlib")  # the optional "bench" extra; installed with "test"
     stats = {row: {"final": (90.0 + i, 1.0), "best": (95.0, 0.5), "step_ms": 1.0, "parameters": 1, "seeds": 2}
              for i, row in enumerate(recipe.ROWS)}
     ablation.plot(stats, str(tmp_path / "plot.png"), "title; machine")

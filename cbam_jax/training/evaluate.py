@@ -15,6 +15,7 @@ import ml_collections
 from cbam_jax.data import eval_batches, make_source
 from cbam_jax.data.pipeline import check_source
 from cbam_jax.errors import InvalidInput, MissingInput, UsageError
+from cbam_jax.predict import check_positive
 from cbam_jax.registry import model_from_config
 from cbam_jax.training.checkpoint import restore_variables
 from cbam_jax.training.config import config_from_json, load_config
@@ -54,8 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the metrics as one JSON line; a UserError (one line on stderr, exit code 1) on bad input."""
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}.")
+    check_positive(args, "batch_size")
     if args.workdir and not os.path.isdir(args.workdir):
         raise MissingInput(f"--workdir {args.workdir}: {'is a file, not a' if os.path.exists(args.workdir) else 'no such'} "
                            "training workdir; give the --workdir a train.py run wrote.")

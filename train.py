@@ -64,4 +64,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from cbam_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts: CPU steps ~1.1-1.25x faster (cbam_jax/host_memory.py)
     app.run(main, flags_parser=parse_flags)

@@ -9,8 +9,10 @@ softmax cross-entropy, backward, SGD with momentum, BatchNorm in training mode) 
 and of the plain ResNet of the same depth, in
 
 - cbam-jax under `jax.jit` with donation, with the CPU fast path of `cbam_jax.layers.cpu_ops`
-  ('jax': oneDNN convolutions and native max gradients where available), without the native kernels
-  ('jax-nodnn') and with XLA's own kernels only ('jax-xla');
+  ('jax': oneDNN convolutions and native max gradients where available, and
+  `cbam_jax.keep_freed_memory()` as train.py calls it), the same with glibc's default malloc
+  settings ('jax-glibc'), without the native kernels ('jax-nodnn') and with XLA's own kernels only
+  ('jax-xla');
 - PyTorch eager NCHW ('torch'), eager channels-last ('torch-cl') and torch.compile ('torch-compile');
   bfloat16 there is PyTorch's autocast (CPU or CUDA), beside JAX's bfloat16 activations.
 
@@ -62,10 +64,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from cbam_jax.atomic import atomic_output  # noqa: E402
+from cbam_jax.host_memory import keep_freed_memory  # noqa: E402
 from cbam_jax.registry import create_model, parse_name  # noqa: E402
 
-# benchmark name -> (ResNet `implementation` option, native kernels (oneDNN) on the CPU path)
-JAX_IMPLS = {"jax": ("auto", True), "jax-nodnn": ("auto", False), "jax-xla": ("xla", False)}
+# benchmark name -> (ResNet `implementation` option, native kernels (oneDNN) on the CPU path,
+# `cbam_jax.keep_freed_memory()` as train.py and the cbam-jax commands call it)
+JAX_IMPLS = {"jax": ("auto", True, True), "jax-glibc": ("auto", True, False),
+             "jax-nodnn": ("auto", False, True), "jax-xla": ("xla", False, True)}
 TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
 IMPLS = (*JAX_IMPLS, *TORCH_IMPLS)
 NUM_CLASSES = {"imagenet": 1000, "cifar": 10}
@@ -267,7 +272,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Call
 def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
-    implementation, use_native = JAX_IMPLS[variant.impl]
+    implementation, use_native, _ = JAX_IMPLS[variant.impl]
     model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
                          dtype=jnp.dtype(variant.dtype), implementation=implementation)
     rng = np.random.default_rng(0)
@@ -513,6 +518,8 @@ def child_main(spec: dict[str, Any]) -> int:
         result["machine"] = machine()
     else:
         variant = Variant.from_spec(spec)
+        if variant.impl in JAX_IMPLS and JAX_IMPLS[variant.impl][2]:
+            keep_freed_memory()  # before JAX starts: what train.py does
         _prepare(variant, spec["warmup"])
         for _ in range(spec["repeats"]):
             start = time.perf_counter()
@@ -561,7 +568,7 @@ def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (case, arch, mode, dtype, impl), row in by_key.items():
         entry = {"case": case, "arch": arch, "mode": mode, "dtype": dtype, "impl": impl}
         if impl == "jax":
-            for other in (*TORCH_IMPLS, "jax-nodnn", "jax-xla"):
+            for other in (*TORCH_IMPLS, "jax-glibc", "jax-nodnn", "jax-xla"):
                 theirs = by_key.get((case, arch, mode, dtype, other))
                 if theirs is None:
                     continue
@@ -652,7 +659,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['images_per_s']:.1f} | {r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f} | "
                      f"{1000 * r['step_s_median']:.0f} | {r['gflops_per_s']:.0f} | {100 * r['mfu']:.0f}% | {r['compile_s']:.1f} | "
                      f"{r['peak_mib']:.0f} |")
-    columns = [c for c in (*(f"jax_over_{i}" for i in (*TORCH_IMPLS, "jax-nodnn", "jax-xla")), "cbam_cost")
+    others = (*TORCH_IMPLS, "jax-glibc", "jax-nodnn", "jax-xla")
+    columns = [c for c in (*(f"jax_over_{i}" for i in others), "cbam_cost")
                if any(c in e for e in report["ratios"])]
     if columns:
         lines += ["", "Ratios: median over rounds (per-round min-max; interquartile range).", "",

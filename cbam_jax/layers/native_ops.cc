@@ -75,7 +75,8 @@ std::shared_ptr<Entry> MakeEntry(Kind kind, const Geometry& g) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   entry->user_kernel_md = memory::desc(g.kernel, g.kernel_type, tag::hwio);
-  memory::desc any_kernel(g.kernel, g.kernel_type, tag::any);
+  // The kernel gradient's output may be float32 for bfloat16 data; its forward hint has the data's type.
+  memory::desc any_kernel(g.kernel, kind == Kind::kKernelGrad ? g.src_type : g.kernel_type, tag::any);
   // The forward primitive descriptor: the forward itself, or the backward ones' hint.
   memory::desc fwd_src(g.src, g.src_type, tag::nhwc), fwd_dst(g.dst, g.dst_type, tag::nhwc);
   dnnl::convolution_forward::primitive_desc fwd(

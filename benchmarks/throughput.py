@@ -9,10 +9,10 @@ softmax cross-entropy, backward, SGD with momentum, BatchNorm in training mode) 
 and of the plain ResNet of the same depth, in
 
 - cbam-jax under `jax.jit` with donation, with the CPU fast path of `cbam_jax.layers.cpu_ops`
-  ('jax': oneDNN convolutions and native max gradients where available, and
-  `cbam_jax.keep_freed_memory()` as train.py calls it), the same with glibc's default malloc
-  settings ('jax-glibc'), without the native kernels ('jax-nodnn') and with XLA's own kernels only
-  ('jax-xla');
+  ('jax': oneDNN convolutions and native max gradients where available, in a process started
+  with glibc's huge-page tunable as train.py restarts itself, `cbam_jax.host_memory`), the same
+  without the tunable ('jax-glibc'), without the native kernels ('jax-nodnn') and with XLA's own
+  kernels only ('jax-xla');
 - PyTorch eager NCHW ('torch'), eager channels-last ('torch-cl') and torch.compile ('torch-compile');
   bfloat16 there is PyTorch's autocast (CPU or CUDA), beside JAX's bfloat16 activations.
 
@@ -64,11 +64,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from cbam_jax.atomic import atomic_output  # noqa: E402
-from cbam_jax.host_memory import keep_freed_memory  # noqa: E402
+from cbam_jax.host_memory import with_huge_pages  # noqa: E402
 from cbam_jax.registry import create_model, parse_name  # noqa: E402
 
 # benchmark name -> (ResNet `implementation` option, native kernels (oneDNN) on the CPU path,
-# `cbam_jax.keep_freed_memory()` as train.py and the cbam-jax commands call it)
+# glibc's huge-page tunable `cbam_jax.host_memory.TUNABLE` as train.py and `cbam-jax eval` set it)
 JAX_IMPLS = {"jax": ("auto", True, True), "jax-glibc": ("auto", True, False),
              "jax-nodnn": ("auto", False, True), "jax-xla": ("xla", False, True)}
 TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
@@ -491,7 +491,8 @@ def run_processes(variants: list[Variant], rounds: int, repeats: int, warmup: in
     for index, (round_index, variant) in enumerate(order):
         framework = "jax" if variant.impl in JAX_IMPLS else "torch"
         spec = {**variant.spec(), "repeats": repeats, "warmup": warmup, "python": (pythons or {}).get(framework)}
-        measured = launch(spec, env)
+        huge_pages = framework == "jax" and JAX_IMPLS[variant.impl][2]
+        measured = launch(spec, with_huge_pages(env) if huge_pages else env)
         variant.times += measured["times"]
         variant.round_medians.append(statistics.median(measured["times"]))
         variant.compile_s_all.append(measured["compile_s"])
@@ -518,8 +519,6 @@ def child_main(spec: dict[str, Any]) -> int:
         result["machine"] = machine()
     else:
         variant = Variant.from_spec(spec)
-        if variant.impl in JAX_IMPLS and JAX_IMPLS[variant.impl][2]:
-            keep_freed_memory()  # before JAX starts: what train.py does
         _prepare(variant, spec["warmup"])
         for _ in range(spec["repeats"]):
             start = time.perf_counter()

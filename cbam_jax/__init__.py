@@ -2,13 +2,13 @@
 
 Public API: `create_model`, `list_models`, the layers (`ChannelGate`, `SpatialGate`, `CBAM`,
 `SE`, `BAM`) and the `ResNet` module; published weights (`zoo`, `list_pretrained`), the Hugging Face
-Hub (`hub`), pretrained directories (`load_pretrained`, `save_pretrained`); `keep_freed_memory`
+Hub (`hub`), pretrained directories (`load_pretrained`, `save_pretrained`); `use_huge_pages`
 (call it first in a CPU training program: faster steps, see `cbam_jax.host_memory`).
 """
 
 from cbam_jax.layers import BAM, CBAM, SE, ChannelGate, SpatialGate
 from cbam_jax import convert, hub, zoo
-from cbam_jax.host_memory import keep_freed_memory
+from cbam_jax.host_memory import use_huge_pages
 from cbam_jax.pretrained import load_pretrained, save_pretrained
 from cbam_jax.registry import create_model, list_models
 from cbam_jax.zoo import list_pretrained
@@ -17,4 +17,4 @@ from cbam_jax.resnet import ResNet
 __version__ = "0.1.0"
 
 __all__ = ["BAM", "CBAM", "SE", "ChannelGate", "ResNet", "SpatialGate", "convert", "create_model", "hub",
-           "keep_freed_memory", "list_models", "list_pretrained", "load_pretrained", "save_pretrained", "zoo"]
+           "list_models", "list_pretrained", "load_pretrained", "save_pretrained", "use_huge_pages", "zoo"]

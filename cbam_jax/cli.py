@@ -13,7 +13,7 @@ import os
 import sys
 
 from cbam_jax.errors import UsageError, UserError, report
-from cbam_jax.host_memory import keep_freed_memory
+from cbam_jax.host_memory import use_huge_pages
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -25,6 +25,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "list-pretrained": ("cbam_jax.zoo", "the published pretrained weights cbam-jax can load by name"),
 }
 
+# Subcommands that run many CPU steps: worth a restart with glibc's huge-page tunable (~1 s).
+RESTART_WITH_HUGE_PAGES = ("eval",)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are a UsageError (one line) instead of usage text and a message."""
@@ -35,9 +38,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]) and run the chosen subcommand; returns the exit code."""
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in RESTART_WITH_HUGE_PAGES:
+        use_huge_pages()  # a console run of a long CPU job: once, before anything else (host_memory)
     argv = sys.argv[1:] if argv is None else argv
     program = "cbam-jax"
-    keep_freed_memory()  # before JAX starts (a no-op once it has): faster CPU steps, see host_memory
     try:
         parser = ArgumentParser(prog=program, description="CBAM and CBAM-ResNets in JAX/Flax.")
         subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=ArgumentParser)

@@ -1,4 +1,4 @@
-"""`keep_freed_memory`: XLA:CPU's freed scratch memory stays mapped, so later steps do not page-fault it in again."""
+"""`use_huge_pages`: the program restarts once with glibc's huge-page tunable, and XLA:CPU's scratch memory then faults in 2 MiB at a time."""
 
 import json
 import os
@@ -8,12 +8,17 @@ import sys
 
 import pytest
 
-# A jitted call with 512 MiB of temporaries, run a few times; prints whether keep_freed_memory
-# applied and the minor page faults of each call after the first three.
+from cbam_jax import host_memory
+
+# Calls use_huge_pages first (as train.py does), then runs a jitted call with 512 MiB of
+# temporaries a few times; prints the tunables it ran with, how often the script started, and
+# the minor page faults of each call after the first three.
 FAULTS_SCRIPT = """
-import json, resource, sys
-import cbam_jax
-applied = cbam_jax.keep_freed_memory() if sys.argv[1] == "keep" else None
+import json, os, resource, sys
+from cbam_jax import host_memory
+starts = int(os.environ.get("STARTS", "0")) + 1
+os.environ["STARTS"] = str(starts)  # seen by the restarted program
+host_memory.use_huge_pages()
 import jax, jax.numpy as jnp
 a = jnp.ones((8192, 8), jnp.float32); b = jnp.ones((8, 8192), jnp.float32)
 def product_extremes(a, b):
@@ -28,56 +33,54 @@ for _ in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(a, b).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": applied, "faults": faults, "again": cbam_jax.keep_freed_memory()}))
-"""
-
-APPLIED_SCRIPT = """
-import sys, cbam_jax
-if sys.argv[1] == "started":
-    import jax.numpy as jnp
-    jnp.ones(3).block_until_ready()
-print(cbam_jax.keep_freed_memory())
+print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES", ""), "starts": starts, "faults": faults,
+                  "args": sys.argv[1:]}))
 """
 
 
-def _run(script: str, arg: str, **env: str) -> str:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    environment.pop("CBAM_JAX_KEEP_MEMORY", None)
+def _run(*args: str, **env: str) -> dict:
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("GLIBC_TUNABLES", "STARTS", host_memory.DISABLE_VARIABLE)}
     environment["JAX_PLATFORMS"] = "cpu"
     environment.update(env)
-    done = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, env=environment,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, *args], capture_output=True, text=True,
+                          env=environment, timeout=300)
     assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"),
-                                reason="mallopt's arena settings are glibc's")
+needs_huge_pages = pytest.mark.skipif(not host_memory.huge_pages_possible(),
+                                      reason="needs Linux, glibc 2.35+ and transparent huge pages (always or madvise)")
 
 
-@glibc_only
-def test_freed_scratch_memory_is_not_faulted_in_again():
-    default = json.loads(_run(FAULTS_SCRIPT, "default"))
-    kept = json.loads(_run(FAULTS_SCRIPT, "keep"))
-    assert kept["applied"] is True and kept["again"] is True
-    # glibc's defaults unmap the 512 MiB of temporaries after each call: up to ~130,000 faults of 4 KiB pages
-    # to map it again (fewer with transparent huge pages); kept, it stays mapped.
-    # The median call: an occasional call may still grow the heap.
+@needs_huge_pages
+def test_restart_with_huge_pages_cuts_page_faults():
+    default = _run("--flag", "value with spaces", CBAM_JAX_HUGE_PAGES="0")
+    huge = _run("--flag", "value with spaces")
+    assert default["starts"] == 1 and default["tunables"] == ""
+    # Restarted once, with the same arguments and the tunable.
+    assert huge["starts"] == 2 and huge["tunables"] == host_memory.TUNABLE
+    assert huge["args"] == default["args"] == ["--flag", "value with spaces"]
+    # glibc maps and unmaps the 512 MiB of temporaries every call: ~131,000 faults of 4 KiB pages
+    # with the defaults, ~256 of 2 MiB with huge pages (the median call).
     assert statistics.median(default["faults"]) > 30_000, default
-    assert statistics.median(kept["faults"]) < statistics.median(default["faults"]) / 20, (kept, default)
+    assert statistics.median(huge["faults"]) < statistics.median(default["faults"]) / 20, (huge, default)
 
 
-@glibc_only
-@pytest.mark.parametrize("arg, env", [
-    ("started", {}),                                   # too late: XLA's threads have their arenas
-    ("fresh", {"CBAM_JAX_KEEP_MEMORY": "0"}),          # the user said no
-    ("fresh", {"MALLOC_ARENA_MAX": "4"}),              # the user tuned glibc's malloc already
-    ("fresh", {"JAX_PLATFORMS": "cuda,cpu"}),          # JAX will compute on an accelerator
+@needs_huge_pages
+@pytest.mark.parametrize("env", [
+    {"CBAM_JAX_HUGE_PAGES": "0"},                  # the user said no
+    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user chose a hugetlb value already
+    {"JAX_PLATFORMS": "cuda,cpu"},                 # JAX will compute on an accelerator
 ])
-def test_keep_freed_memory_leaves_malloc_alone(arg, env):
-    assert _run(APPLIED_SCRIPT, arg, **env) == "False"
+def test_no_restart_where_the_user_or_the_platform_says_no(env):
+    result = _run(**env)
+    assert result["starts"] == 1
+    assert host_memory.TUNABLE not in result["tunables"].split(":")
 
 
-@glibc_only
-def test_keep_freed_memory_applies_before_jax_starts():
-    assert _run(APPLIED_SCRIPT, "fresh") == "True"
+def test_other_tunables_are_kept():
+    environ = host_memory.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0",
+                                           "PATH": "/bin"})
+    assert environ == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "PATH": "/bin"}
+    assert host_memory.huge_pages_enabled(environ)

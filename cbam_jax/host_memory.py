@@ -11,7 +11,7 @@ glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35+) makes malloc ask for tran
 1,250 faults and 0.25 s of kernel time, 1.38 s per b8 step; b32 5.27 s; resident memory
 unchanged (measured). Tunables are read when a process starts, so `use_huge_pages` restarts the
 running program (`os.execve`, same interpreter, arguments and environment plus the tunable) before
-it has done anything; `train.py` and the `cbam-jax` command do that first thing.
+it has done anything; `train.py` and `cbam-jax eval` do that first thing.
 
 Tried and rejected: keeping the freed memory mapped with `mallopt` (one arena, no mmap, no
 trimming) removed the faults at batch 8 (1.31 s) but fragmented the heap: resident memory 4.3 GB
@@ -68,12 +68,6 @@ def huge_pages_possible() -> bool:
     except OSError:
         return False
     return "[always]" in setting or "[madvise]" in setting
-
-
-def huge_pages_enabled(environ: os._Environ | dict | None = None) -> bool:
-    """Whether `environ` (default: this process's) already asks glibc for huge pages."""
-    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
-    return TUNABLE in tunables.split(":")
 
 
 def with_huge_pages(environ: dict[str, str]) -> dict[str, str]:

@@ -83,4 +83,3 @@ def test_other_tunables_are_kept():
     environ = host_memory.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0",
                                            "PATH": "/bin"})
     assert environ == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "PATH": "/bin"}
-    assert host_memory.huge_pages_enabled(environ)

@@ -38,16 +38,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]) and run the chosen subcommand; returns the exit code."""
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] in RESTART_WITH_HUGE_PAGES:
+    console = argv is None
+    argv = sys.argv[1:] if console else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)  # the subcommand's name
+    if console and chosen in RESTART_WITH_HUGE_PAGES:
         use_huge_pages()  # a console run of a long CPU job: once, before anything else (host_memory)
-    argv = sys.argv[1:] if argv is None else argv
     program = "cbam-jax"
     try:
         parser = ArgumentParser(prog=program, description="CBAM and CBAM-ResNets in JAX/Flax.")
         subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=ArgumentParser)
         subparsers.required = True
         # Only the chosen subcommand's module is imported; the others are listed by name and help.
-        chosen = next((a for a in argv if not a.startswith("-")), None)
         modules = {}
         for name, (module_name, help_text) in SUBCOMMANDS.items():
             sub = subparsers.add_parser(name, help=help_text, description=help_text)

@@ -69,7 +69,7 @@ def test_saved_pretrained_directory_keeps_the_umask(tmp_path, umask):
     for root, folders, files in os.walk(path):  # orbax's files inside too
         assert all(mode(os.path.join(root, name)) == 0o750 for name in folders)
         assert all(mode(os.path.join(root, name)) == 0o640 for name in files)
-    assert (path / "cbam_jax.json").is_file()
+    assert (path / "config.json").is_file()
 
 
 def test_nothing_partial_is_visible_and_a_failed_write_leaves_things_as_they_were(tmp_path):

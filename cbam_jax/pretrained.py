@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from cbam_jax import registry
 from cbam_jax.atomic import OutputExists, atomic_output
@@ -106,8 +106,9 @@ def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[s
     card = model_card(model, arrays, metadata or {})
     with atomic_output(path, folder=True, replace=overwrite) as staging:
         # One metadata key: safetensors writes several in a random order, and the same weights must
-        # give the same file (and digest).
-        save_file(arrays, staging / WEIGHTS_FILE, metadata={"format": "flax"})
+        # give the same file (and digest). Written with open() (safetensors' save_file makes 0o600
+        # files, not the user's umask).
+        (staging / WEIGHTS_FILE).write_bytes(save(arrays, metadata={"format": "flax"}))
         document = {"library_name": LIBRARY_NAME, "format_version": FORMAT_VERSION,
                     "model": registry.model_config(model), "metadata": metadata or {},
                     DIGEST_KEY: _sha256(staging / WEIGHTS_FILE)}

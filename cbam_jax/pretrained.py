@@ -277,9 +277,9 @@ def process_local_checkpointer(handler: type = ocp.PyTreeCheckpointHandler) -> o
 def model_card(model: ResNet, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> str:
     """The README.md of a pretrained folder (and Hub repository): YAML front matter and the model's numbers."""
     num_params = sum(int(np.prod(v.shape)) for k, v in arrays.items() if k.startswith("params/"))
-    source = metadata.get("source") or {}
-    metrics = metadata.get("metrics") or {}
-    preprocessing = metadata.get("preprocessing") or {}
+    # Metadata is free-form (training's export records its workdir as "source"): only mappings are read.
+    source, metrics, preprocessing = (value if isinstance(value, Mapping) else {} for value in
+                                      (metadata.get("source"), metadata.get("metrics"), metadata.get("preprocessing")))
     name = source.get("name") or _arch_name(model)
     license_id = str(source.get("license", "")).lower()
     front = ["---", f"library_name: {LIBRARY_NAME}", "pipeline_tag: image-classification",

@@ -161,3 +161,11 @@ def test_the_old_orbax_format_still_loads_with_a_note(tmp_path, tiny):
         warnings.simplefilter("error")
         _, again = load_pretrained(tmp_path / "new")
     jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+def test_free_form_metadata_is_saved_as_given(tmp_path, tiny):
+    """Training's export records its source as a sentence: the card reads only mappings, the metadata keeps it."""
+    model, variables, _ = tiny
+    metadata = {"source": "cbam_jax training run in /somewhere", "preprocessing": None}
+    path = save_pretrained(tmp_path / "m", model, variables, metadata=metadata)
+    assert load_metadata(path) == metadata and "cbam_resnet18" in (path / "README.md").read_text()

@@ -46,7 +46,7 @@ from cbam_jax.convert.detect import variant_of
 from cbam_jax.convert.layouts import get_layout
 from cbam_jax.convert.transfer import transfer_variables
 from cbam_jax.errors import InvalidInput, UserError, one_line
-from cbam_jax.pretrained import (IMAGENET_MEAN, IMAGENET_STD, LEGACY_CONFIG_FILE, WEIGHTS_FILE, load_pretrained,
+from cbam_jax.pretrained import (IMAGENET_PREPROCESSING, LEGACY_CONFIG_FILE, WEIGHTS_FILE, load_pretrained,
                                  save_pretrained)
 from cbam_jax.resnet import ResNet
 
@@ -61,8 +61,8 @@ DEFAULT_CACHE = "~/.cache/cbam_jax"
 # published classifiers number them.
 IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.txt")
 # Resize the short side, center-crop 224, scale to [0, 1], normalise per RGB channel.
-RESIZE_256 = {"resize": 256, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-RESIZE_232 = {"resize": 232, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+RESIZE_256 = IMAGENET_PREPROCESSING
+RESIZE_232 = {**IMAGENET_PREPROCESSING, "resize": 232}
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 ATTEMPTS = 5  # connections per download; each retry resumes where the last one stopped
@@ -477,12 +477,9 @@ def _check(entry: Pretrained, path: Path, origin: str, *, by_hand: bool) -> None
 def _download(entry: Pretrained, out: BinaryIO) -> None:
     """`entry.url` appended to `out` from the bytes it holds already (an HTTP Range request), resuming with
     Range after a cut while attempts make progress."""
-    from tqdm import tqdm
-
     received, last_error = out.seek(0, os.SEEK_END), None
     try:
-        with tqdm(desc=entry.file_name, unit="B", unit_scale=True, unit_divisor=1024, initial=received, disable=None,
-                  file=sys.stderr) as bar:
+        with _progress_bar(entry.file_name, received) as bar:
             for _ in range(ATTEMPTS):
                 before = received
                 try:
@@ -500,6 +497,28 @@ def _download(entry: Pretrained, out: BinaryIO) -> None:
     raise DownloadError(f"Cannot download {entry.name} from {entry.url} ({type(last_error).__name__}: "
                         f"{str(reason).splitlines()[0] if str(reason) else 'connection closed'}; nothing was kept); "
                         f"{_by_hand(entry)}.")
+
+
+class _NoBar:
+    """What `_fetch` asks of a progress bar, doing nothing (tqdm, of the `train` extra, is not installed)."""
+
+    total: int | None = None
+
+    def update(self, count: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+def _progress_bar(name: str, received: int) -> contextlib.AbstractContextManager:
+    """A tqdm bar of bytes on stderr (on terminals), or a silent stand-in without tqdm."""
+    try:
+        from tqdm import tqdm  # optional: only a nicety
+    except ImportError:
+        return contextlib.nullcontext(_NoBar())
+    return tqdm(desc=name, unit="B", unit_scale=True, unit_divisor=1024, initial=received, disable=None,
+                file=sys.stderr)
 
 
 def _fetch(url: str, out: BinaryIO, received: int, bar: Any) -> int:

@@ -375,6 +375,14 @@ def test_wrong_checksum(server, cache, registered, checkpoint):
     assert_one_line_failure(error, cache, entry.url, "0" * 64, str(zoo.pickup_path(entry)), "nothing was kept")
 
 
+def test_downloads_without_tqdm(server, cache, registered, checkpoint, monkeypatch):
+    """tqdm (the progress bar) comes with the `train` extra: without it a download still resumes and loads."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` raises ImportError
+    entry = plain_entry(server, registered, checkpoint, mode="cut_once")
+    zoo.load_entry(entry)
+    assert len(server.requests) == 2 and zoo.model_dir(entry).is_dir()
+
+
 def test_prefix_checksums_right_and_wrong(server, cache, registered, checkpoint):
     """torchvision publishes the first 8 hex digits of the SHA-256: a prefix that matches is accepted
     (comparing the whole digest with it would refuse every torchvision entry), one that does not is refused."""

@@ -22,9 +22,10 @@ from cbam_jax.convert.layouts import LAYOUTS, get_layout
 from cbam_jax.convert.mapping import load_variables, to_numpy_state_dict
 from cbam_jax.convert.reading import ConversionError, read_state_dict
 from cbam_jax.convert.transfer import transfer_variables
-from cbam_jax.errors import MissingInput, UserError, one_line
 from cbam_jax.checks import NonFiniteWeights
-from cbam_jax.pretrained import IMAGENET_PREPROCESSING, load_metadata, load_pretrained, save_pretrained
+from cbam_jax.errors import MissingInput, UserError, one_line
+from cbam_jax.factory import load_pretrained
+from cbam_jax.pretrained import IMAGENET_PREPROCESSING, load_metadata, save_pretrained
 from cbam_jax.registry import VARIANTS, create_model, parse_name
 
 

@@ -472,6 +472,20 @@ def test_a_damaged_cache_entry_is_fetched_again_never_used(tmp_path, server, cac
     assert "\n" not in str(error.value) and not zoo.model_dir(entry).exists()
 
 
+def test_a_cache_entry_in_the_old_orbax_format_is_converted_again(tmp_path, server, cache, registered, checkpoint):
+    from tests.test_pretrained import save_old_format
+
+    entry = plain_entry(server, registered, checkpoint)
+    (tmp_path / "direct.safetensors").write_bytes(checkpoint[0])
+    model, variables = from_torch(tmp_path / "direct.safetensors", arch="cbam_resnet18")
+    zoo.model_dir(entry).parent.mkdir(parents=True)
+    save_old_format(zoo.model_dir(entry), model, variables, {})
+    _, loaded = zoo.load_entry(entry)
+    jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+    assert len(server.requests) == 1 and (zoo.model_dir(entry) / "model.safetensors").is_file()
+    assert not (zoo.model_dir(entry) / "cbam_jax.json").exists()
+
+
 def test_connection_cut_mid_file(server, cache, registered, checkpoint):
     entry = plain_entry(server, registered, checkpoint, mode="cut")
     with pytest.raises(zoo.DownloadError) as error:

@@ -46,8 +46,7 @@ from cbam_jax.convert.detect import variant_of
 from cbam_jax.convert.layouts import get_layout
 from cbam_jax.convert.transfer import transfer_variables
 from cbam_jax.errors import InvalidInput, UserError, one_line
-from cbam_jax.pretrained import (IMAGENET_PREPROCESSING, LEGACY_CONFIG_FILE, WEIGHTS_FILE, load_pretrained,
-                                 save_pretrained)
+from cbam_jax.pretrained import IMAGENET_PREPROCESSING, WEIGHTS_FILE, load_pretrained, save_pretrained
 from cbam_jax.resnet import ResNet
 
 try:
@@ -289,8 +288,8 @@ def load(name: str) -> tuple[ResNet, dict[str, Any]]:
 
 
 def _cached(entry: Pretrained, target: Path) -> tuple[ResNet, dict[str, Any]] | None:
-    """The cached model, verified; None when there is none, or it was damaged (then removed) or in
-    the old orbax format (converted again)."""
+    """The cached model, verified; None when there is none, or it was damaged or is in the old orbax
+    format (then it is removed, to be fetched and converted again)."""
     if not target.is_dir():
         return None
     if (target / WEIGHTS_FILE).is_file():
@@ -299,9 +298,7 @@ def _cached(entry: Pretrained, target: Path) -> tuple[ResNet, dict[str, Any]] | 
         except ValueError as error:  # damaged: a changed bit, a truncated file, a broken config
             print(f"cbam-jax: the cached {entry.name} at {target} is damaged ({one_line(error)}); removed, "
                   "fetching it again.", file=sys.stderr)
-    elif not (target / LEGACY_CONFIG_FILE).is_file():
-        return None  # not a model folder: replaced below
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # written whole by atomic_output: anything else is stale
     return None
 
 

@@ -107,7 +107,7 @@ def folder_of(source: str | os.PathLike) -> Path:
     repo_id, revision = parse_hub_id(str(source))
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.utils import LocalEntryNotFoundError
     except ImportError:
         raise MissingDependency(f"Loading {source} needs huggingface_hub: {INSTALL_HINT}.") from None
     try:

@@ -60,6 +60,7 @@ DIGEST_KEY = "weights_sha256"
 # The orbax format of cbam-jax 0.1 (read until the next minor version).
 LEGACY_CONFIG_FILE = "cbam_jax.json"
 LEGACY_VARIABLES_DIR = "variables"
+VARIABLES_DIR = LEGACY_VARIABLES_DIR  # the name cbam-jax 0.1 callers import
 # ImageNet evaluation preprocessing of the official checkpoints: resize the short side to 256,
 # center-crop 224, scale to [0, 1], normalise per RGB channel.
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -14,9 +14,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cbam_jax"
 # Bottom up; a module's layer is that of its longest listed prefix. Within the weights layer the
 # order is pretrained (folders) < hub (ids -> folders) < zoo (published files -> folders).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("ground", ("cbam_jax.errors", "cbam_jax.atomic", "cbam_jax.checks", "cbam_jax.images", "cbam_jax.host_memory")),
+    ("ground", ("cbam_jax.errors", "cbam_jax.atomic", "cbam_jax.checks", "cbam_jax.images", "cbam_jax.host_memory",
+                "cbam_jax.cache")),
     ("layers", ("cbam_jax.layers",)),
-    ("models", ("cbam_jax.resnet", "cbam_jax.registry")),
+    ("models", ("cbam_jax.resnet", "cbam_jax.mobilenet", "cbam_jax.registry")),
     ("convert", ("cbam_jax.convert",)),
     ("weights: folders", ("cbam_jax.pretrained",)),
     ("weights: hub", ("cbam_jax.hub",)),

@@ -284,7 +284,11 @@ def load_entry(entry: Pretrained | str) -> tuple[ResNet, dict[str, Any]]:
 def load(name: str) -> tuple[ResNet, dict[str, Any]]:
     """(model, variables) of the registered checkpoint `name` ('cbam_resnet50', 'resnet50.tv_in1k');
     `cbam_jax.load` takes any source of weights."""
-    return load_entry(get(name))
+    text = os.fspath(name)
+    if text not in PRETRAINED and (text.startswith("hf-hub:") or Path(text).expanduser().exists()):
+        raise InvalidInput(f"cbam_jax.zoo.load takes registered names (`cbam-jax list-pretrained`); for the folder, "
+                           f"file or Hub id {text!r} use cbam_jax.load({text!r}).")
+    return load_entry(get(text))
 
 
 def _cached(entry: Pretrained, target: Path) -> tuple[ResNet, dict[str, Any]] | None:

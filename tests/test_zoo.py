@@ -576,6 +576,8 @@ def test_names_tags_and_errors():
         zoo.load("no_such_thing")  # registered names only
     with pytest.raises(ValueError, match="no registered pretrained model"):
         cbam_jax.load("no_such_thing")  # any source
+    with pytest.raises(ValueError, match=r"use cbam_jax.load\('hf-hub:a/b'\)"):
+        zoo.load("hf-hub:a/b")
 
 
 def test_list_pretrained_cli_and_readme_table(capsys):

@@ -27,8 +27,7 @@ import optax
 from flax import traverse_util
 
 from cbam_jax import create_model, save_pretrained
-from cbam_jax.factory import init_from
-from cbam_jax.zoo import load
+from cbam_jax.factory import init_from, load
 
 FROZEN = ("conv1", "bn1")  # the stem
 

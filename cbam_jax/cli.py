@@ -17,7 +17,7 @@ from cbam_jax.host_memory import use_huge_pages
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("cbam_jax.convert.cli", "convert PyTorch checkpoints to Flax (and back with --to-torch)"),
+    "convert": ("cbam_jax.convert_command", "convert PyTorch checkpoints to Flax (and back with --to-torch)"),
     "eval": ("cbam_jax.training.evaluate", "evaluate a training workdir or a pretrained model on a dataset split"),
     "predict": ("cbam_jax.predict", "top-k classes of images with a pretrained model"),
     "attention": ("cbam_jax.visualize.command", "attention-map and Grad-CAM figures of images"),

@@ -60,3 +60,7 @@ def report(program: str, error: BaseException, exit_code: int | None = None) -> 
     if exit_code is not None:
         return exit_code
     return getattr(error, "exit_code", 1)
+
+
+class ExportError(InvalidInput):
+    """A model, size or format that cannot be exported; the message says why and what to do."""

@@ -30,7 +30,7 @@ from flax import nnx
 from flax.core import unfreeze
 from flax.nnx.bridge import variables as bridge_variables
 
-from cbam_jax import layers, pretrained, registry
+from cbam_jax import factory, layers, registry
 from cbam_jax.resnet import ResNet
 
 # Variable collections of the models: trained parameters and BatchNorm running statistics.
@@ -131,9 +131,9 @@ def layer(kind: str, in_channels: int, *, rngs: nnx.Rngs, **options: Any) -> Bri
 
 
 def load_pretrained(path: str | PathLike) -> Bridged:
-    """A `save_pretrained` / `cbam-jax convert` directory as an NNX module (in eval mode);
+    """A `save_pretrained` / `cbam-jax convert` folder or an 'hf-hub:ORG/NAME' id as an NNX module (in eval mode);
     `cbam_jax.pretrained.load_metadata(path)` has its class names and preprocessing."""
-    return from_linen(*pretrained.load_pretrained(path))
+    return from_linen(*factory.load_pretrained(path))
 
 
 LAYERS: dict[str, type[nn.Module]] = {

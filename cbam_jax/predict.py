@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from cbam_jax import factory, hub, zoo
+from cbam_jax.checks import NonFiniteWeights
 from cbam_jax.errors import UsageError, UserError
 
 # Re-exported: they lived here before cbam_jax.images, and users import them from here.
@@ -58,11 +60,8 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
     Raises:
       InputError: the directory is missing or holds no model, or the preprocessing is incomplete.
     """
-    from cbam_jax import zoo
-    from cbam_jax.pretrained import NonFiniteWeights  # the checkpoint stack, only when used
-
     try:
-        kind = zoo.source_kind(path)
+        kind = factory.source_kind(path)
     except ValueError as error:
         raise InputError(f"--pretrained {path}: {str(error).rstrip('.')}; pass a directory written by "
                          "`cbam-jax convert` or `cbam_jax.save_pretrained`.") from None
@@ -70,11 +69,11 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
         raise InputError(f"--pretrained {path}: a checkpoint file, not a model directory; convert it first "
                          "(`cbam-jax convert`), or pass a registered name or an hf-hub:ORG/NAME id.")
     try:
-        model, variables, metadata = zoo.load_with_metadata(path, allow_nonfinite=allow_nonfinite)
+        model, variables, metadata = factory.load_with_metadata(path, allow_nonfinite=allow_nonfinite)
         metadata = metadata or {}
     except NonFiniteWeights as error:  # a model, but broken: the message says so
         raise InputError(f"--pretrained {path}: {error.for_option('--allow-nonfinite')}") from None
-    except zoo.DownloadError as error:  # says where to put the file by hand
+    except (zoo.DownloadError, hub.HubError) as error:  # says where to put the file by hand, or how to fetch it
         raise InputError(f"--pretrained {path}: {error}") from None
     except Exception as error:  # any other failure here means the same thing to the user: no usable model
         raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "

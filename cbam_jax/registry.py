@@ -72,30 +72,23 @@ def parse_name(name: str) -> tuple[str | None, int]:
 
 
 def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet", variant: str = "official",
-                 pretrained: bool | str = False, **overrides: Any) -> ResNet | tuple[ResNet, dict[str, Any]]:
-    """Build a registered model (an uninitialised Flax module), or with `pretrained` the model and its
-    published weights.
+                 **overrides: Any) -> ResNet:
+    """Build a registered model (an uninitialised Flax module; `cbam_jax.create_model` also takes
+    `pretrained=` for published weights).
 
     Args:
       name: e.g. 'cbam_resnet50', 'resnet18', 'se_resnet101', 'bam_resnet50' (see `list_models()`).
       num_classes: size of the head (0 = return pooled features).
       stem: 'imagenet' (7x7/2 conv + max-pool, for 224x224) or 'cifar' (3x3/1 conv, for 32x32).
       variant: 'official', 'timm' or 'common': the attention options of that source.
-      pretrained: True for the model's default published ImageNet weights, or a tag of
-        `cbam_jax.zoo.list_pretrained(name + '.*')` (e.g. 'official'); downloaded and converted once,
-        then read from the cache (`cbam_jax.zoo`). A `num_classes` other than the weights' gets a new
-        head (initialised with key 0); `features_only=True` drops the head.
       **overrides: any `ResNet` field (dtype, param_dtype, bn_axis_name, width, features_only,
         out_indices, ...) or any option of the attention layer (reduction, kernel_size, pool_order, ...).
 
     Returns:
-      A `ResNet`; `model.init(rng, x)` with x of shape (B, H, W, 3) gives its variables. With
-      `pretrained`: `(model, variables)`, ready for `model.apply(variables, x)`.
+      A `ResNet`; `model.init(rng, x)` with x of shape (B, H, W, 3) gives its variables.
 
     Raises:
-      ValueError: for an unknown name, variant, stem, override or pretrained tag, or weights that do
-        not fit the requested model (another stem or width).
-      cbam_jax.zoo.DownloadError: the weights are not cached and cannot be downloaded.
+      ValueError: for an unknown name, variant, stem or override.
     """
     attention, depth = parse_name(name)
     overrides = upgrade_renamed_options(overrides, "create_model")
@@ -116,12 +109,8 @@ def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet", 
     model_kwargs.update({k: v for k, v in overrides.items() if k in model_fields})
     options = dict(preset.get(attention, {})) if attention else {}
     options.update({k: v for k, v in overrides.items() if k in attention_fields})
-    model = ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, stem=stem, attention=attention,
-                   attention_options=options, **model_kwargs)
-    if pretrained is False or pretrained is None:
-        return model
-    from cbam_jax import zoo  # the download and conversion stack, only when used
-    return model, zoo.pretrained_variables(name, pretrained, model)
+    return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, stem=stem, attention=attention,
+                  attention_options=options, **model_kwargs)
 
 
 def model_config(model: ResNet) -> dict[str, Any]:

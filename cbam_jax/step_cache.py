@@ -27,6 +27,7 @@ import jax
 from jax import export
 
 from cbam_jax.atomic import atomic_output
+from cbam_jax.layers import native
 
 _PACKAGE = pathlib.Path(__file__).parent
 _VERSIONS = ("jax", "jaxlib", "flax", "optax")
@@ -58,8 +59,6 @@ def _custom_call_targets() -> list[str]:
     """The native kernels' XLA custom calls (registered now, so that a loaded program can run)."""
     if jax.default_backend() != "cpu":
         return []
-    from cbam_jax.layers import native
-
     return list(native.TARGETS) if native.enabled() else []
 
 

@@ -38,7 +38,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cbam_jax.errors import InvalidInput, UserError
+import jax
+import numpy as np
+
+from cbam_jax.convert import from_torch
+from cbam_jax.convert.detect import variant_of
+from cbam_jax.convert.layouts import get_layout
+from cbam_jax.convert.transfer import transfer_variables
+from cbam_jax.errors import InvalidInput, UserError, one_line
+from cbam_jax.pretrained import IMAGENET_PREPROCESSING, WEIGHTS_FILE, load_pretrained, save_pretrained
 from cbam_jax.resnet import ResNet
 
 try:
@@ -52,9 +60,8 @@ DEFAULT_CACHE = "~/.cache/cbam_jax"
 # published classifiers number them.
 IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.txt")
 # Resize the short side, center-crop 224, scale to [0, 1], normalise per RGB channel.
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-RESIZE_256 = {"resize": 256, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-RESIZE_232 = {"resize": 232, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+RESIZE_256 = IMAGENET_PREPROCESSING
+RESIZE_232 = {**IMAGENET_PREPROCESSING, "resize": 232}
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 ATTEMPTS = 5  # connections per download; each retry resumes where the last one stopped
@@ -246,120 +253,67 @@ def model_dir(entry: Pretrained) -> Path:
 
 def load_entry(entry: Pretrained | str) -> tuple[ResNet, dict[str, Any]]:
     """(model, variables) of a registered checkpoint: from the cache, else downloaded, verified,
-    converted and cached (see the module docstring).
+    converted and cached (see the module docstring). A cached model is verified on every load
+    (`cbam_jax.pretrained` checks the SHA-256 recorded with it): a damaged one is said in one
+    line on stderr, removed and fetched again, never used.
 
     Raises:
       DownloadError: no network, a cut or failed download, or a wrong checksum; the message names the
         URL, the expected checksum and the path where a file downloaded by hand is picked up.
       ValueError: an unknown name, or a file that does not convert to the entry's model.
     """
-    from cbam_jax.pretrained import load_pretrained, save_pretrained  # the checkpoint stack, only when used
-
     entry = get(entry) if isinstance(entry, str) else entry
     target = model_dir(entry)
-    if not target.is_dir():
-        with _fetching(entry) as partial:
-            if not target.is_dir():  # else cached by a process this one waited for
-                with _verified_checkpoint(entry, partial) as (checkpoint, origin):
-                    model, variables = _convert(entry, checkpoint)
-                    metadata = _metadata(entry, origin, checkpoint)
-                try:
-                    save_pretrained(target, model, variables, metadata=metadata)
-                except FileExistsError:  # cached meanwhile by a process that did not take turns (no fcntl)
-                    pass
-                return model, variables
-    return load_pretrained(target)
-
-
-SOURCE_KINDS = ("hub", "registry", "directory", "file")
-
-
-def source_kind(source: str | os.PathLike) -> str:
-    """Which of SOURCE_KINDS the weights `source` are, checked without reading or downloading anything:
-    an 'hf-hub:ORG/NAME[@REVISION]' id (its syntax), a registered name ('cbam_resnet50',
-    'resnet50.tv_in1k'), an existing directory or an existing (checkpoint) file.
-
-    Raises:
-      ValueError: `source` is none of these; one line saying what would be.
-    """
-    from cbam_jax import hub
-
-    text = os.fspath(source)
-    if hub.is_hub_id(text):
-        hub.parse_hub_id(text)
-        return "hub"
-    if text in PRETRAINED or any(entry.arch == text for entry in PRETRAINED.values()):
-        return "registry"
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return "directory"
-    if path.is_file():
-        return "file"
-    if any(entry.arch == text.partition(".")[0] for entry in PRETRAINED.values()):
+    cached = _cached(entry, target)
+    if cached is not None:
+        return cached
+    with _fetching(entry) as partial:
+        cached = _cached(entry, target)  # cached by a process this one waited for
+        if cached is not None:
+            return cached
+        with _verified_checkpoint(entry, partial) as (checkpoint, origin):
+            model, variables = _convert(entry, checkpoint)
+            metadata = _metadata(entry, origin, checkpoint)
         try:
-            get(text)
-        except ValueError as error:  # a known architecture with another tag: its tags
-            raise InvalidInput(f"{str(error).rstrip('.')} ({text!r} is no directory or file either).") from None
-    raise InvalidInput(f"{text!r} is no registered pretrained model (`cbam-jax list-pretrained`), no 'hf-hub:ORG/NAME' "
-                     "id, and no existing directory or checkpoint file.")
+            save_pretrained(target, model, variables, metadata=metadata)
+        except FileExistsError:  # cached meanwhile by a process that did not take turns (no fcntl)
+            pass
+        return model, variables
 
 
-def load(source: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
-    """(model, variables) from any source of weights: a registered name ('cbam_resnet50',
-    'resnet50.tv_in1k'), an 'hf-hub:ORG/NAME[@REVISION]' id, a pretrained directory, or a PyTorch
-    checkpoint file (.pth, .pth.tar, .pt, .bin, .safetensors).
-
-    Raises:
-      ValueError: `source` is none of these (or does not load); DownloadError as `load_entry`.
-    """
-    model, variables, _ = load_with_metadata(source)
-    return model, variables
+def load(name: str) -> tuple[ResNet, dict[str, Any]]:
+    """(model, variables) of the registered checkpoint `name` ('cbam_resnet50', 'resnet50.tv_in1k');
+    `cbam_jax.load` takes any source of weights."""
+    text = os.fspath(name)
+    if text not in PRETRAINED and (text.startswith("hf-hub:") or Path(text).expanduser().exists()):
+        raise InvalidInput(f"cbam_jax.zoo.load takes registered names (`cbam-jax list-pretrained`); for the folder, "
+                           f"file or Hub id {text!r} use cbam_jax.load({text!r}).")
+    return load_entry(get(text))
 
 
-def load_with_metadata(source: str | os.PathLike, *, allow_nonfinite: bool = False
-                       ) -> tuple[ResNet, dict[str, Any], dict[str, Any]]:
-    """(model, variables, metadata) from any source `load` takes: the one loader of the commands that take
-    a model (`cbam-jax predict`, `attention`, `eval --pretrained`, `export`) and of training's `init_from`.
-    The metadata (class names, preprocessing, source: `cbam_jax.pretrained`'s conventions) is that saved
-    with the model; {} for a PyTorch checkpoint file. Weights holding NaN or inf are refused
-    (`NonFiniteWeights`) unless `allow_nonfinite`.
-
-    Raises:
-      ValueError: `source` is none of these (or does not load); DownloadError as `load_entry`.
-    """
-    from cbam_jax import hub
-    from cbam_jax.pretrained import load_metadata, load_pretrained  # the checkpoint stack, only when used
-
-    kind = source_kind(source)
-    text = os.fspath(source)
-    if kind == "hub":
-        model, variables = hub.load(text)
-        return model, variables, hub.load_metadata(text)
-    if kind == "registry":
-        entry = get(text)
-        model, variables = load_entry(entry)
-        return model, variables, load_metadata(model_dir(entry))
-    path = Path(text).expanduser()
-    if kind == "directory":
-        model, variables = load_pretrained(path, allow_nonfinite=allow_nonfinite)
-        return model, variables, load_metadata(path)
-    from cbam_jax.convert import from_torch
-    model, variables = from_torch(path, allow_nonfinite=allow_nonfinite)
-    return model, variables, {}
+def _cached(entry: Pretrained, target: Path) -> tuple[ResNet, dict[str, Any]] | None:
+    """The cached model, verified; None when there is none, or it was damaged or is in the old orbax
+    format (then it is removed, to be fetched and converted again)."""
+    if not target.is_dir():
+        return None
+    if (target / WEIGHTS_FILE).is_file():
+        try:
+            return load_pretrained(target)
+        except ValueError as error:  # damaged: a changed bit, a truncated file, a broken config
+            print(f"cbam-jax: the cached {entry.name} at {target} is damaged ({one_line(error)}); removed, "
+                  "fetching it again.", file=sys.stderr)
+    shutil.rmtree(target, ignore_errors=True)  # written whole by atomic_output: anything else is stale
+    return None
 
 
 def pretrained_variables(name: str, tag: bool | str, model: ResNet) -> dict[str, Any]:
     """Variables for `model` (built by `create_model(name, ...)`) from the registered weights of
     `name`: `tag` True for the default, else a tag. A backbone (`features_only`) drops the head;
     another class count gets a new head (initialised with key 0)."""
-    from cbam_jax.convert.detect import variant_of
-    from cbam_jax.convert.layouts import get_layout
-    from cbam_jax.convert.transfer import transfer_variables
-
     entry = get(name, tag if isinstance(tag, str) else None)
     if entry.arch != name:
         raise InvalidInput(f"Pretrained weights {entry.name!r} are for {entry.arch}, not {name}; to start a {name} "
-                         "from them use cbam_jax.convert.transfer.init_from.")
+                         "from them use cbam_jax.init_from.")
     published_variant = get_layout(entry.layout).variant
     if model.attention == "cbam" and variant_of(model) != published_variant:
         raise InvalidInput(f"{entry.name} holds {published_variant}-variant weights; create the model with "
@@ -441,8 +395,7 @@ def _verified_checkpoint(entry: Pretrained, partial: BinaryIO) -> Iterator[tuple
         found = next((path for path in candidates if path.is_file()), None)
         if found is not None:
             origin = f"{found} (downloaded by hand)"
-            _check(entry, found, origin, by_hand=True)
-            yield _unpacked(entry, found, temporary, str(found)), origin
+            yield _verified(entry, found, temporary, str(found), by_hand=True), origin
         elif entry.manual:
             raise DownloadError(f"{entry.name} cannot be downloaded automatically: open {entry.url} in a browser, "
                                 f"save the file as {manual} and load it again ({_expected(entry)}).")
@@ -467,9 +420,8 @@ def _verified_checkpoint(entry: Pretrained, partial: BinaryIO) -> Iterator[tuple
 
 
 def _verify_download(entry: Pretrained, path: Path, temporary: list[Path]) -> Path:
-    """The downloaded checkpoint at `path`, checked (unpacked first if it is a zip); DownloadError if not."""
-    _check(entry, path, entry.url, by_hand=False)
-    return _unpacked(entry, path, temporary, entry.url)
+    """The downloaded checkpoint at `path`, verified (the member of a zip archive); DownloadError if not."""
+    return _verified(entry, path, temporary, entry.url, by_hand=False)
 
 
 def _temporary(folder: Path, name: str, temporary: list[Path]) -> Path:
@@ -481,29 +433,43 @@ def _temporary(folder: Path, name: str, temporary: list[Path]) -> Path:
     return Path(path)
 
 
-def _unpacked(entry: Pretrained, path: Path, temporary: list[Path], origin: str) -> Path:
-    """The checkpoint inside a zip download (extracted beside it, then verified), or `path` itself;
-    `origin` names the download in messages."""
-    if entry.member is None or not zipfile.is_zipfile(path):
-        return path
-    member = _temporary(path.parent, entry.member, temporary)
+def _verified(entry: Pretrained, path: Path, temporary: list[Path], origin: str, *, by_hand: bool) -> Path:
+    """The checkpoint `path` holds, its checksum verified: for an entry with a `member`, the member
+    extracted from the archive `path` (beside it) when `path` is that archive, else `path` itself as
+    the member (put by hand unzipped). A `torch.save` file is itself a zip, so what decides is whether
+    the archive holds a file named `member`, never whether `path` is a zip. `origin` names `path` in
+    messages."""
+    if entry.member is not None and _holds(path, entry.member):
+        member = _temporary(path.parent, entry.member, temporary)
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open(entry.member) as inside, open(member, "wb") as out:
+                shutil.copyfileobj(inside, out, CHUNK)
+        except (KeyError, zipfile.BadZipFile, OSError) as error:
+            raise DownloadError(f"{origin} is not the expected archive holding {entry.member} ({error}); "
+                                f"{_by_hand(entry)}.") from None
+        _check(entry, member, f"{entry.member} in {origin}", by_hand=by_hand)
+        return member
+    _check(entry, path, origin, by_hand=by_hand)
+    return path
+
+
+def _holds(path: Path, member: str) -> bool:
+    """Whether `path` is a zip archive with a file named `member`."""
     try:
-        with zipfile.ZipFile(path) as archive, archive.open(entry.member) as inside, open(member, "wb") as out:
-            shutil.copyfileobj(inside, out, CHUNK)
-    except (KeyError, zipfile.BadZipFile, OSError) as error:
-        raise DownloadError(f"{origin} is not the expected archive holding {entry.member} ({error}); "
-                            f"{_by_hand(entry)}.") from None
-    _check(entry, member, f"{entry.member} in {entry.file_name}", by_hand=False)
-    return member
+        with zipfile.ZipFile(path) as archive:
+            return member in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _check(entry: Pretrained, path: Path, origin: str, *, by_hand: bool) -> None:
-    """DownloadError unless `path` has the entry's checksum (a zip download is checked once unpacked)."""
-    if entry.checksum is None or (entry.member and zipfile.is_zipfile(path)):
+    """DownloadError unless `path` has the entry's checksum; a published prefix (torchvision's 8 hex
+    digits of SHA-256) is matched as a prefix of the full digest."""
+    if entry.checksum is None:
         return
     algorithm, expected = entry.checksum.split(":")
     digest = _digest(path, algorithm)
-    if not digest.startswith(expected):
+    if not digest.startswith(expected.lower()):
         kept = "it was left there" if by_hand else "nothing was kept"
         raise DownloadError(f"{origin} has {algorithm.upper()} {digest}, not the published {expected} of "
                             f"{entry.checked_file} ({kept}); {_by_hand(entry)}.")
@@ -512,12 +478,9 @@ def _check(entry: Pretrained, path: Path, origin: str, *, by_hand: bool) -> None
 def _download(entry: Pretrained, out: BinaryIO) -> None:
     """`entry.url` appended to `out` from the bytes it holds already (an HTTP Range request), resuming with
     Range after a cut while attempts make progress."""
-    from tqdm import tqdm
-
     received, last_error = out.seek(0, os.SEEK_END), None
     try:
-        with tqdm(desc=entry.file_name, unit="B", unit_scale=True, unit_divisor=1024, initial=received, disable=None,
-                  file=sys.stderr) as bar:
+        with _progress_bar(entry.file_name, received) as bar:
             for _ in range(ATTEMPTS):
                 before = received
                 try:
@@ -535,6 +498,28 @@ def _download(entry: Pretrained, out: BinaryIO) -> None:
     raise DownloadError(f"Cannot download {entry.name} from {entry.url} ({type(last_error).__name__}: "
                         f"{str(reason).splitlines()[0] if str(reason) else 'connection closed'}; nothing was kept); "
                         f"{_by_hand(entry)}.")
+
+
+class _NoBar:
+    """What `_fetch` asks of a progress bar, doing nothing (tqdm, of the `train` extra, is not installed)."""
+
+    total: int | None = None
+
+    def update(self, count: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+def _progress_bar(name: str, received: int) -> contextlib.AbstractContextManager:
+    """A tqdm bar of bytes on stderr (on terminals), or a silent stand-in without tqdm."""
+    try:
+        from tqdm import tqdm  # optional: only a nicety
+    except ImportError:
+        return contextlib.nullcontext(_NoBar())
+    return tqdm(desc=name, unit="B", unit_scale=True, unit_divisor=1024, initial=received, disable=None,
+                file=sys.stderr)
 
 
 def _fetch(url: str, out: BinaryIO, received: int, bar: Any) -> int:
@@ -585,11 +570,6 @@ def _digest(path: Path, algorithm: str) -> str:
 
 def _convert(entry: Pretrained, checkpoint: Path) -> tuple[ResNet, dict[str, Any]]:
     """The checkpoint as the entry's model; ValueError if it is another model or parameter count."""
-    import jax
-    import numpy as np
-
-    from cbam_jax.convert import from_torch
-
     model, variables = from_torch(checkpoint, arch=entry.arch, layout=entry.layout)
     count = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(variables["params"]))
     if count != entry.num_params:

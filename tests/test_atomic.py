@@ -66,10 +66,10 @@ def test_saved_pretrained_directory_keeps_the_umask(tmp_path, umask):
     variables = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), variables)
     path = save_pretrained(tmp_path / "new" / "model", model, variables)
     assert mode(tmp_path / "new") == mode(path) == 0o750
-    for root, folders, files in os.walk(path):  # orbax's files inside too
+    for root, folders, files in os.walk(path):
         assert all(mode(os.path.join(root, name)) == 0o750 for name in folders)
         assert all(mode(os.path.join(root, name)) == 0o640 for name in files)
-    assert (path / "cbam_jax.json").is_file()
+    assert (path / "config.json").is_file()
 
 
 def test_nothing_partial_is_visible_and_a_failed_write_leaves_things_as_they_were(tmp_path):

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from cbam_jax import create_model, hub, load_pretrained, save_pretrained  # noqa: E402
 from cbam_jax.convert import to_numpy_state_dict  # noqa: E402
-from cbam_jax.pretrained import load_metadata  # noqa: E402
+from cbam_jax.hub import load_metadata  # noqa: E402
 from tests.helpers import random_variables  # noqa: E402
 
 COMMIT_V1, COMMIT_MAIN = "1" * 40, "2" * 40
@@ -114,12 +114,56 @@ def test_pytorch_safetensors_repo_is_converted(tmp_path, hub_cache):
     model = create_model("resnet18", num_classes=5, width=8)
     variables = random_variables(model, seed=3)
     save_file(to_numpy_state_dict(variables, arch=model), tmp_path / "model.safetensors")
+    pretrained_cfg = {"input_size": [3, 40, 40], "crop_pct": 0.8, "interpolation": "bicubic",
+                      "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "num_classes": 5}
     add_snapshot(hub_cache, "timm/resnet18.tiny", COMMIT_MAIN, {
         "model.safetensors": tmp_path / "model.safetensors",
-        "config.json": json.dumps({"architecture": "resnet18", "num_classes": 5}).encode()}, refs=["main"])
+        "config.json": json.dumps({"architecture": "resnet18", "num_classes": 5,
+                                   "pretrained_cfg": pretrained_cfg}).encode()}, refs=["main"])
     loaded_model, loaded = load_pretrained("hf-hub:timm/resnet18.tiny")
     assert loaded_model.attention is None and loaded_model.num_classes == 5 and loaded_model.width == 8
     assert_same(loaded, variables)
+    # timm's eval transform: short side to floor(40 / 0.8) = 50, center crop 40, its mean and std.
+    assert load_metadata("hf-hub:timm/resnet18.tiny")["preprocessing"] == {
+        "resize": 50, "crop": 40, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "channels": 3,
+        "interpolation": "bicubic"}
+
+
+def test_predict_takes_a_timm_style_repo(tmp_path, hub_cache, capsys):
+    """predict reads the preprocessing of a timm repo's pretrained_cfg (it refused the repo before)."""
+    from PIL import Image
+
+    from cbam_jax.cli import main
+
+    model = create_model("resnet18", num_classes=5, width=8)
+    save_file(to_numpy_state_dict(random_variables(model, seed=4), arch=model), tmp_path / "model.safetensors")
+    pretrained_cfg = {"input_size": [3, 32, 32], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.25] * 3}
+    add_snapshot(hub_cache, "timm/resnet18.cfg", COMMIT_MAIN, {
+        "model.safetensors": tmp_path / "model.safetensors",
+        "config.json": json.dumps({"architecture": "resnet18", "pretrained_cfg": pretrained_cfg}).encode()},
+        refs=["main"])
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", "--pretrained", "hf-hub:timm/resnet18.cfg", "--json", str(image)]) == 0, \
+        capsys.readouterr().err
+    assert len(json.loads(capsys.readouterr().out)["top_k"]) == 5
+
+
+def test_an_offline_id_not_in_the_cache_says_so(tmp_path, hub_cache, capsys):
+    from cbam_jax.cli import main
+
+    with pytest.raises(hub.HubError) as error:
+        load_pretrained("hf-hub:someone/absent")
+    message = str(error.value)
+    assert "\n" not in message
+    for needle in ("hf-hub:someone/absent", "offline", "HF_HUB_OFFLINE", "not in the Hugging Face cache",
+                   "huggingface-cli download someone/absent"):
+        assert needle in message, (needle, message)
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"not read")
+    assert main(["predict", "--pretrained", "hf-hub:someone/absent", str(image)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "offline" in err and "no cbam-jax model could be loaded" not in err
 
 
 class Exploit:
@@ -186,7 +230,7 @@ def test_push_to_hub_with_a_fake_api(tmp_path, models):
     assert files == ["README.md", "config.json", "model.safetensors"]
     with pytest.raises(hub.HubError, match="ORG/NAME"):
         hub.push_to_hub(folder, "no-org", api=api)
-    with pytest.raises(hub.HubError, match="not a Hub-ready"):
+    with pytest.raises(hub.HubError, match="not a cbam-jax pretrained folder"):
         hub.push_to_hub(tmp_path, "someone/x", api=api)
     assert len(api.calls) == 2
 

@@ -1,6 +1,8 @@
 """save_pretrained / load_pretrained: exact round trip, atomic writes, clear errors."""
 
+import hashlib
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,9 @@ import numpy as np
 import pytest
 
 from cbam_jax import create_model
-from cbam_jax.pretrained import CONFIG_FILE, load_metadata, load_pretrained, save_pretrained
+from cbam_jax.pretrained import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, DamagedWeights, load_metadata,
+                                 load_pretrained, process_local_checkpointer, save_pretrained)
+from cbam_jax.registry import model_config
 from tests.helpers import randomize
 
 
@@ -71,17 +75,17 @@ def test_missing_directory(tmp_path):
 
 def test_not_a_pretrained_directory(tmp_path):
     (tmp_path / "other").mkdir()
-    with pytest.raises(ValueError, match="not a cbam-jax pretrained directory"):
+    with pytest.raises(ValueError, match="not a cbam-jax pretrained folder"):
         load_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="not a cbam-jax pretrained directory"):
+    with pytest.raises(ValueError, match="not a cbam-jax pretrained folder"):
         load_metadata(tmp_path / "other")
 
 
-@pytest.mark.parametrize("damage", ["json", "version", "model", "checkpoint", "no_checkpoint"])
+@pytest.mark.parametrize("damage", ["json", "version", "model", "weights", "truncated", "no_weights"])
 def test_corrupt_directory(tmp_path, tiny, damage):
     model, variables, _ = tiny
     path = save_pretrained(tmp_path / "m", model, variables)
-    config = path / CONFIG_FILE
+    config, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     if damage == "json":
         config.write_text(config.read_text()[:40])
         expected = "not valid JSON"
@@ -93,15 +97,75 @@ def test_corrupt_directory(tmp_path, tiny, damage):
         document["model"]["block"] = "pyramid"
         config.write_text(json.dumps(document))
         expected = "invalid model"
-    elif damage == "checkpoint":
-        for file in (path / "variables").rglob("*"):
-            if file.is_file():
-                file.write_bytes(b"\0garbage")
-        expected = "cannot read the checkpoint"
+    elif damage == "weights":
+        weights.write_bytes(b"\0garbage")
+        expected = "damaged"
+    elif damage == "truncated":  # unreadable, and no digest to compare with: still one clear error
+        document = json.loads(config.read_text())
+        del document["weights_sha256"]
+        config.write_text(json.dumps(document))
+        weights.write_bytes(weights.read_bytes()[:100])
+        expected = "unreadable"
     else:
-        for file in sorted((path / "variables").rglob("*"), reverse=True):
-            file.unlink() if file.is_file() else file.rmdir()
-        (path / "variables").rmdir()
-        expected = "incomplete"
+        weights.unlink()
+        expected = "no model.safetensors"
     with pytest.raises(ValueError, match=expected):
         load_pretrained(path)
+
+
+def test_one_format_with_the_digest_of_its_weights(tmp_path, tiny):
+    model, variables, _ = tiny
+    path = save_pretrained(tmp_path / "m", model, variables, metadata={"source": {"name": "tiny"}})
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    document = json.loads((path / CONFIG_FILE).read_text())
+    assert document["library_name"] == "cbam-jax" and document["format_version"] == FORMAT_VERSION
+    assert document["weights_sha256"] == hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    # hub=True writes the same folder, byte for byte.
+    hub_path = save_pretrained(tmp_path / "hub", model, variables, metadata={"source": {"name": "tiny"}}, hub=True)
+    assert {p.name: p.read_bytes() for p in hub_path.iterdir()} == {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(tmp_path, tiny):
+    model, variables, _ = tiny
+    path = save_pretrained(tmp_path / "m", model, variables)
+    data = bytearray((path / WEIGHTS_FILE).read_bytes())
+    data[-3] ^= 0x01  # a low mantissa bit of the last array: still a readable file of other numbers
+    (path / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(DamagedWeights, match="damaged") as error:
+        load_pretrained(path)
+    assert "\n" not in str(error.value)
+
+
+def save_old_format(path, model, variables, metadata):
+    """A folder as cbam-jax 0.1 wrote it: cbam_jax.json + an orbax checkpoint in variables/."""
+    path.mkdir()
+    tree = {c: jax.tree.map(np.asarray, variables[c]) for c in ("params", "batch_stats")}
+    process_local_checkpointer().save(path / "variables", tree)
+    (path / "cbam_jax.json").write_text(json.dumps({"format_version": 1, "model": model_config(model),
+                                                    "metadata": metadata}))
+
+
+def test_the_old_orbax_format_still_loads_with_a_note(tmp_path, tiny):
+    model, variables, x = tiny
+    metadata = {"class_names": [str(i) for i in range(10)]}
+    save_old_format(tmp_path / "old", model, variables, metadata)
+    with pytest.warns(FutureWarning, match="old orbax format.*next minor version.*save_pretrained"):
+        loaded_model, loaded = load_pretrained(tmp_path / "old")
+    assert loaded_model == model
+    jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+    with pytest.warns(FutureWarning):
+        assert load_metadata(tmp_path / "old") == metadata
+    # Re-saved, it is in the one format and loads equal, without the note.
+    save_pretrained(tmp_path / "new", loaded_model, loaded, metadata=metadata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, again = load_pretrained(tmp_path / "new")
+    jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+def test_free_form_metadata_is_saved_as_given(tmp_path, tiny):
+    """Training's export records its source as a sentence: the card reads only mappings, the metadata keeps it."""
+    model, variables, _ = tiny
+    metadata = {"source": "cbam_jax training run in /somewhere", "preprocessing": None}
+    path = save_pretrained(tmp_path / "m", model, variables, metadata=metadata)
+    assert load_metadata(path) == metadata and "cbam_resnet18" in (path / "README.md").read_text()

@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from cbam_jax.data import digits_source
 from cbam_jax import create_model
-from cbam_jax.convert.transfer import init_from
+from cbam_jax.factory import init_from
 from cbam_jax.pretrained import save_pretrained
 from cbam_jax.training import optim
 from cbam_jax.training.config import base_config, validate

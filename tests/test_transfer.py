@@ -12,7 +12,8 @@ from safetensors.numpy import save_file
 from cbam_jax import create_model, save_pretrained
 from cbam_jax.cli import main
 from cbam_jax.convert import ConversionError, from_torch, to_numpy_state_dict
-from cbam_jax.convert.transfer import init_from, part_of, transfer_variables
+from cbam_jax.convert.transfer import part_of, transfer_variables
+from cbam_jax.factory import init_from
 from cbam_jax.pretrained import load_metadata, load_pretrained
 from tests.helpers import random_variables
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cbam_jax
 from cbam_jax import create_model, zoo
 from cbam_jax.cli import main
 from cbam_jax.convert import from_torch, to_numpy_state_dict
@@ -197,8 +198,10 @@ def test_download_verify_convert_cache_then_offline(tmp_path, server, cache, reg
     again_model, again = zoo.load("cbam_resnet18.test")
     assert again_model == model and len(server.requests) == requests
     jax.tree.map(np.testing.assert_array_equal, again, direct)
-    # The same weights by name through create_model, and as a backbone.
-    _, by_name = create_model("cbam_resnet18", num_classes=10, pretrained="test")
+    # The same weights by name through create_model, in the same model (pytorchcv's spatial BatchNorm
+    # momentum and scale init, not the official preset's), and as a backbone.
+    by_name_model, by_name = create_model("cbam_resnet18", num_classes=10, pretrained="test")
+    assert by_name_model == model
     jax.tree.map(np.testing.assert_array_equal, by_name, direct)
     backbone, features = create_model("cbam_resnet18", pretrained="test", features_only=True, out_indices=(1, 2))
     assert set(features["params"]) == {"conv1", "bn1", "layer1_0", "layer1_1", "layer2_0", "layer2_1"}
@@ -372,6 +375,117 @@ def test_wrong_checksum(server, cache, registered, checkpoint):
     assert_one_line_failure(error, cache, entry.url, "0" * 64, str(zoo.pickup_path(entry)), "nothing was kept")
 
 
+def test_downloads_without_tqdm(server, cache, registered, checkpoint, monkeypatch):
+    """tqdm (the progress bar) comes with the `train` extra: without it a download still resumes and loads."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` raises ImportError
+    entry = plain_entry(server, registered, checkpoint, mode="cut_once")
+    zoo.load_entry(entry)
+    assert len(server.requests) == 2 and zoo.model_dir(entry).is_dir()
+
+
+def test_prefix_checksums_right_and_wrong(server, cache, registered, checkpoint):
+    """torchvision publishes the first 8 hex digits of the SHA-256: a prefix that matches is accepted
+    (comparing the whole digest with it would refuse every torchvision entry), one that does not is refused."""
+    digest = hashlib.sha256(checkpoint[0]).hexdigest()
+    entry = plain_entry(server, registered, checkpoint, checksum=f"sha256:{digest[:8]}")
+    zoo.load_entry(entry)
+    assert zoo.model_dir(entry).is_dir()
+    wrong = f"{(int(digest[:8], 16) ^ 1):08x}"
+    entry = plain_entry(server, registered, checkpoint, checksum=f"sha256:{wrong}", tag="wrong")
+    with pytest.raises(zoo.DownloadError) as error:
+        zoo.load_entry(entry)
+    assert "\n" not in str(error.value) and wrong in str(error.value) and "SHA256 prefix" in str(error.value)
+    assert not zoo.model_dir(entry).exists() and not zoo.partial_path(entry).exists()
+
+
+def torch_checkpoint(tmp_path) -> tuple[bytes, int]:
+    """The tiny official-layout model as torch.save writes it: itself a zip archive."""
+    torch = pytest.importorskip("torch")
+    model = create_model("cbam_resnet18", num_classes=10, stem="cifar", width=8, reduction=4)
+    variables = random_variables(model, (1, 16, 16, 3))
+    state = {k: torch.from_numpy(np.array(v)) for k, v in to_numpy_state_dict(variables, arch=model).items()}
+    torch.save(state, tmp_path / "member.pth")
+    data = (tmp_path / "member.pth").read_bytes()
+    assert zipfile.is_zipfile(io.BytesIO(data))  # what made the member's checksum be skipped
+    return data, sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+
+
+def zipped_entry(server, registered, member: bytes, count: int, sha1: str):
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:  # as imgclsmob publishes: NAME.pth.zip, SHA-1 of NAME.pth
+        zf.writestr("tiny-0000-abcd.pth", member)
+    server.files["/release/tiny-0000-abcd.pth.zip"] = archive.getvalue()
+    return registered(arch="cbam_resnet18", url=server.url("/release/tiny-0000-abcd.pth.zip"),
+                      file_name="tiny-0000-abcd.pth.zip", member="tiny-0000-abcd.pth", checksum=f"sha1:{sha1}",
+                      num_params=count)
+
+
+def test_a_zipped_torch_file_with_a_wrong_sha1_is_refused(tmp_path, server, cache, registered):
+    member, count = torch_checkpoint(tmp_path)
+    entry = zipped_entry(server, registered, member, count, "0" * 40)
+    with pytest.raises(zoo.DownloadError) as error:
+        zoo.load_entry(entry)
+    assert_one_line_failure(error, cache, "tiny-0000-abcd.pth", "0" * 40, str(zoo.pickup_path(entry)))
+    # With its true SHA-1 the same archive is accepted.
+    entry = zipped_entry(server, registered, member, count, hashlib.sha1(member).hexdigest())
+    _, variables = zoo.load_entry(entry)
+    direct = from_torch(tmp_path / "member.pth", arch="cbam_resnet18")[1]
+    jax.tree.map(np.testing.assert_array_equal, variables, direct)
+
+
+def test_the_right_pth_put_by_hand_is_accepted_and_a_wrong_one_refused(tmp_path, cache, registered):
+    member, count = torch_checkpoint(tmp_path)
+    entry = registered(arch="cbam_resnet18", url=closed_port_url("/tiny-0000-abcd.pth.zip"),
+                       file_name="tiny-0000-abcd.pth.zip", member="tiny-0000-abcd.pth",
+                       checksum="sha1:" + hashlib.sha1(member).hexdigest(), num_params=count)
+    by_hand = zoo.pickup_path(entry).with_name(entry.member)  # unzipped, as the message allows
+    by_hand.parent.mkdir(parents=True)
+    by_hand.write_bytes(member[:-1] + bytes([member[-1] ^ 1]))
+    with pytest.raises(zoo.DownloadError, match="it was left there") as error:
+        zoo.load_entry(entry)
+    assert "\n" not in str(error.value) and by_hand.is_file() and not zoo.model_dir(entry).exists()
+    by_hand.write_bytes(member)
+    _, variables = zoo.load_entry(entry)
+    jax.tree.map(np.testing.assert_array_equal, variables, from_torch(tmp_path / "member.pth")[1])
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # a low mantissa bit of the last array: a readable file of other numbers
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_cache_entry_is_fetched_again_never_used(tmp_path, server, cache, registered, checkpoint, capsys):
+    entry = plain_entry(server, registered, checkpoint)
+    zoo.load_entry(entry)
+    flip_a_bit(zoo.model_dir(entry) / "model.safetensors")
+    _, variables = zoo.load_entry(entry)
+    jax.tree.map(np.testing.assert_array_equal, variables, direct_conversion(tmp_path, checkpoint))
+    assert len(server.requests) == 2  # fetched again
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the cached {entry.name}" in err and "damaged" in err
+    # Without network, a damaged entry is refused in one line and nothing damaged stays.
+    flip_a_bit(zoo.model_dir(entry) / "model.safetensors")
+    server.stop()
+    with pytest.raises(zoo.DownloadError) as error:
+        zoo.load_entry(entry)
+    assert "\n" not in str(error.value) and not zoo.model_dir(entry).exists()
+
+
+def test_a_cache_entry_in_the_old_orbax_format_is_converted_again(tmp_path, server, cache, registered, checkpoint):
+    from tests.test_pretrained import save_old_format
+
+    entry = plain_entry(server, registered, checkpoint)
+    (tmp_path / "direct.safetensors").write_bytes(checkpoint[0])
+    model, variables = from_torch(tmp_path / "direct.safetensors", arch="cbam_resnet18")
+    zoo.model_dir(entry).parent.mkdir(parents=True)
+    save_old_format(zoo.model_dir(entry), model, variables, {})
+    _, loaded = zoo.load_entry(entry)
+    jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+    assert len(server.requests) == 1 and (zoo.model_dir(entry) / "model.safetensors").is_file()
+    assert not (zoo.model_dir(entry) / "cbam_jax.json").exists()
+
+
 def test_connection_cut_mid_file(server, cache, registered, checkpoint):
     entry = plain_entry(server, registered, checkpoint, mode="cut")
     with pytest.raises(zoo.DownloadError) as error:
@@ -458,8 +572,12 @@ def test_names_tags_and_errors():
         create_model("cbam_resnet50", pretrained="resnet50.tv_in1k")
     with pytest.raises(ValueError, match="variant='official'"):
         create_model("cbam_resnet50", variant="timm", pretrained=True)
+    with pytest.raises(ValueError, match="No pretrained weights named 'no_such_thing'"):
+        zoo.load("no_such_thing")  # registered names only
     with pytest.raises(ValueError, match="no registered pretrained model"):
-        zoo.load("no_such_thing")
+        cbam_jax.load("no_such_thing")  # any source
+    with pytest.raises(ValueError, match=r"use cbam_jax.load\('hf-hub:a/b'\)"):
+        zoo.load("hf-hub:a/b")
 
 
 def test_list_pretrained_cli_and_readme_table(capsys):

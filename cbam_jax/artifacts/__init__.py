@@ -31,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_jax.atomic import atomic_output, check_destination
-from cbam_jax.errors import InvalidInput, UserError, one_line
+from cbam_jax import __version__
+from cbam_jax.errors import ExportError, UserError, one_line
+from cbam_jax.factory import load_with_metadata
+from cbam_jax.registry import model_config
 
 FORMAT_VERSION = 1
 METADATA_FILE = "artifact.json"
@@ -44,10 +47,6 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 # Export-time self-check: the artifact against the model on one random batch.
 STABLEHLO_CHECK_TOLERANCE = 1e-5
 ONNX_CHECK_TOLERANCE = 1e-4
-
-
-class ExportError(InvalidInput):
-    """A model, size or format that cannot be exported; the message says why and what to do."""
 
 
 def input_shape(height: int | None, width: int | None, channels: int) -> tuple:
@@ -91,8 +90,6 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
         if dynamic_size:
             raise ExportError("the ONNX export takes a symbolic batch only, not a symbolic height and width; "
                               "drop --dynamic-size, or export --formats stablehlo.")
-    from cbam_jax.zoo import load_with_metadata
-
     model, variables, metadata = load_with_metadata(model_dir, allow_nonfinite=allow_nonfinite)
     channels = int(np.shape(variables["params"]["conv1"]["kernel"])[2])
     if dynamic_size:
@@ -153,9 +150,6 @@ def _fixed_size(height: int | None, width: int | None, preprocessing: dict | Non
 
 def _document(model, metadata: dict, channels: int, height: int | None, width: int | None,
               formats: Sequence[str]) -> dict[str, Any]:
-    from cbam_jax import __version__
-    from cbam_jax.registry import model_config
-
     outputs = model.num_classes or model.width * 8 * (4 if model.block == "bottleneck" else 1)
     files = {"stablehlo": STABLEHLO_FILE, "onnx": ONNX_FILE}
     return {

@@ -21,7 +21,7 @@ import jax
 import jax.extend
 import numpy as np
 
-from cbam_jax.errors import MissingDependency
+from cbam_jax.errors import ExportError, MissingDependency
 
 OPSET = 18
 INT64_MAX = np.iinfo(np.int64).max
@@ -81,8 +81,6 @@ class _Value:
 
 
 def _unsupported(what: str) -> Exception:
-    from cbam_jax.artifacts import ExportError
-
     return ExportError(f"the ONNX export does not support {what}; export --formats stablehlo instead.")
 
 

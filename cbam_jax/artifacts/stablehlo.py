@@ -5,13 +5,13 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from cbam_jax.errors import ExportError
+
 
 def export_stablehlo(apply: Callable[[jax.Array], jax.Array], spec: jax.ShapeDtypeStruct,
                      platforms: Sequence[str]) -> bytes:
     """Serialize `apply` (images (B, H, W, C) -> outputs) for inputs like `spec` (symbolic dimensions
     allowed), lowered for every platform in `platforms`."""
-    from cbam_jax.artifacts import ExportError
-
     try:
         exported = jax.export.export(jax.jit(apply), platforms=tuple(platforms))(spec)
     except Exception as error:  # shape polymorphism and lowering report many kinds of errors

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
+from cbam_jax.checks import check_finite
 from cbam_jax.convert.layout import NUM_BATCHES_TRACKED
 from cbam_jax.errors import InvalidInput
 
@@ -58,8 +61,6 @@ def read_state_dict(source: Mapping[str, Any] | str | os.PathLike, *, strip_pref
     if not arrays:
         raise ConversionError(f"{origin} holds no tensors.")
     if not allow_nonfinite:
-        from cbam_jax.pretrained import check_finite
-
         check_finite(arrays, origin)
     return _strip_prefixes(arrays, strip_prefix, origin)
 
@@ -68,8 +69,6 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise ConversionError(f"No checkpoint file at {path}." + (" It is a directory." if path.is_dir() else ""))
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as error:

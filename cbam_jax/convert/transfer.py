@@ -14,7 +14,6 @@ attention the target has no place for -- is one error listing all of it, and not
 
 import dataclasses
 import functools
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -123,26 +122,6 @@ def transfer_variables(source: Mapping[str, Any], target: ResNet, *, rng: jax.Ar
         values.update({path: fresh[path] for path in new})
     report = TransferReport(loaded=tuple(loaded), new=tuple(new), dropped=tuple(sorted(dropped)))
     return unflatten_dict(values, sep="/"), report
-
-
-def init_from(source: str | os.PathLike, model: ResNet, *, rng: jax.Array | None = None,
-              initial: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], TransferReport]:
-    """Initial variables for `model` from pretrained weights, whatever their form.
-
-    `source` is a registry name ('cbam_resnet50', 'resnet50.tv_in1k'; see `cbam_jax.zoo`), an
-    'hf-hub:ORG/NAME[@REVISION]' id, a pretrained directory, or a PyTorch checkpoint (.pth,
-    .safetensors, ...). Backbone tensors must all be there; attention the source lacks (a plain
-    ResNet) and a head of another class count are initialised as `model.init` does (or taken from
-    `initial`, the caller's own init of `model`). This is what training's `init_from` calls; the
-    report's `new` paths are the parameters a separate learning rate would apply to.
-
-    Returns:
-      (variables, report), as `transfer_variables`.
-    """
-    from cbam_jax import zoo  # the download/cache stack, only when used
-
-    _, variables = zoo.load(source)
-    return transfer_variables(variables, model, rng=rng, initial=initial)
 
 
 def _mismatch(missing: list[str], reshaped: list[str], unexpected: list[str], new_attention: bool) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from cbam_jax.errors import InvalidInput, MissingInput
+from cbam_jax.factory import source_kind
 from cbam_jax.registry import VARIANTS, create_model, list_models
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
@@ -182,7 +183,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError("Set config.num_epochs > 0 or config.num_train_steps > 0.")
     if config.init_from:
-        from cbam_jax.zoo import source_kind
         try:
             source_kind(config.init_from)  # checks the name or path only: nothing is downloaded here
         except ValueError as error:

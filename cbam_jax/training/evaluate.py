@@ -15,6 +15,7 @@ import ml_collections
 from cbam_jax.data import eval_batches, make_source
 from cbam_jax.data.pipeline import check_source
 from cbam_jax.errors import InvalidInput, MissingInput, UsageError
+from cbam_jax.factory import load
 from cbam_jax.predict import check_positive
 from cbam_jax.registry import model_from_config
 from cbam_jax.training.checkpoint import restore_variables
@@ -74,7 +75,6 @@ def _evaluate(args: argparse.Namespace) -> dict:
     else:
         if not args.config:
             raise UsageError("--pretrained needs --config configs/NAME.py to say which dataset to evaluate on.")
-        from cbam_jax.zoo import load
         config = load_config(args.config)
         model, variables = load(args.pretrained)
         step = None

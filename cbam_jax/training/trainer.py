@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from cbam_jax.data import make_source, train_dataset
 from cbam_jax.data.pipeline import check_source
 from cbam_jax.errors import InvalidInput, UserError
+from cbam_jax.factory import init_from
 from cbam_jax.registry import create_model, model_config
 from cbam_jax.training import config as config_lib
 from cbam_jax.training import optim
@@ -209,8 +210,6 @@ def _train(config, workdir, model, run, checkpoints, saved_meta, train_source, e
                                                  dynamic_loss_scale))
     new_params, report = saved_meta.get("new_params", []) if saved_meta is not None else [], None
     if saved_meta is None and config.init_from:
-        from cbam_jax.convert.transfer import init_from
-
         variables, report = init_from(config.init_from, model, initial=_model_variables(state))
         new_params = [path for path in report.new if path.startswith("params/")]
         state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])

@@ -7,7 +7,7 @@
 1. The plain ResNet: --source (a PyTorch checkpoint, a registry name, an `hf-hub:` id or a pretrained
    directory) or, offline, a plain ResNet-18 trained here for a few steps on the digits 0-6 and saved
    as a pretrained directory (standing in for ImageNet weights).
-2. Transfer (`cbam_jax.convert.transfer.init_from`): a CBAM-ResNet-18 with every backbone tensor of the
+2. Transfer (`cbam_jax.init_from`): a CBAM-ResNet-18 with every backbone tensor of the
    plain one, its CBAM modules initialised as the official variant prescribes, and a new head; the
    report says what was new.
 3. Fine-tune on the digits 7-9 with the stem (conv1, bn1) frozen: `optax.multi_transform` gives its
@@ -27,8 +27,7 @@ import optax
 from flax import traverse_util
 
 from cbam_jax import create_model, save_pretrained
-from cbam_jax.convert.transfer import init_from
-from cbam_jax.zoo import load
+from cbam_jax.factory import init_from, load
 
 FROZEN = ("conv1", "bn1")  # the stem
 

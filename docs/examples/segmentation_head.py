@@ -8,7 +8,7 @@ strides 4, 8 and 16 (`backbone.feature_info` says their channels). The head proj
 width, upsamples and sums them (coarse to fine), and predicts a class per pixel; backbone and head train
 together with Adam on images of random rectangles and discs (classes: background, rectangle, disc).
 With --backbone, the backbone starts from pretrained weights (a registry name, `hf-hub:` id, directory
-or PyTorch checkpoint; `cbam_jax.convert.transfer.init_from`).
+or PyTorch checkpoint; `cbam_jax.init_from`).
 """
 
 import argparse
@@ -22,7 +22,7 @@ import optax
 from flax import linen as nn
 
 from cbam_jax import create_model
-from cbam_jax.convert.transfer import init_from
+from cbam_jax.factory import init_from
 
 NUM_CLASSES = 3  # background, rectangle, disc
 

@@ -1,4 +1,4 @@
-"""`cbam-jax convert SRC DST`: a PyTorch checkpoint to a pretrained directory, or back with --to-torch.
+"""`cbam-jax convert SRC DST`: a PyTorch checkpoint to a pretrained folder (`cbam_jax.pretrained`), or back with --to-torch.
 
     cbam-jax convert cbam_resnet50.pth.tar cbam50/            # detects layout, depth, variant, classes
     cbam-jax convert --arch cbam_resnet50 resnet50.pth cbam50/ # a plain ResNet's backbone, new attention
@@ -14,14 +14,18 @@ all; on any error the exit code is 1, one line on stderr says why, and nothing i
 import argparse
 from pathlib import Path
 
+from safetensors.numpy import save_file
+
 from cbam_jax.atomic import atomic_output, check_destination
 from cbam_jax.convert.detect import detect, variant_of
 from cbam_jax.convert.layouts import LAYOUTS, get_layout
 from cbam_jax.convert.mapping import load_variables, to_numpy_state_dict
 from cbam_jax.convert.reading import ConversionError, read_state_dict
 from cbam_jax.convert.transfer import transfer_variables
+from cbam_jax.checks import NonFiniteWeights
 from cbam_jax.errors import MissingInput, UserError, one_line
-from cbam_jax.pretrained import IMAGENET_PREPROCESSING, NonFiniteWeights, load_metadata, load_pretrained, save_pretrained
+from cbam_jax.factory import load_pretrained
+from cbam_jax.pretrained import IMAGENET_PREPROCESSING, load_metadata, save_pretrained
 from cbam_jax.registry import VARIANTS, create_model, parse_name
 
 
@@ -134,7 +138,6 @@ def _to_torch(args: argparse.Namespace) -> str:
     arrays = to_numpy_state_dict(variables, arch=model, layout=args.layout)
     with atomic_output(destination) as partial:
         if destination.suffix == ".safetensors":
-            from safetensors.numpy import save_file
             save_file(arrays, str(partial))
         else:
             try:

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(cache_dir, **changes):
     config = base_config()
+    config.model.name = "resnet18"  # the pipeline, not the attention (tests/test_detection.py builds CBAM ones)
     config.dataset.image_size = 32
     config.dataset.num_train_images = 16
     config.dataset.num_eval_images = 4

@@ -37,6 +37,7 @@ from cbam_jax.images import normalize
 from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
 from cbam_jax.training.checkpoint import Checkpoints, check_architecture
+from cbam_jax.training.config import recipe_changes
 from cbam_jax.training.metrics_log import MetricLog
 
 
@@ -157,9 +158,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         saved_meta = checkpoints.meta()
         if saved_meta is not None:
             check_architecture(saved_meta, run["model_config"], workdir)
-            if json.loads(saved_meta["config"]) != json.loads(config.to_json()):
-                raise InvalidInput(f"The workdir {workdir} holds a detection run with another config; resume with the "
-                                   "config that wrote it or use a new --workdir.")
+            changes = recipe_changes(saved_meta["config"], config)  # logging/stopping fields may change
+            if changes:
+                raise InvalidInput(f"The workdir {workdir} holds a detection run trained with another recipe "
+                                   f"({'; '.join(changes)}); resume with the config that wrote it or use a new --workdir.")
         return _train(config, workdir, detector, run, checkpoints, saved_meta, train_source, eval_source)
     except UserError:
         if created and checkpoints.latest_step() is None:

@@ -72,6 +72,31 @@ def test_smoke_run_resumes_exactly_and_detect_reads_it(tmp_path, capsys):
     assert (tmp_path / "drawn" / "a_detections.png").is_file()
 
 
+def test_init_from_pretrained_backbone_with_frozen_stem(tmp_path):
+    """The backbone starts from a pretrained folder (init_from); the frozen stem keeps those values."""
+    import jax.numpy as jnp
+
+    from cbam_jax.pretrained import save_pretrained
+    from cbam_jax.registry import create_model
+
+    source = create_model("resnet18", num_classes=5, width=8)
+    variables = source.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))
+    save_pretrained(tmp_path / "source", source, variables)
+    config = tiny_config(tmp_path / "xla", num_train_steps=2, init_from=str(tmp_path / "source"),
+                         freeze="backbone/conv1,backbone/bn1")
+    summary = train_and_evaluate(config, str(tmp_path / "run"))
+    _, trained, _ = load_detector(summary["pretrained"])
+    np.testing.assert_array_equal(trained["params"]["backbone"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
+    np.testing.assert_array_equal(trained["batch_stats"]["backbone"]["bn1"]["mean"],
+                                  variables["batch_stats"]["bn1"]["mean"])
+    moved = trained["params"]["backbone"]["layer1_0"]["conv1"]["kernel"]
+    assert not np.array_equal(moved, variables["params"]["layer1_0"]["conv1"]["kernel"])  # trained from the source
+    assert np.abs(moved - variables["params"]["layer1_0"]["conv1"]["kernel"]).max() < 0.05  # ... not re-initialised
+    config = tiny_config(tmp_path / "xla", init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(InvalidInput, match="config.init_from"):
+        validate(config)
+
+
 def test_detect_user_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["detect", str(tmp_path / "empty"), "--pretrained", str(tmp_path)]) == 2

@@ -130,6 +130,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("Set config.num_epochs > 0 or config.num_train_steps > 0.")
     if len(config.dataset.mean) != 3 or len(config.dataset.std) != 3 or min(config.dataset.std) <= 0:
         raise ConfigError("config.dataset.mean and std need 3 values (RGB), std > 0.")
+    if config.init_from:
+        from cbam_jax.zoo import source_kind  # the weights stack, only when a source is named
+        try:
+            source_kind(config.init_from)  # the name or path only: nothing is downloaded here
+        except ValueError as error:
+            raise ConfigError(f"config.init_from: {error}") from None
     if config.new_lr_factor <= 0 or (config.new_lr_factor != 1 and not config.init_from):
         raise ConfigError(f"config.new_lr_factor = {config.new_lr_factor} must be > 0 and applies to the parameters "
                           "config.init_from does not provide; set config.init_from, or leave the factor at 1.")

@@ -174,3 +174,16 @@ def test_coco_evaluation_equals_pycocotools_by_hand(tmp_path):
     ours = coco_evaluate(ground_truth, detections, 3)
     np.testing.assert_allclose(list(ours.values()), evaluator.stats[:6], rtol=0, atol=1e-12)
     assert 0 < ours["mAP50"] < 1  # a non-trivial case
+
+
+def test_tfds_records_become_pixel_boxes_without_crowds():
+    record = {"image": np.zeros((20, 40, 3), np.uint8),
+              "objects": {"bbox": np.asarray([[0.1, 0.25, 0.5, 0.75], [0.0, 0.0, 1.0, 1.0]], np.float32),
+                          "label": np.asarray([4, 7]), "is_crowd": np.asarray([False, True])}}
+    example = data.TfdsDetectionSource([record])[0]
+    np.testing.assert_allclose(example["boxes"], [[10, 2, 30, 10]])  # (ymin, xmin, ymax, xmax) -> x0, y0, x1, y1
+    np.testing.assert_array_equal(example["labels"], [4])
+    grey = {"image": np.zeros((4, 4), np.uint8), "objects": {"bbox": np.zeros((0, 4)), "label": np.zeros(0, int),
+                                                              "is_difficult": np.zeros(0, bool)}}
+    example = data.TfdsDetectionSource([grey])[0]
+    assert example["image"].shape == (4, 4, 3) and example["boxes"].shape == (0, 4)

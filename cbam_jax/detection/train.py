@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cbam_jax.data.sources import tfds_source
@@ -92,7 +93,7 @@ def train_step(state: step_lib.TrainState, batch: dict, *, detector: FCOS, tx, c
     if frozen_statistics:
         batch_stats = step_lib._keep(batch_stats, state.batch_stats, frozen_statistics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, {"loss": loss, **parts}
 

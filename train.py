@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         if flags.FLAGS.config.get("task") == "detection":  # detection recipes (configs/detection_*.py)
             from cbam_jax.detection import train as detection
 
-            config, train_and_evaluate, format_summary = flags.FLAGS.config, detection.train_and_evaluate, detection.format_summary
+            config = flags.FLAGS.config  # validated by detection.train_and_evaluate
+            train_and_evaluate, format_summary = detection.train_and_evaluate, detection.format_summary
         else:
             config = validate(flags.FLAGS.config)
         summary = train_and_evaluate(config, workdir)

@@ -45,7 +45,13 @@ def main(argv: list[str]) -> int:
         if os.path.exists(workdir) and not os.path.isdir(workdir):
             raise OutputError(f"--workdir {workdir}: is a file, not a folder; choose another --workdir.")
         check_destination(workdir, replace=True, option="--workdir")
-        config = validate(flags.FLAGS.config)
+        if flags.FLAGS.config.get("task") == "detection":  # detection recipes (configs/detection_*.py)
+            from cbam_jax.detection import train as detection
+
+            config = flags.FLAGS.config  # validated by detection.train_and_evaluate
+            train_and_evaluate, format_summary = detection.train_and_evaluate, detection.format_summary
+        else:
+            config = validate(flags.FLAGS.config)
         summary = train_and_evaluate(config, workdir)
     except UserError as error:
         return report(PROGRAM, error)

@@ -1,0 +1,73 @@
+"""Trained detectors on disk: `save_detector(path, detector, variables, metadata)` / `load_detector(path)`.
+
+The layout of a pretrained directory (cbam_jax/pretrained.py), with a 'detector' config instead of
+a 'model' one:
+
+    path/
+      cbam_jax.json   {"format_version": 1, "detector": detector_config(detector), "metadata": {...}}
+      variables/      an orbax checkpoint of {"params": ..., "batch_stats": ...}
+
+Metadata: "class_names", "preprocessing" {"image_size", "mean", "std"}, "decoding" (score_threshold,
+pre_nms_top_k, iou_threshold, max_detections), "source".
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax.core import unfreeze
+
+from cbam_jax.atomic import atomic_output
+from cbam_jax.detection.detector import FCOS, detector_config, detector_from_config
+from cbam_jax.errors import InvalidInput, MissingInput
+from cbam_jax.pretrained import CONFIG_FILE, FORMAT_VERSION, VARIABLES_DIR, check_finite, process_local_checkpointer
+
+EXPORT_DIR = "detector"  # the folder a finished training run exports into its workdir
+
+
+def save_detector(path: str | os.PathLike, detector: FCOS, variables: dict, metadata: dict[str, Any],
+                  overwrite: bool = False) -> Path:
+    """Write the directory `path` atomically (whole or not at all)."""
+    tree = {name: jax.tree.map(np.asarray, unfreeze(variables[name])) for name in ("params", "batch_stats")
+            if name in variables}
+    text = json.dumps({"format_version": FORMAT_VERSION, "detector": detector_config(detector), "metadata": metadata},
+                      indent=2, sort_keys=True)
+    with atomic_output(path, folder=True, replace=overwrite) as staging:
+        process_local_checkpointer().save(staging / VARIABLES_DIR, tree)
+        (staging / CONFIG_FILE).write_text(text + "\n")
+    return Path(path).absolute()
+
+
+def find_detector(path: str | os.PathLike) -> Path:
+    """The detector directory of `path`: `path` itself, or the export of a training workdir (path/detector)."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInput(f"--pretrained {path}: no such file or directory.")
+    for candidate in (path, path / EXPORT_DIR):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise InvalidInput(f"--pretrained {path}: not a detector directory or a finished detection run (expected "
+                       f"{path / CONFIG_FILE} or {path / EXPORT_DIR / CONFIG_FILE}); train one with "
+                       "`python train.py --config configs/detection_shapes.py --workdir runs/NAME`.")
+
+
+def load_detector(path: str | os.PathLike) -> tuple[FCOS, dict, dict[str, Any]]:
+    """(detector, variables, metadata) from a detector directory or a finished training workdir."""
+    directory = find_detector(path)
+    try:
+        document = json.loads((directory / CONFIG_FILE).read_text())
+        detector = detector_from_config(document["detector"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidInput(f"{directory / CONFIG_FILE}: not a detector description ({error}).") from None
+    try:
+        restored = process_local_checkpointer().restore(directory / VARIABLES_DIR)
+    except Exception as error:  # orbax raises many kinds of errors for damaged files
+        raise InvalidInput(f"{directory / VARIABLES_DIR}: cannot read the weights (corrupt or incomplete?): "
+                           f"{type(error).__name__}") from None
+    variables = {name: jax.tree.map(jax.numpy.asarray, unfreeze(restored[name])) for name in ("params", "batch_stats")
+                 if name in restored}
+    check_finite(variables, str(directory))
+    return detector, variables, document.get("metadata", {})

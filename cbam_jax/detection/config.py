@@ -10,6 +10,7 @@ detection-only fields (`detection.*`, `dataset.num_train_images`, ...) are set i
 
 import ml_collections
 
+from cbam_jax.factory import source_kind
 from cbam_jax.registry import VARIANTS, list_models
 from cbam_jax.training import config as config_lib
 from cbam_jax.training.config import ConfigError
@@ -131,7 +132,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if len(config.dataset.mean) != 3 or len(config.dataset.std) != 3 or min(config.dataset.std) <= 0:
         raise ConfigError("config.dataset.mean and std need 3 values (RGB), std > 0.")
     if config.init_from:
-        from cbam_jax.zoo import source_kind  # the weights stack, only when a source is named
         try:
             source_kind(config.init_from)  # the name or path only: nothing is downloaded here
         except ValueError as error:

@@ -34,6 +34,7 @@ from cbam_jax.detection.detector import FCOS, create_detector, detector_config
 from cbam_jax.detection.losses import fcos_loss
 from cbam_jax.detection.weights import EXPORT_DIR, save_detector
 from cbam_jax.errors import InvalidInput, UserError
+from cbam_jax.factory import init_from
 from cbam_jax.images import normalize
 from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
@@ -185,7 +186,6 @@ def _train(config, workdir, detector, run, checkpoints, saved_meta, train_source
                                                  False))
     new_params, report = saved_meta.get("new_params", []) if saved_meta is not None else [], None
     if saved_meta is None and config.init_from:
-        from cbam_jax.convert.transfer import init_from  # the weights stack, only when asked for
 
         backbone, report = init_from(config.init_from, detector.backbone, initial={
             "params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]})

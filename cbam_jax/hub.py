@@ -31,7 +31,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cbam_jax import registry
 from cbam_jax.atomic import OutputExists, atomic_output
-from cbam_jax.errors import InvalidInput
+from cbam_jax.errors import InvalidInput, require
 from cbam_jax.resnet import ResNet
 
 HUB_PREFIX = "hf-hub:"
@@ -145,8 +145,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, revision: str | None
         raise HubError(f"push_to_hub: {folder} is not a Hub-ready cbam-jax folder (config.json + {WEIGHTS_FILE}); "
                        "write one with cbam_jax.save_pretrained(path, model, variables, hub=True).")
     if api is None:
-        from huggingface_hub import HfApi
-        api = HfApi(token=token)
+        api = require("huggingface_hub", "hub").HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                              commit_message=commit_message, allow_patterns=SAFE_FILES)
@@ -195,11 +194,7 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, str]:
     if not is_hub_id(source):
         return Path(source), str(source)
     repo_id, revision = parse_hub_id(str(source))
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise HubError(f"Loading {source} needs huggingface_hub: pip install huggingface_hub "
-                       "(or cbam-jax[hub]).") from None
+    snapshot_download = require("huggingface_hub", "hub").snapshot_download
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=SAFE_FILES, library_name=LIBRARY_NAME)
     except Exception as error:  # huggingface_hub raises many kinds: offline, not found, revision, HTTP, ...

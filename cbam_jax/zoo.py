@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cbam_jax.errors import InvalidInput, UserError
+from cbam_jax.errors import InvalidInput, UserError, require
 from cbam_jax.resnet import ResNet
 
 try:
@@ -512,7 +512,7 @@ def _check(entry: Pretrained, path: Path, origin: str, *, by_hand: bool) -> None
 def _download(entry: Pretrained, out: BinaryIO) -> None:
     """`entry.url` appended to `out` from the bytes it holds already (an HTTP Range request), resuming with
     Range after a cut while attempts make progress."""
-    from tqdm import tqdm
+    tqdm = require("tqdm", "torch").tqdm  # the zoo's files are PyTorch checkpoints: the torch extra
 
     received, last_error = out.seek(0, os.SEEK_END), None
     try:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_jax.atomic import atomic_output, check_destination
-from cbam_jax.errors import InvalidInput, UserError, one_line
+from cbam_jax.errors import InvalidInput, UserError, one_line, require
 
 FORMAT_VERSION = 1
 METADATA_FILE = "artifact.json"
@@ -84,6 +84,8 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; choose from {list(FORMATS)}.")
     check_destination(out)
+    if "stablehlo" in formats:
+        require("flatbuffers", "export")  # jax.export's serialisation
     if "onnx" in formats:
         from cbam_jax.artifacts import onnx_graph  # fails early with the install hint when onnx is missing
 

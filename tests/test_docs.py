@@ -191,13 +191,27 @@ def test_gpu_tables_are_the_ones_the_gpu_runs_wrote():
             assert row in written, f"a GPU row in benchmarks/RESULTS.md is in no benchmarks/gpu/*.md:\n{row}"
 
 
-def test_readme_results_are_rows_of_benchmarks_results():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Results"):].split("\n## ", 1)[0]
-    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
-    (table,) = _tables(section)
+ROWS_OF_RESULTS = "<!-- rows of benchmarks/RESULTS.md -->"
+
+
+def _marked_tables():
+    for page in PAGES:
+        text = page.read_text()
+        for part in text.split(ROWS_OF_RESULTS + "\n")[1:]:
+            yield pytest.param(page, part.split("\n\n", 1)[0], id=_name(page))
+
+
+@pytest.mark.parametrize("page, table", list(_marked_tables()))
+def test_quoted_results_are_rows_of_benchmarks_results(page, table):
+    """A table after the marker line quotes benchmarks/RESULTS.md (itself checked against the JSON above)."""
+    assert table.startswith("| ")
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text().splitlines()
     for row in table.splitlines():
-        assert row in results, f"README's results row is in no table of benchmarks/RESULTS.md:\n{row}"
+        assert row in results, f"{_name(page)} quotes a row that is in no table of benchmarks/RESULTS.md:\n{row}"
+
+
+def test_the_readme_quotes_results():
+    assert ROWS_OF_RESULTS in (ROOT / "README.md").read_text()
 
 
 def test_pretrained_table_is_list_pretrained_markdown(capsys):

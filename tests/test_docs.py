@@ -221,3 +221,22 @@ def test_pretrained_table_is_list_pretrained_markdown(capsys):
     table = capsys.readouterr().out.strip()
     assert table in (ROOT / "docs" / "pretrained.md").read_text(), \
         "docs/pretrained.md's table is out of date: cbam-jax list-pretrained --markdown"
+
+
+def test_ablation_tables_are_the_studys_rows_and_the_papers_numbers():
+    """docs/ablation.md's tables have benchmarks.ablation's layout, rows in its TABLES order and the
+    paper's numbers from its PAPER dict (the measured columns come from one study run: see the page)."""
+    from benchmarks import ablation
+
+    page = (ROOT / "docs" / "ablation.md").read_text()
+    for title, rows in ablation.TABLES.items():
+        section = page[page.index(f"**{title}**"):]
+        (table, *_) = _tables(section)
+        lines = table.splitlines()
+        assert lines[0] == ("| row | design | params | final acc. % | best acc. % | ms/step | seeds | "
+                            "paper top-1 / top-5 err. % |")
+        cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+        assert [c[0] for c in cells] == [f"`{row}`" for row in rows]
+        for row, c in zip(rows, cells):
+            what, top1, top5 = ablation.PAPER[row]
+            assert (c[1], c[-1]) == (what, f"{top1:.2f} / {top5:.2f}"), row

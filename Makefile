@@ -17,13 +17,22 @@ PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 # pytorchcv is the oracle of the pytorchcv layouts: BAM-, SE- and CBAM-ResNets).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 timm pytorchcv
 
-.PHONY: setup torch train test test-fast clean
+.PHONY: setup torch train test test-fast test-docs clean
 
-$(VENV)/.setup-done: pyproject.toml
+# `make train` needs the library and its training application (the train extra, with oneDNN for
+# the CPU path: the cpu extra); `make test` everything the tests import (the test extra).
+$(VENV)/.venv-done:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -U pip 2>&1 | { grep -v "is ignored" || true; }
-	$(PIP) install -e '.[test]' 2>&1 | { grep -v "is ignored" || true; }
+	touch $@
+
+$(VENV)/.train-done: pyproject.toml $(VENV)/.venv-done
+	$(PIP) install -e '.[train,cpu]' 2>&1 | { grep -v "is ignored" || true; }
 	$(PY) -c "import cbam_jax"
+	touch $@
+
+$(VENV)/.setup-done: pyproject.toml $(VENV)/.train-done
+	$(PIP) install -e '.[test]' 2>&1 | { grep -v "is ignored" || true; }
 	touch $@
 
 setup: $(VENV)/.setup-done
@@ -40,7 +49,7 @@ torch: $(VENV)/.torch-done
 
 # The main job: a CBAM-ResNet-18 on scikit-learn's real 8x8 digits (offline; a few minutes on a CPU).
 # Starts afresh in runs/default each time (train.py itself resumes an existing workdir).
-train: setup
+train: $(VENV)/.train-done
 	rm -rf runs/default
 	$(PY) train.py --config configs/default.py --workdir runs/default
 
@@ -50,6 +59,10 @@ test: torch
 
 test-fast: setup
 	$(PY) -m pytest -q -n auto -m "not slow"
+
+# Every code block of README.md and docs/*.md, and every link (tests/test_docs.py).
+test-docs: setup
+	$(PY) -m pytest -q tests/test_docs.py
 
 clean:
 	rm -rf .venv .venv312 build *.egg-info

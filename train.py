@@ -9,9 +9,14 @@ code 1 (2 for a wrong command line); see "When something goes wrong" in the READ
 import os
 import sys
 
-from absl import app, flags, logging
+from cbam_jax.errors import MissingExtra, UserError, check_extra, report
 
-from cbam_jax.errors import UserError, report
+try:  # the training application's packages are an extra: say which, in one line, before importing them
+    check_extra("train")
+except MissingExtra as missing:
+    sys.exit(report("train.py", missing))
+
+from absl import app, flags, logging
 
 PROGRAM = "train.py"
 DEFAULT_RECIPE = "configs/default.py"

@@ -143,7 +143,7 @@ def _to_torch(args: argparse.Namespace) -> str:
             try:
                 import torch
             except ImportError:
-                raise ConversionError("Writing .pth needs PyTorch (`pip install torch`); write .safetensors "
+                raise ConversionError("Writing .pth needs PyTorch (`pip install 'cbam-jax[torch]'`); write .safetensors "
                                       "instead, which needs no torch.") from None
             torch.save({key: torch.from_numpy(value.copy()) for key, value in arrays.items()}, partial)
     layout = args.layout or variant

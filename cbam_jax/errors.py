@@ -12,6 +12,8 @@ Library functions raise the subclasses that are also the builtin type their call
 `load_pretrained` or `validate` keeps working.
 """
 
+import importlib
+import importlib.util
 import sys
 
 
@@ -64,3 +66,47 @@ def report(program: str, error: BaseException, exit_code: int | None = None) -> 
 
 class ExportError(InvalidInput):
     """A model, size or format that cannot be exported; the message says why and what to do."""
+
+
+class MissingExtra(MissingDependency):
+    """A module of one of cbam-jax's extras is not installed; the message names the extra to install."""
+
+
+def require(module: str, extra: str):
+    """Import `module` (an optional dependency of the extra `extra`) or raise `MissingExtra` in one line.
+
+    Used at the lazy import points of the application and the optional formats, so that a library
+    installed without an extra says `pip install 'cbam-jax[EXTRA]'` instead of an ImportError traceback.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        missing = getattr(error, "name", None) or module
+        what = module if missing.split(".")[0] == module.split(".")[0] else f"{missing} (needed by {module})"
+        raise MissingExtra(f"{what} is not installed: pip install 'cbam-jax[{extra}]'") from None
+
+
+# The import names of each extra's packages (pyproject.toml's optional dependencies) that cbam-jax imports.
+EXTRA_MODULES = {
+    "train": ("ml_collections", "grain", "tensorflow_datasets", "sklearn", "tensorboardX", "tqdm", "absl",
+              "flatbuffers"),
+    "torch": ("torch", "tqdm"),
+    "onnx": ("onnx", "onnxruntime"),
+    "export": ("flatbuffers", "onnx", "onnxruntime"),
+    "hub": ("huggingface_hub",),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or a module blocked with sys.modules[name] = None
+        return False
+
+
+def check_extra(extra: str) -> None:
+    """Raise `MissingExtra` (one line) unless every package of `extra` is installed; imports nothing."""
+    missing = [module for module in EXTRA_MODULES[extra] if not _installed(module)]
+    if missing:
+        raise MissingExtra(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+                           f"pip install 'cbam-jax[{extra}]'")

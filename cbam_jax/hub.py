@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cbam_jax.errors import InvalidInput, MissingDependency
+from cbam_jax.errors import InvalidInput, require
 from cbam_jax.pretrained import (CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, is_pretrained_folder, load_metadata as
                                  load_folder_metadata, load_pretrained, save_pretrained)
 from cbam_jax.resnet import ResNet
@@ -89,11 +89,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, revision: str | None
                        "write one with cbam_jax.save_pretrained(path, model, variables).")
     load_pretrained(folder)  # a damaged or foreign folder is not published
     if api is None:
-        try:
-            from huggingface_hub import HfApi
-        except ImportError:
-            raise MissingDependency(f"push_to_hub needs huggingface_hub: {INSTALL_HINT}.") from None
-        api = HfApi(token=token)
+        api = require("huggingface_hub", "hub").HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                              commit_message=commit_message, allow_patterns=SAFE_FILES)
@@ -105,11 +101,9 @@ def folder_of(source: str | os.PathLike) -> Path:
     if not is_hub_id(source):
         return Path(source)
     repo_id, revision = parse_hub_id(str(source))
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.utils import LocalEntryNotFoundError
-    except ImportError:
-        raise MissingDependency(f"Loading {source} needs huggingface_hub: {INSTALL_HINT}.") from None
+    hub_lib = require("huggingface_hub", "hub")
+    snapshot_download = hub_lib.snapshot_download
+    LocalEntryNotFoundError = require("huggingface_hub.utils", "hub").LocalEntryNotFoundError
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SAFE_FILES,
                                         library_name="cbam-jax"))

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO
 import jax
 import numpy as np
 
+from cbam_jax.cache import CACHE_ENV, DEFAULT_CACHE, cache_root
 from cbam_jax.convert import from_torch
 from cbam_jax.convert.detect import variant_of
 from cbam_jax.convert.layouts import get_layout
@@ -54,8 +55,6 @@ try:
 except ImportError:  # Windows: no lock
     fcntl = None
 
-CACHE_ENV = "CBAM_JAX_CACHE"
-DEFAULT_CACHE = "~/.cache/cbam_jax"
 # The 1000 ImageNet-1k class names in index order (torchvision's list, BSD-3-Clause), as the
 # published classifiers number them.
 IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.txt")
@@ -231,7 +230,7 @@ def get(name: str, tag: str | None = None) -> Pretrained:
 
 def cache_dir() -> Path:
     """`$CBAM_JAX_CACHE`, or ~/.cache/cbam_jax."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().absolute()
+    return cache_root()
 
 
 def pickup_path(entry: Pretrained) -> Path:

@@ -143,14 +143,14 @@ def test_onednn_conv_under_vmap():
 def test_onednn_unavailable_falls_back_to_xla_with_one_warning(monkeypatch, tmp_path):
     """A failing build (here: a compiler that fails) warns once; the convolution is XLA's own."""
     monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setenv("CBAM_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CBAM_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
     x, kernel = _random((2, 6, 6, 4), 0), _random((3, 3, 4, 8), 1)
     conv = lambda: cpu_ops.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
     with pytest.warns(RuntimeWarning, match="native CPU kernels") as caught:
         first, second = conv(), conv()
     assert len(caught) == 1
-    assert "failed" in native._state["error"] and not list(tmp_path.glob("*.so"))  # no half-built library left
+    assert "failed" in native._state["error"] and not list(tmp_path.rglob("*.so*"))  # no half-built library left
     np.testing.assert_allclose(first, lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                                                dimension_numbers=NHWC), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(first, second)

@@ -32,7 +32,7 @@ import numpy as np
 
 from cbam_jax.atomic import atomic_output, check_destination
 from cbam_jax import __version__
-from cbam_jax.errors import ExportError, UserError, one_line
+from cbam_jax.errors import ExportError, UserError, one_line, require
 from cbam_jax.factory import load_with_metadata
 from cbam_jax.registry import model_config
 
@@ -83,6 +83,8 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; choose from {list(FORMATS)}.")
     check_destination(out)
+    if "stablehlo" in formats:
+        require("flatbuffers", "export")  # jax.export's serialisation
     if "onnx" in formats:
         from cbam_jax.artifacts import onnx_graph  # fails early with the install hint when onnx is missing
 

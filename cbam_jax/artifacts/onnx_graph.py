@@ -21,20 +21,16 @@ import jax
 import jax.extend
 import numpy as np
 
-from cbam_jax.errors import ExportError, MissingDependency
+from cbam_jax.errors import ExportError, require
 
 OPSET = 18
 INT64_MAX = np.iinfo(np.int64).max
-INSTALL_HINT = "the ONNX export needs the onnx and onnxruntime packages: pip install 'cbam-jax[onnx]'"
 
 
 def require_onnx() -> None:
-    """ImportError with the install command when onnx or onnxruntime is missing."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise MissingDependency(INSTALL_HINT + ".") from None
+    """`MissingExtra` (one line naming the extra) when onnx or onnxruntime is missing."""
+    require("onnx", "onnx")
+    require("onnxruntime", "onnx")
 
 
 def export_onnx(apply: Callable[[jax.Array], jax.Array], spec: jax.ShapeDtypeStruct, *,

@@ -102,7 +102,7 @@ def to_torch(variables: Mapping[str, Any], *, arch: str | ResNet, variant: str =
     try:
         import torch
     except ImportError:
-        raise ConversionError("to_torch needs PyTorch (`pip install torch`); `to_numpy_state_dict` does not.") from None
+        raise ConversionError("to_torch needs PyTorch (`pip install 'cbam-jax[torch]'`); `to_numpy_state_dict` does not.") from None
     arrays = to_numpy_state_dict(variables, arch=arch, variant=variant, layout=layout)
     return {key: torch.from_numpy(value) for key, value in arrays.items()}
 

@@ -80,7 +80,7 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     try:
         import torch
     except ImportError:
-        raise ConversionError(f"Reading {path.name} needs PyTorch (`pip install torch`); alternatively save "
+        raise ConversionError(f"Reading {path.name} needs PyTorch (`pip install 'cbam-jax[torch]'`); alternatively save "
                               "the state_dict as .safetensors, which cbam-jax reads without torch.") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from cbam_jax.errors import InvalidInput, MissingDependency, MissingInput
+from cbam_jax.errors import InvalidInput, MissingInput, require
 from cbam_jax.images import InputError, ensure_channels, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -40,11 +40,7 @@ def digits_source(split: str) -> ArraySource:
     """
     if split not in ("train", "test"):
         raise InvalidInput(f"The digits dataset has splits 'train' and 'test'; got {split!r}.")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise MissingDependency("The embedded digits dataset ships with scikit-learn: pip install scikit-learn") from error
-    digits = load_digits()
+    digits = require("sklearn.datasets", "train").load_digits()  # the embedded digits ship with scikit-learn
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = digits.target
     rng = np.random.default_rng(0)
@@ -58,7 +54,7 @@ def digits_source(split: str) -> ArraySource:
 
 def tfds_source(name: str, split: str, data_dir: str | None = None):
     """`tfds.data_source(name, split)` over ArrayRecord files; a clear error when not prepared."""
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets", "train")
     from absl import logging
 
     verbosity = logging.get_verbosity()

@@ -4,9 +4,12 @@ XLA:CPU's convolution kernel gradient runs at a few to a few tens of GFLOP/s, it
 convolutions do not use AMX, and it differentiates a max reduction through a variadic argmax
 reduction that it does not vectorise. This module compiles the small FFI shim `native_ops.cc`
 against the pip package `onednn-devel-cpu-gomp` (oneDNN, the library behind PyTorch's CPU
-convolutions, with GNU OpenMP threads; a dependency of cbam-jax on Linux x86-64) on first use,
-caches the shared library (`$CBAM_JAX_CACHE_DIR`, else `~/.cache/cbam-jax`), and registers its
-XLA:CPU custom calls:
+convolutions, with GNU OpenMP threads; the `cpu` extra of cbam-jax on Linux x86-64) on first use,
+caches the shared library in `$CBAM_JAX_CACHE/kernels` (`cbam_jax.cache.cache_root`, default
+`~/.cache/cbam_jax`) with the SHA-256 of what was built beside it, and registers its XLA:CPU custom
+calls. A cached library is loaded only if its bytes match that digest: a damaged (truncated) or
+replaced file there is rebuilt, never loaded (loading it could crash the interpreter or run
+someone else's code):
 
     conv(x, kernel, strides, padding, dilation)  x (B, H, W, Cin), kernel (KH, KW, Cin, Cout) -> (B, Ho, Wo, Cout)
         differentiable (`jax.custom_vjp`: oneDNN's forward, input gradient and kernel gradient);
@@ -36,6 +39,8 @@ import numpy as np
 from jax import lax
 
 from cbam_jax.atomic import atomic_output
+from cbam_jax.cache import cache_root
+from cbam_jax.errors import UserError, one_line
 
 SOURCE = pathlib.Path(__file__).with_name("native_ops.cc")
 # XLA custom-call target -> the shim's handler symbol
@@ -83,14 +88,33 @@ def _package_paths() -> tuple[pathlib.Path, pathlib.Path]:
 
 
 def cache_dir() -> pathlib.Path:
-    """Where the compiled shim lives: $CBAM_JAX_CACHE_DIR, else $XDG_CACHE_HOME/cbam-jax, else ~/.cache/cbam-jax."""
-    root = os.environ.get("CBAM_JAX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cbam-jax")
-    return pathlib.Path(root)
+    """Where the compiled shim lives: `$CBAM_JAX_CACHE/kernels` (default ~/.cache/cbam_jax/kernels)."""
+    return cache_root() / "kernels"
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_record(library: pathlib.Path) -> pathlib.Path:
+    """The file beside `library` holding the SHA-256 of the bytes that were built."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _verified(library: pathlib.Path) -> bool:
+    """Whether `library` holds exactly the bytes recorded when it was built (False: missing record or mismatch)."""
+    try:
+        return _digest_record(library).read_text().strip() == _sha256(library)
+    except OSError:
+        return False
 
 
 def build() -> pathlib.Path:
-    """Compile the FFI shim (once per source, jax version and oneDNN install) and return its path."""
+    """Compile the FFI shim (once per source, jax version and oneDNN install) and return its path.
+
+    A cached library whose bytes do not match the digest recorded at build time (truncated, swapped for
+    another file) is rebuilt, with one warning.
+    """
     include, library = _package_paths()
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
@@ -99,16 +123,23 @@ def build() -> pathlib.Path:
     digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(), str(include).encode(),
                                         str(library).encode(), compiler.encode()])).hexdigest()[:16]
     target = cache_dir() / f"native_ops-{digest}.so"
-    if target.exists():
+    if _verified(target):
         return target
-    # Concurrent builders each compile to their own hidden name; the rename into place is atomic.
+    if target.exists():
+        warnings.warn(f"cbam_jax: {target} does not match the digest recorded when it was built (damaged or "
+                      "replaced); rebuilding it.", RuntimeWarning, stacklevel=2)
+    # Concurrent builders each compile to their own hidden name; the rename into place is atomic. The
+    # digest is taken of the compiled file before it is renamed into place and recorded after it.
     with atomic_output(target, replace=True) as temporary:
         command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include}",
                    f"-I{ffi_include}", str(SOURCE), f"-L{library}", "-l:libdnnl.so.3", f"-Wl,-rpath,{library}",
                    "-o", str(temporary)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise Unavailable(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
+            raise Unavailable(f"compiling {SOURCE.name} failed: {one_line(result.stderr)[-2000:]}")
+        built = _sha256(pathlib.Path(temporary))
+    with atomic_output(_digest_record(target), replace=True) as temporary:
+        pathlib.Path(temporary).write_text(built + "\n")
     return target
 
 
@@ -133,7 +164,7 @@ def available() -> bool:
             try:
                 _state["library"] = _load()
                 _state["ok"] = True
-            except (Unavailable, OSError) as error:
+            except (Unavailable, OSError, UserError) as error:
                 _state.update(ok=False, error=str(error))
                 warnings.warn(f"cbam_jax: native CPU kernels (oneDNN convolutions) unavailable ({error}); using "
                               "XLA's own (slower on the CPU, same results).", RuntimeWarning, stacklevel=3)

@@ -7,11 +7,12 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+
+from cbam_jax.errors import require
 
 
 class MetricWindow:
@@ -91,16 +92,10 @@ class MetricLog:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
         if self.enabled and tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:
-                warnings.warn("config.tensorboard=True but tensorboardX is not installed (pip install tensorboardX); "
-                              "writing JSON lines only.")
+            self.tb = require("tensorboardX", "train").SummaryWriter(os.path.join(workdir, "tensorboard"))
         self.bar = None
         if self.enabled and progress_bar:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = require("tqdm", "train").tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def advance(self) -> None:
         """One more step done (the progress bar)."""

@@ -28,7 +28,6 @@ HUB_PREFIX = "hf-hub:"
 SAFE_FILES = [CONFIG_FILE, "*.safetensors", CARD_FILE]  # all that is ever downloaded
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".tar", ".joblib")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-INSTALL_HINT = "pip install 'cbam-jax[hub]' (or pip install huggingface_hub)"
 
 
 class HubError(InvalidInput):
@@ -101,8 +100,7 @@ def folder_of(source: str | os.PathLike) -> Path:
     if not is_hub_id(source):
         return Path(source)
     repo_id, revision = parse_hub_id(str(source))
-    hub_lib = require("huggingface_hub", "hub")
-    snapshot_download = hub_lib.snapshot_download
+    snapshot_download = require("huggingface_hub", "hub").snapshot_download
     LocalEntryNotFoundError = require("huggingface_hub.utils", "hub").LocalEntryNotFoundError
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SAFE_FILES,
@@ -124,7 +122,7 @@ def folder_of(source: str | os.PathLike) -> Path:
 
 def _not_cached(source: str, repo_id: str, revision: str | None) -> str:
     """One line for a Hub id that is not in the local cache and cannot be fetched now."""
-    from huggingface_hub import constants
+    constants = require("huggingface_hub.constants", "hub")  # read at call time: tests and users set them
 
     pinned = f" --revision {revision}" if revision else ""
     if constants.HF_HUB_OFFLINE:
@@ -138,7 +136,6 @@ def _not_cached(source: str, repo_id: str, revision: str | None) -> str:
 def _repo_files(repo_id: str, revision: str | None, folder: Path) -> list[str]:
     """The repository's file names: asked of the Hub, or (offline) those of the local snapshot."""
     try:
-        from huggingface_hub import HfApi
-        return list(HfApi().list_repo_files(repo_id, revision=revision))
+        return list(require("huggingface_hub", "hub").HfApi().list_repo_files(repo_id, revision=revision))
     except Exception:  # offline or unreachable: the cached snapshot is what we know
         return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())

@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cbam_jax.errors import UserError, report
+from cbam_jax.errors import UserError, describe_os_error, report
 
 PROGRAM = "train.py"
 DEFAULT_RECIPE = "configs/default.py"
@@ -51,9 +51,11 @@ def main(argv: list[str]) -> int:
         return report(PROGRAM, error)
     except FloatingPointError as error:  # the loss diverged: the message says what to change
         return report(PROGRAM, error, exit_code=1)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        # What train.py always reported in one line: checks of the libraries it calls that do not raise
-        # a UserError (yet). Other exceptions are bugs and keep their traceback.
+    except OSError as error:  # what the system refused (disk full, permissions): not a bug
+        return report(PROGRAM, describe_os_error(error), exit_code=1)
+    except (ValueError, ImportError) as error:
+        # Checks of the libraries it calls that do not raise a UserError (yet). Other exceptions are
+        # bugs and keep their traceback.
         return report(PROGRAM, error, exit_code=1)
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted; run the same command again to resume from the last checkpoint.",

@@ -75,3 +75,210 @@ def test_huge_page_restart_runs_the_program_once_however_it_started(tmp_path, ho
     assert (host_memory.TUNABLE in ran[0]) == restarts, ran
     if how not in ("stdin", "interactive"):
         assert ran[0].endswith("['arg']"), ran
+
+
+# --- Training state on disk: a small TrainState saved and read by the real Checkpoints -----------
+
+def _state(variance: float = 1.0, step: int = 1):
+    """A small TrainState of host arrays (one BatchNorm variance set to `variance`)."""
+    import numpy as np
+
+    from cbam_jax.training.step import TrainState
+
+    return TrainState(step=np.asarray(step, np.int32), params={"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+                      batch_stats={"bn": {"var": np.array([1.0, variance], np.float32)}},
+                      opt_state=({"dense": {"kernel": np.zeros((2, 3), np.float32)}},),
+                      loss_scale=np.asarray(1.0, np.float32), finite_steps=np.asarray(0, np.int32))
+
+
+def _save(checkpoints, step: int, **kwargs) -> None:
+    checkpoints.save(step, _state(step=step, **kwargs), {"position": step}, {"step": step}, **{})
+
+
+def _restore(workdir: Path):
+    from cbam_jax.training.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    try:
+        return checkpoints.restore(_state())
+    finally:
+        checkpoints.close()
+
+
+# --- A diverging run: non-finite state is never saved ---------------------------------------------
+
+def test_nonfinite_state_is_never_saved_and_the_message_names_the_last_finite_step(tmp_path):
+    from cbam_jax.training.checkpoint import Checkpoints, NonFiniteState
+
+    checkpoints = Checkpoints(str(tmp_path), keep=3)
+    _save(checkpoints, 4)
+    with pytest.raises(NonFiniteState, match=r"step 8 holds NaN.*batch_stats/bn/var.*last good checkpoint \(step 4\)"):
+        _save(checkpoints, 8, variance=float("inf"))
+    with pytest.raises(NonFiniteState):  # nor promoted to best/
+        checkpoints.save(8, _state(variance=float("nan")), {}, {}, best=True)
+    checkpoints.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"] and os.listdir(tmp_path / "best") == []
+
+
+@pytest.mark.slow
+def test_diverging_run_saves_nothing_nonfinite_and_leaves_no_workdir(tmp_path):
+    # learning_rate 1e4: the loss at step 4 is finite but the BatchNorm variances after it are inf.
+    workdir = tmp_path / "run"
+    done = _train(workdir, "--config.learning_rate=1e4")
+    assert_one_line_error(done, "holds NaN or infinite values", "no checkpoint was written")
+    assert not workdir.exists()  # failed before its first checkpoint: nothing left, not even TensorBoard
+
+
+# --- Runs that share or lose their folder: lock, full disk, read-only -------------------------------
+
+def test_second_lock_on_a_workdir_names_the_holder_and_a_released_lock_is_free(tmp_path):
+    from cbam_jax.errors import OutputError
+    from cbam_jax.training.checkpoint import lock_workdir
+
+    lock = lock_workdir(str(tmp_path))
+    with pytest.raises(OutputError, match=rf"in use by another training run \(process {os.getpid()}\)"):
+        lock_workdir(str(tmp_path))
+    lock.close()
+    lock_workdir(str(tmp_path)).close()
+
+
+def test_unwritable_workdir_is_refused(tmp_path, monkeypatch):
+    from cbam_jax.errors import OutputError
+    from cbam_jax.training.checkpoint import lock_workdir
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root writes anywhere: pretend read-only
+    with pytest.raises(OutputError, match="cannot write there"):
+        lock_workdir(str(tmp_path))
+
+
+def test_failed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from cbam_jax.training.checkpoint import Checkpoints, SaveFailed
+
+    checkpoints = Checkpoints(str(tmp_path), keep=1)
+    _save(checkpoints, 4)
+
+    def disk_full(self, *args, **kwargs):
+        os.makedirs(os.path.join(self.directory, "8.orbax-checkpoint-tmp"))  # what a failed save leaves
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    with pytest.raises(SaveFailed, match=r"No space left on device \(errno 28\).*last good checkpoint \(step 4\)"):
+        _save(checkpoints, 8)
+    monkeypatch.undo()
+    checkpoints.close()
+    assert os.listdir(tmp_path / "checkpoints") == ["4"]  # intact, and the partial step removed
+    assert int(_restore(tmp_path)[0].step) == 4
+
+
+# --- Damaged checkpoints ------------------------------------------------------------------------
+
+def _damage(step_dir: Path) -> None:
+    """Truncate every data file of a step's state (a torn copy, a bad disk)."""
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.name not in ("commit_success.txt",):
+            path.write_bytes(path.read_bytes()[:7])
+
+
+def test_damaged_latest_step_is_moved_aside_and_the_newest_intact_step_resumes(tmp_path):
+    from cbam_jax.training.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(str(tmp_path), keep=3)
+    _save(checkpoints, 4)
+    _save(checkpoints, 8)
+    checkpoints.close()
+    _damage(tmp_path / "checkpoints" / "8")
+    with pytest.warns(UserWarning, match=r"step 8 .* is damaged .*moved to .*damaged/checkpoints/8; resuming from step 4"):
+        state, data, meta = _restore(tmp_path)
+    assert int(state.step) == 4 and data == {"position": 4} and meta == {"step": 4}
+    assert os.listdir(tmp_path / "checkpoints") == ["4"] and (tmp_path / "damaged" / "checkpoints" / "8").is_dir()
+
+
+def _train(workdir: Path, *overrides: str, preexec_fn=None) -> subprocess.CompletedProcess:
+    """train.py on configs/tiny.py in `workdir` (a subprocess: what a user runs)."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+                           "--workdir", str(workdir), "--config.compilation_cache_dir=", *overrides],
+                          capture_output=True, text=True, env=_environment(CBAM_JAX_HUGE_PAGES="0"), cwd=ROOT,
+                          preexec_fn=preexec_fn, timeout=600)
+
+
+@pytest.mark.slow
+def test_second_train_run_on_a_workdir_stops_at_once_naming_the_first(tmp_path):
+    import time
+
+    from cbam_jax.training.checkpoint import LOCK_FILE, lock_workdir
+
+    workdir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+                              "--workdir", str(workdir), "--config.compilation_cache_dir=",
+                              "--config.num_train_steps=100000"], env=_environment(CBAM_JAX_HUGE_PAGES="0"), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (workdir / LOCK_FILE).is_file() or not (workdir / LOCK_FILE).read_text():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        second = _train(workdir)
+        assert_one_line_error(second, f"in use by another training run (process {first.pid})")
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    lock_workdir(str(workdir)).close()  # the kernel dropped the killed run's lock
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_stops_in_one_line_and_the_resume_is_exact(tmp_path):
+    import resource
+    import signal
+
+    from tests.test_train import assert_same_state, final_state
+
+    def file_size_limit():  # a file may not grow past 200 kB: the checkpoint's data files cannot be written
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (write() then fails with EFBIG instead of a signal)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert _train(straight).returncode == 0
+    assert _train(run, "--config.stop_at_step=4").returncode == 0
+    full = _train(run, preexec_fn=file_size_limit)
+    assert_one_line_error(full, "failed: File too large", "last good checkpoint (step 4)", "run the same command again")
+    assert os.listdir(run / "checkpoints") == ["4"]  # intact, and nothing half-written left
+    resumed = _train(run)  # space freed
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_state(final_state(run)[1], final_state(straight)[1])
+
+
+def _workdir_with_best_and_latest(tmp_path: Path) -> Path:
+    from cbam_jax.training.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(str(tmp_path), keep=3)
+    _save(checkpoints, 4)
+    checkpoints.save(8, _state(step=8, variance=2.0), {}, {"step": 8}, best=True)
+    checkpoints.close()
+    return tmp_path
+
+
+def test_damaged_best_falls_back_to_the_newest_periodic_checkpoint_with_a_warning(tmp_path):
+    from cbam_jax.training.checkpoint import restore_variables
+
+    workdir = _workdir_with_best_and_latest(tmp_path)
+    assert restore_variables(workdir)[1] == {"step": 8}
+    _damage(workdir / "best" / "8")
+    with pytest.warns(UserWarning, match=r"best/8 is damaged .*using .*checkpoints/4 instead"):
+        variables, meta = restore_variables(workdir)
+    assert meta == {"step": 4} and variables["batch_stats"]["bn"]["var"].tolist() == [1.0, 1.0]
+    assert restore_variables(workdir, step=4)[1] == {"step": 4}
+
+
+def test_eval_of_a_workdir_whose_checkpoints_are_all_damaged_is_one_line_naming_the_file(tmp_path):
+    workdir = _workdir_with_best_and_latest(tmp_path)
+    _damage(workdir / "best" / "8")
+    _damage(workdir / "checkpoints" / "4")
+    done = subprocess.run([sys.executable, "-m", "cbam_jax.cli", "eval", "--workdir", str(workdir)],
+                          capture_output=True, text=True, env=_environment(), cwd=tmp_path, timeout=300)
+    assert_one_line_error(done, f"Checkpoint {workdir}/best/8 cannot be read", "--step")
+    done = subprocess.run([sys.executable, "-m", "cbam_jax.cli", "eval", "--workdir", str(workdir), "--step", "5"],
+                          capture_output=True, text=True, env=_environment(), cwd=tmp_path, timeout=300)
+    assert_one_line_error(done, "--step 5: no such checkpoint", "saved steps: 4")

@@ -27,7 +27,7 @@ from cbam_jax.registry import create_model, model_config
 from cbam_jax.training import config as config_lib
 from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
-from cbam_jax.training.checkpoint import Checkpoints, check_architecture
+from cbam_jax.training.checkpoint import Checkpoints, DIVERGED_FIX, check_architecture, lock_workdir
 from cbam_jax.training.evaluate import evaluate_split
 from cbam_jax.training.export import export_pretrained
 from cbam_jax.training.metrics_log import MetricLog, MetricWindow
@@ -113,12 +113,8 @@ def _log_train_window(step: int, window: MetricWindow, log: MetricLog, checkpoin
     if record is None:
         return
     if not math.isfinite(record["loss"]):
-        last_good = checkpoints.latest_step()
-        raise FloatingPointError(
-            f"The training loss became {record['loss']} by step {step}. Training stopped; "
-            + (f"the last good checkpoint (step {last_good}) in {checkpoints.workdir}/checkpoints is intact. "
-               if last_good is not None else "no checkpoint was written. ")
-            + "Lower config.learning_rate, set config.grad_clip_norm, or use precision='float32'.")
+        raise FloatingPointError(f"The training loss became {record['loss']} by step {step}. "
+                                 f"{checkpoints.last_good_sentence()} {DIVERGED_FIX}")
     log.write(step, "train", record)
 
 
@@ -132,7 +128,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Raises:
       ValueError / FileNotFoundError: bad config, devices, dataset or workdir (before compiling).
-      FloatingPointError: the loss became NaN/inf (the last checkpoint on disk is left intact).
+      FloatingPointError: the loss or the state became NaN/inf (nothing non-finite is saved; the last
+        checkpoint on disk is left intact).
+      OutputError: the workdir is in use by another run or not writable, or a save failed (disk full).
     """
     config_lib.validate(config)
     setup_runtime(config)
@@ -153,13 +151,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_source(eval_source, config.dataset, config.dataset.eval_split)
 
     created_workdir = not os.path.exists(workdir)
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    with _removed_on_user_error(workdir if created_workdir else None, checkpoints):
-        saved_meta = checkpoints.meta()
-        if saved_meta is not None:
-            check_architecture(saved_meta, run["model_config"], workdir)
-            check_recipe(saved_meta, config, workdir)
-        return _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source)
+    # One run per workdir: a second one stops here, before it touches anything (process 0 holds it).
+    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
+    with contextlib.closing(lock) if lock is not None else contextlib.nullcontext():
+        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+        with _removed_on_failure(workdir if created_workdir else None, checkpoints):
+            return _resume_and_train(config, workdir, model, run, checkpoints, train_source, eval_source)
+
+
+def _resume_and_train(config, workdir, model, run, checkpoints, train_source, eval_source) -> dict:
+    """Check a saved run against the config (architecture, recipe), then train."""
+    saved_meta = checkpoints.meta()
+    if saved_meta is not None:
+        check_architecture(saved_meta, run["model_config"], workdir)
+        check_recipe(saved_meta, config, workdir)
+    return _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source)
 
 
 def check_recipe(saved_meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -177,14 +183,16 @@ def check_recipe(saved_meta: dict, config: ml_collections.ConfigDict, workdir: s
 
 
 @contextlib.contextmanager
-def _removed_on_user_error(created_workdir: str | None, checkpoints: Checkpoints):
-    """A workdir this run created is removed again when a user mistake ends the run before its first
-    checkpoint: a failed command leaves no folder behind."""
+def _removed_on_failure(created_workdir: str | None, checkpoints: Checkpoints):
+    """A workdir this run created is removed again when anything ends the run before its first
+    checkpoint (a user mistake, a diverged loss, an interrupt): a failed command leaves no folder
+    behind, not even a TensorBoard file."""
     try:
         yield
-    except UserError:
+    except BaseException:
         if created_workdir is not None and checkpoints.latest_step() is None:
-            checkpoints.close()
+            with contextlib.suppress(Exception):  # the error that ended the run is the one to report
+                checkpoints.close()
             shutil.rmtree(created_workdir, ignore_errors=True)
         raise
 

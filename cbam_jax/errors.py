@@ -60,3 +60,11 @@ def report(program: str, error: BaseException, exit_code: int | None = None) -> 
     if exit_code is not None:
         return exit_code
     return getattr(error, "exit_code", 1)
+
+
+def describe_os_error(error: OSError) -> str:
+    """An OSError as the entry points print it: the file(s) it names first, then the system's reason
+    ('/data/out: No space left on device'), instead of Python's '[Errno 28] ...' form."""
+    names = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    reason = error.strerror or str(error)
+    return f"{' -> '.join(names)}: {reason}" if names else reason

@@ -282,3 +282,55 @@ def test_eval_of_a_workdir_whose_checkpoints_are_all_damaged_is_one_line_naming_
     done = subprocess.run([sys.executable, "-m", "cbam_jax.cli", "eval", "--workdir", str(workdir), "--step", "5"],
                           capture_output=True, text=True, env=_environment(), cwd=tmp_path, timeout=300)
     assert_one_line_error(done, "--step 5: no such checkpoint", "saved steps: 4")
+
+
+# --- Entry points: what the system refuses is one line; a bug keeps its traceback ----------------
+
+@pytest.mark.parametrize("raised, expected", [
+    (OSError(28, "No space left on device", "/data/out.safetensors"), "/data/out.safetensors: No space left on device"),
+    (NotADirectoryError(20, "Not a directory", "/cache/file/downloads"), "/cache/file/downloads: Not a directory"),
+])
+def test_cli_reports_what_the_system_refuses_in_one_line(monkeypatch, capsys, raised, expected):
+    from cbam_jax import cli
+    from cbam_jax.zoo import __name__ as zoo_module
+
+    def refuse(args):
+        raise raised
+
+    monkeypatch.setattr(sys.modules[zoo_module], "run", refuse)
+    assert cli.main(["list-pretrained"]) == 1
+    assert capsys.readouterr().err == f"cbam-jax list-pretrained: error: {expected}\n"
+
+
+def test_cli_keeps_the_traceback_of_a_bug(monkeypatch):
+    from cbam_jax import cli
+    from cbam_jax.zoo import __name__ as zoo_module
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(sys.modules[zoo_module], "run", bug)
+    with pytest.raises(KeyError):
+        cli.main(["list-pretrained"])
+
+
+@pytest.mark.slow
+def test_a_file_name_that_is_not_utf8_prints_under_a_strict_utf8_terminal(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cbam_jax.pretrained import save_pretrained
+    from cbam_jax.resnet import ResNet
+    from tests.helpers import random_variables
+
+    model = ResNet(stage_sizes=(1,), block="basic", width=8, stem="cifar", num_classes=2, attention="cbam",
+                   attention_options={"reduction": 4})
+    save_pretrained(tmp_path / "model", model, random_variables(model, (1, 16, 16, 3)), metadata={
+        "preprocessing": {"resize": 16, "crop": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "channels": 3}})
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / name)
+    done = subprocess.run([sys.executable, "-m", "cbam_jax.cli", "predict", "--pretrained", "model", name],
+                          capture_output=True, env=_environment(PYTHONIOENCODING="utf-8:strict"), cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.startswith(b"caf\xe9.png\n")  # the name as its bytes

@@ -334,3 +334,69 @@ def test_a_file_name_that_is_not_utf8_prints_under_a_strict_utf8_terminal(tmp_pa
                           timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert done.stdout.startswith(b"caf\xe9.png\n")  # the name as its bytes
+
+
+# --- Data that disagrees with itself --------------------------------------------------------------
+
+def _image_folders(root: Path, splits: dict[str, list[str]]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for split, classes in splits.items():
+        for index, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 10 * index, np.uint8)).save(root / split / name / f"{index}.png")
+
+
+def _folder_dataset(root: Path, num_classes: int = 3):
+    from cbam_jax.training.config import base_config
+
+    dataset = base_config().dataset
+    dataset.source, dataset.data_dir, dataset.num_classes = "folder", str(root), num_classes
+    dataset.train_split, dataset.eval_split = "train", "val"
+    return dataset
+
+
+def test_a_split_missing_a_class_keeps_the_labels_of_the_others(tmp_path):
+    from cbam_jax.data import make_source
+
+    _image_folders(tmp_path, {"train": ["cat", "dog", "fox"], "val": ["cat", "fox"]})
+    with pytest.warns(UserWarning, match=r"lacks 1 of the 3 classes of the training split \(dog\)"):
+        val = make_source(_folder_dataset(tmp_path), "val")
+    assert val.classes == ["cat", "dog", "fox"]
+    assert [(Path(path).parent.name, label) for path, label in val.files] == [("cat", 0), ("fox", 2)]
+
+
+def test_a_split_with_an_unknown_class_is_refused(tmp_path):
+    from cbam_jax.data import make_source
+    from cbam_jax.errors import InvalidInput
+
+    _image_folders(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog", "emu"]})
+    with pytest.raises(InvalidInput, match=r"class folders the training split lacks \(emu\)"):
+        make_source(_folder_dataset(tmp_path), "val")
+
+
+def test_one_folder_level_too_many_and_far_fewer_classes_are_said(tmp_path):
+    from cbam_jax.data import make_source
+    from cbam_jax.data.pipeline import check_source
+    from cbam_jax.errors import InvalidInput
+
+    _image_folders(tmp_path / "deep", {"train": ["images"]})
+    dataset = _folder_dataset(tmp_path / "deep")
+    with pytest.raises(InvalidInput, match="single class folder .*one folder level too many"):
+        check_source(make_source(dataset, "train"), dataset, "train")
+    _image_folders(tmp_path / "few", {"train": ["cat", "dog"]})
+    dataset = _folder_dataset(tmp_path / "few", num_classes=10)
+    with pytest.warns(UserWarning, match="2 class folders, far fewer than config.dataset.num_classes = 10"):
+        check_source(make_source(dataset, "train"), dataset, "train")
+
+
+@pytest.mark.parametrize("value, expected", [(200, 1), (65535, 255), (32896, 128)])
+def test_sixteen_bit_png_is_scaled_by_its_bit_depth_not_its_values(tmp_path, value, expected):
+    import numpy as np
+    from PIL import Image
+
+    from cbam_jax.images import load_image
+
+    Image.fromarray(np.full((4, 4), value, np.uint16)).save(tmp_path / "deep.png")
+    assert np.unique(load_image(tmp_path / "deep.png")).tolist() == [expected]

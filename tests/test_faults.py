@@ -400,3 +400,14 @@ def test_sixteen_bit_png_is_scaled_by_its_bit_depth_not_its_values(tmp_path, val
 
     Image.fromarray(np.full((4, 4), value, np.uint16)).save(tmp_path / "deep.png")
     assert np.unique(load_image(tmp_path / "deep.png")).tolist() == [expected]
+
+
+# --- The README's commands as typed: relative folders --------------------------------------------
+
+def test_a_workdir_given_as_a_relative_path_is_read(tmp_path, monkeypatch):
+    from cbam_jax.training.checkpoint import restore_variables
+
+    _workdir_with_best_and_latest(tmp_path / "runs" / "digits")
+    monkeypatch.chdir(tmp_path)
+    assert restore_variables("runs/digits")[1] == {"step": 8}
+    assert restore_variables("runs/digits", "latest")[1] == {"step": 4}

@@ -295,6 +295,7 @@ def restore_variables(workdir: str | os.PathLike, which: str = "best", step: int
     if which not in ("best", "latest"):
         raise ValueError(f"restore_variables: which must be 'best' or 'latest'; got {which!r}.")
     folders = (BEST_DIR, LATEST_DIR) if which == "best" else (LATEST_DIR,)
+    workdir = Path(workdir).absolute()  # orbax reads absolute paths only (`--workdir runs/digits` as the README writes)
     if step is not None:
         available = _finished_steps(Path(workdir) / LATEST_DIR)
         if step not in available:

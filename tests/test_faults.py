@@ -411,3 +411,29 @@ def test_a_workdir_given_as_a_relative_path_is_read(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert restore_variables("runs/digits")[1] == {"step": 8}
     assert restore_variables("runs/digits", "latest")[1] == {"step": 4}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, expected", [
+    (["predict", "--pretrained", "backbone", "image.png"], "features_only backbone"),
+    (["attention", "--pretrained", "backbone", "--out", "figures", "image.png"], "features_only backbone"),
+    (["export", "backbone", "exported"], "features_only backbone"),
+])
+def test_a_features_only_model_given_to_a_classifier_command_says_why_not(tmp_path, command, expected):
+    import numpy as np
+    from PIL import Image
+
+    from cbam_jax.pretrained import save_pretrained
+    from cbam_jax.resnet import ResNet
+    from tests.helpers import random_variables
+
+    model = ResNet(stage_sizes=(1, 1), block="basic", width=8, stem="cifar", num_classes=3, attention="cbam",
+                   attention_options={"reduction": 4}, features_only=True)
+    save_pretrained(tmp_path / "backbone", model, random_variables(model), metadata={
+        "preprocessing": {"resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "channels": 3}})
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "image.png")
+    before = sorted(os.listdir(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "cbam_jax.cli", *command], capture_output=True, text=True,
+                          env=_environment(), cwd=tmp_path, timeout=300)
+    assert_one_line_error(done, expected, "full model")
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written

@@ -7,22 +7,24 @@ with the same workdir: the state, the optimizer and the position in the data str
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 from absl import logging
+from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from cbam_jax.data import make_source, train_dataset
 from cbam_jax.data.pipeline import check_source
-from cbam_jax.errors import InvalidInput, UserError
+from cbam_jax.errors import InvalidInput
 from cbam_jax.registry import create_model, model_config
 from cbam_jax.training import config as config_lib
 from cbam_jax.training import optim
@@ -156,16 +158,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with contextlib.closing(lock) if lock is not None else contextlib.nullcontext():
         checkpoints = Checkpoints(workdir, config.keep_checkpoints)
         with _removed_on_failure(workdir if created_workdir else None, checkpoints):
-            return _resume_and_train(config, workdir, model, run, checkpoints, train_source, eval_source)
+            job = TrainingJob(config, workdir, model, run, checkpoints, train_source, eval_source,
+                              saved_meta=checkpoints.meta())
+            if job.saved_meta is not None:
+                check_architecture(job.saved_meta, run["model_config"], workdir)
+                check_recipe(job.saved_meta, config, workdir)
+            return _train(job)
 
 
-def _resume_and_train(config, workdir, model, run, checkpoints, train_source, eval_source) -> dict:
-    """Check a saved run against the config (architecture, recipe), then train."""
-    saved_meta = checkpoints.meta()
-    if saved_meta is not None:
-        check_architecture(saved_meta, run["model_config"], workdir)
-        check_recipe(saved_meta, config, workdir)
-    return _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source)
+@dataclasses.dataclass
+class TrainingJob:
+    """What the loop works from, all checked before anything compiles."""
+
+    config: ml_collections.ConfigDict
+    workdir: str  # absolute
+    model: nn.Module
+    run: dict  # the base of every checkpoint's 'meta': model_config, config JSON (+ new_params)
+    checkpoints: Checkpoints
+    train_source: Any
+    eval_source: Any
+    saved_meta: dict | None  # the 'meta' of the checkpoint resumed from; None for a fresh run
 
 
 def check_recipe(saved_meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -197,8 +209,10 @@ def _removed_on_failure(created_workdir: str | None, checkpoints: Checkpoints):
         raise
 
 
-def _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source) -> dict:
+def _train(job: TrainingJob) -> dict:
     """The loop of `train_and_evaluate`, from a checked config, workdir and data."""
+    config, workdir, model, run, checkpoints = job.config, job.workdir, job.model, job.run, job.checkpoints
+    saved_meta, train_source, eval_source = job.saved_meta, job.train_source, job.eval_source
     image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
     freeze = optim.freeze_patterns(config)
     steps_per_epoch = len(train_source) // config.batch_size
@@ -208,25 +222,22 @@ def _train(config, workdir, model, run, checkpoints, saved_meta, train_source, e
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
     schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
-    tx = optim.make_optimizer(config, schedule)
     dynamic_loss_scale = config.precision == "float16"
 
     # The state: fresh, resumed from the workdir, or fine-tuned from pretrained weights (what they lack,
     # e.g. the attention of a plain ResNet, is fresh: 'new', recorded in the checkpoints for resuming).
-    state = jax.device_get(step_lib.create_state(model, tx, jax.random.key(config.seed), image_shape,
-                                                 dynamic_loss_scale))
+    # Built once, from the variables, after the optimizer knows which parameters are frozen or new.
+    variables = jax.device_get(step_lib.init_variables(model, jax.random.key(config.seed), image_shape))
     new_params, report = saved_meta.get("new_params", []) if saved_meta is not None else [], None
     if saved_meta is None and config.init_from:
         from cbam_jax.convert.transfer import init_from
 
-        variables, report = init_from(config.init_from, model, initial=_model_variables(state))
+        variables, report = init_from(config.init_from, model, initial=variables)
         new_params = [path for path in report.new if path.startswith("params/")]
-        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     run["new_params"] = new_params
-    labels = optim.parameter_labels(state.params, freeze, new_params, config.new_lr_factor)
-    if labels is not None or config.init_from:
-        tx = optim.make_optimizer(config, schedule, labels)
-        state = jax.device_get(step_lib.state_from_variables(_model_variables(state), tx, dynamic_loss_scale))
+    labels = optim.parameter_labels(variables["params"], freeze, new_params, config.new_lr_factor)
+    tx = optim.make_optimizer(config, schedule, labels)
+    state = jax.device_get(jax.jit(lambda v: step_lib.state_from_variables(v, tx, dynamic_loss_scale))(variables))
     data_state, best = None, Best()
     if saved_meta is not None:
         state, data_state, saved_meta = checkpoints.restore(state)

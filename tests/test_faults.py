@@ -437,3 +437,20 @@ def test_a_features_only_model_given_to_a_classifier_command_says_why_not(tmp_pa
                           env=_environment(), cwd=tmp_path, timeout=300)
     assert_one_line_error(done, expected, "full model")
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+@pytest.mark.slow
+def test_train_resumes_exactly_from_the_newest_intact_step_when_the_latest_is_damaged(tmp_path):
+    from tests.test_train import assert_same_state, final_state
+
+    workdir = tmp_path / "run"
+    assert _train(workdir).returncode == 0
+    straight = final_state(workdir)[1]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+    _damage(workdir / "checkpoints" / "8")
+    resumed = _train(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    warning = [line for line in resumed.stderr.splitlines() if "is damaged" in line]
+    assert len(warning) == 1 and "step 8" in warning[0] and "resuming from step 4" in warning[0], resumed.stderr
+    assert (workdir / "damaged" / "checkpoints" / "8").is_dir()
+    assert_same_state(final_state(workdir)[1], straight)  # steps 5..8 trained again, to the same bits

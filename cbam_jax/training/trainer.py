@@ -300,8 +300,10 @@ def _train(job: TrainingJob) -> dict:
                 final_eval = evaluate_split(parallel, _model_variables(placed), eval_source, config.dataset,
                                             config.eval_batch_size)
     finally:
-        checkpoints.close()
-        log.close()
+        try:
+            checkpoints.close()  # raises SaveFailed if a save failed: the log is closed all the same
+        finally:
+            log.close()
     summary = {"status": status, "step": step, "total_steps": total_steps,
                "final_accuracy": final_eval["accuracy"] if final_eval else None,
                "best_accuracy": best.accuracy if best.step is not None else None, "best_step": best.step,

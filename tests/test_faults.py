@@ -195,12 +195,19 @@ def test_damaged_latest_step_is_moved_aside_and_the_newest_intact_step_resumes(t
     assert os.listdir(tmp_path / "checkpoints") == ["4"] and (tmp_path / "damaged" / "checkpoints" / "8").is_dir()
 
 
-def _train(workdir: Path, *overrides: str, preexec_fn=None) -> subprocess.CompletedProcess:
-    """train.py on configs/tiny.py in `workdir` (a subprocess: what a user runs)."""
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+def _train(workdir: Path, *overrides: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """train.py on configs/tiny.py in `workdir` (a subprocess: what a user runs); with `file_size_limit`,
+    no file may grow past that many bytes (RLIMIT_FSIZE, SIGXFSZ ignored so that write() fails with
+    EFBIG): a full disk without root. The limit is set by a small wrapper that then execs train.py."""
+    wrapper = []
+    if file_size_limit is not None:
+        wrapper = ["-c", "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit})); "
+                         "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
+    return subprocess.run([sys.executable, *wrapper, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
                            "--workdir", str(workdir), "--config.compilation_cache_dir=", *overrides],
                           capture_output=True, text=True, env=_environment(CBAM_JAX_HUGE_PAGES="0"), cwd=ROOT,
-                          preexec_fn=preexec_fn, timeout=600)
+                          timeout=600)
 
 
 @pytest.mark.slow
@@ -230,19 +237,12 @@ def test_second_train_run_on_a_workdir_stops_at_once_naming_the_first(tmp_path):
 
 @pytest.mark.slow
 def test_full_disk_during_a_save_stops_in_one_line_and_the_resume_is_exact(tmp_path):
-    import resource
-    import signal
-
     from tests.test_train import assert_same_state, final_state
-
-    def file_size_limit():  # a file may not grow past 200 kB: the checkpoint's data files cannot be written
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (write() then fails with EFBIG instead of a signal)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     straight, run = tmp_path / "straight", tmp_path / "run"
     assert _train(straight).returncode == 0
     assert _train(run, "--config.stop_at_step=4").returncode == 0
-    full = _train(run, preexec_fn=file_size_limit)
+    full = _train(run, file_size_limit=200_000)  # the checkpoint's data files cannot be written
     assert_one_line_error(full, "failed: File too large", "last good checkpoint (step 4)", "run the same command again")
     assert os.listdir(run / "checkpoints") == ["4"]  # intact, and nothing half-written left
     resumed = _train(run)  # space freed

@@ -9,7 +9,7 @@ code 1 (2 for a wrong command line); see "When something goes wrong" in the READ
 import os
 import sys
 
-from cbam_jax.errors import MissingExtra, UserError, check_extra, report
+from cbam_jax.errors import MissingExtra, UserError, check_extra, describe_os_error, report
 
 try:  # the training application's packages are an extra: say which, in one line, before importing them
     check_extra("train")
@@ -62,9 +62,11 @@ def main(argv: list[str]) -> int:
         return report(PROGRAM, error)
     except FloatingPointError as error:  # the loss diverged: the message says what to change
         return report(PROGRAM, error, exit_code=1)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        # What train.py always reported in one line: checks of the libraries it calls that do not raise
-        # a UserError (yet). Other exceptions are bugs and keep their traceback.
+    except OSError as error:  # what the system refused (disk full, permissions): not a bug
+        return report(PROGRAM, describe_os_error(error), exit_code=1)
+    except (ValueError, ImportError) as error:
+        # Checks of the libraries it calls that do not raise a UserError (yet). Other exceptions are
+        # bugs and keep their traceback.
         return report(PROGRAM, error, exit_code=1)
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted; run the same command again to resume from the last checkpoint.",

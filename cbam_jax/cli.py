@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from cbam_jax.errors import UsageError, UserError, report
+from cbam_jax.errors import UsageError, UserError, describe_os_error, report
 from cbam_jax.host_memory import use_huge_pages
 
 # subcommand -> (module, one-line help)
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]) and run the chosen subcommand; returns the exit code."""
     console = argv is None
     argv = sys.argv[1:] if console else argv
+    if console:  # a file name that is not valid UTF-8 (kept by Python as surrogates) prints as its bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     chosen = next((a for a in argv if not a.startswith("-")), None)  # the subcommand's name
     if console and chosen in RESTART_WITH_HUGE_PAGES:
         use_huge_pages()  # a console run of a long CPU job: once, before anything else (host_memory)
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `cbam-jax list-pretrained | head -3`: the reader is gone, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:  # what the system refused (disk full, a file where a folder must be...): not a bug
+        return report(program, describe_os_error(error), exit_code=1)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,11 @@ def check_extra(extra: str) -> None:
     if missing:
         raise MissingExtra(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
                            f"pip install 'cbam-jax[{extra}]'")
+
+
+def describe_os_error(error: OSError) -> str:
+    """An OSError as the entry points print it: the file(s) it names first, then the system's reason
+    ('/data/out: No space left on device'), instead of Python's '[Errno 28] ...' form."""
+    names = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    reason = error.strerror or str(error)
+    return f"{' -> '.join(names)}: {reason}" if names else reason

@@ -77,9 +77,31 @@ def with_huge_pages(environ: dict[str, str]) -> dict[str, str]:
     return {**environ, "GLIBC_TUNABLES": ":".join([*tunables, TUNABLE])}
 
 
+def program_can_restart() -> bool:
+    """Whether running `sys.orig_argv` again runs this same program from its start.
+
+    True for a script file (`python train.py`), a module (`python -m pkg`) and `python -c CODE`;
+    False for a script read from standard input (`python -`, `python < script.py`, `python /dev/stdin`:
+    what the first run read is gone, so a restart would run nothing) and for an interactive
+    interpreter (`python`, `python -i`: a restart would lose the session).
+    """
+    if sys.flags.interactive or sys.flags.inspect or hasattr(sys, "ps1"):
+        return False
+    program = sys.argv[0] if sys.argv else ""
+    if program == "-c":
+        return True
+    if program in ("", "-"):
+        return False
+    # A regular file, not a pipe, terminal or /proc/self/fd/N alias that a restart cannot read again.
+    real = os.path.realpath(program)
+    return os.path.isfile(real) and not real.startswith(("/dev/", "/proc/"))
+
+
 def restart_wanted() -> bool:
     """Whether `use_huge_pages` would restart this process now (see there for the conditions)."""
     if os.environ.get(DISABLE_VARIABLE, "1").strip() == "0":
+        return False
+    if not program_can_restart():
         return False
     if "glibc.malloc.hugetlb=" in os.environ.get("GLIBC_TUNABLES", ""):
         return False  # set already (by us before the restart, or by the user)
@@ -94,7 +116,8 @@ def use_huge_pages(argv: list[str] | None = None) -> None:
     the top with the tunable set, and this time the call returns). No restart where the tunable is
     set already (or another `glibc.malloc.hugetlb` value is), where JAX will compute on an
     accelerator, outside Linux with glibc 2.35+, where the kernel's transparent huge pages are off,
-    or with `CBAM_JAX_HUGE_PAGES=0`. `argv`: the command line to run again (default
+    where the program cannot be run again as it started (read from standard input, or an
+    interactive interpreter: `program_can_restart`), or with `CBAM_JAX_HUGE_PAGES=0`. `argv`: the command line to run again (default
     `sys.orig_argv`, the interpreter's own).
     """
     if not restart_wanted():

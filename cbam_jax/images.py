@@ -137,9 +137,8 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def _to_rgb(image: Image.Image, path: Path) -> np.ndarray:
-    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit greyscale: scale to 8 bits instead of clipping at 255
-        grey = np.asarray(image, dtype=np.float64)
-        grey = np.round(grey * (255.0 / 65535.0) if grey.max() > 255 else grey)
+    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit greyscale: scale by the bit depth, never by the values held
+        grey = np.round(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0))
         return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
     if image.mode == "F":
         raise InputError(f"{path}: floating-point images are not supported; save the image as 8- or 16-bit PNG.")

@@ -80,6 +80,9 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
                          f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "
                          "or `cbam_jax.save_pretrained`.") from error
     num_classes = getattr(model, "num_classes", 0)
+    if getattr(model, "features_only", False):
+        raise InputError(f"--pretrained {path}: a features_only backbone (it returns feature maps, not class "
+                         "scores); predict and attention need class scores: use the full model.")
     if num_classes < 1:
         raise InputError(f"--pretrained {path}: the model has no classification head (num_classes=0); "
                          "predict and attention need class scores.")

@@ -93,6 +93,9 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
             raise ExportError("the ONNX export takes a symbolic batch only, not a symbolic height and width; "
                               "drop --dynamic-size, or export --formats stablehlo.")
     model, variables, metadata = load_with_metadata(model_dir, allow_nonfinite=allow_nonfinite)
+    if getattr(model, "features_only", False):
+        raise ExportError(f"{model_dir} is a features_only backbone (a list of feature maps, not logits); the "
+                          "artifact's contract is images -> logits: export the full model.")
     channels = int(np.shape(variables["params"]["conv1"]["kernel"])[2])
     if dynamic_size:
         if height is not None or width is not None:

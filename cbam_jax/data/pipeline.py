@@ -9,6 +9,7 @@ whatever the number of processes.
 import functools
 import math
 import os
+import warnings
 from collections.abc import Iterator
 
 import grain
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from cbam_jax.data import transforms
-from cbam_jax.data.sources import ArraySource, ImageFolderSource, digits_source, tfds_source
+from cbam_jax.data.sources import ArraySource, ImageFolderSource, class_folders, digits_source, tfds_source
 from cbam_jax.errors import InvalidInput
 from cbam_jax.images import Preprocessing, ensure_channels, resize, resize_and_crop
 
@@ -27,8 +28,12 @@ def make_source(dataset: ml_collections.ConfigDict, split: str):
         return digits_source(split)
     if dataset.source == "tfds":
         return tfds_source(dataset.name, split, dataset.data_dir)
-    return ImageFolderSource(os.path.join(os.path.expanduser(dataset.data_dir), split), dataset.channels,
-                             verify=dataset.verify_images)
+    root = os.path.expanduser(dataset.data_dir)
+    train_root = os.path.join(root, dataset.train_split)
+    # Class names come from the training split, so that a split lacking a class keeps the others' labels.
+    classes = class_folders(train_root) if split != dataset.train_split and os.path.isdir(train_root) else None
+    return ImageFolderSource(os.path.join(root, split), dataset.channels, verify=dataset.verify_images,
+                             classes=classes or None)
 
 
 # Examples read to check a source whose labels are not known without reading it (tfds without label
@@ -56,6 +61,13 @@ def check_source(source, dataset: ml_collections.ConfigDict, split: str) -> None
         if len(source.classes) > num_classes:
             raise InvalidInput(f"{where} has {len(source.classes)} class folders but config.dataset.num_classes = "
                                f"{num_classes}; set --config.dataset.num_classes={len(source.classes)}.")
+        if len(source.classes) == 1:  # e.g. data_dir/train/images/CLASS/...: one folder level too many
+            raise InvalidInput(f"{where} has a single class folder ({source.classes[0]!r}): a one-class problem. Is "
+                               f"there one folder level too many? Expected {dataset.data_dir}/{split}/CLASS_NAME/image.jpg.")
+        if len(source.classes) < num_classes / 2:
+            warnings.warn(f"{where} has {len(source.classes)} class folders, far fewer than config.dataset.num_classes = "
+                          f"{num_classes}; set --config.dataset.num_classes={len(source.classes)} unless that is meant.",
+                          stacklevel=2)
     else:
         labels = _known_labels(source)
         if labels is None:

@@ -2,7 +2,7 @@
 
 - `ArraySource`: arrays in memory (the embedded digits).
 - `tfds_source`: `tfds.data_source` over prepared ArrayRecord files (no TensorFlow needed to read).
-- `ImageFolderSource`: `root/CLASS/*.png|jpg|...`, classes sorted by folder name.
+- `ImageFolderSource`: `root/CLASS/*.png|jpg|...`, classes (those of the training split) by folder name.
 """
 
 import os
@@ -74,9 +74,17 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
         logging.set_verbosity(verbosity)
 
 
-class ImageFolderSource:
-    """Images in `root/CLASS_NAME/...` (any depth below the class folder); label = sorted class index.
+def class_folders(root: str) -> list[str]:
+    """The class names of an image folder: its sub-folders, sorted by name."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
+
+class ImageFolderSource:
+    """Images in `root/CLASS_NAME/...` (any depth below the class folder); label = index of the class name.
+
+    `classes`: the class names in label order, those of the training split, so that every split is
+    mapped by name (default: this folder's own sub-folders, sorted). A folder naming a class outside
+    `classes` is refused; classes this split lacks are warned about in one line (labels stay right).
     Images are read as `cbam-jax predict` reads them (`cbam_jax.images.load_image`: EXIF orientation
     applied, transparency over white, 16-bit scaled to 8), then converted to `channels`. Files without
     an image extension are ignored. An unreadable image raises a ValueError naming the file when it is
@@ -84,17 +92,29 @@ class ImageFolderSource:
     a warning instead.
     """
 
-    def __init__(self, root: str, channels: int = 3, verify: bool = False):
+    def __init__(self, root: str, channels: int = 3, verify: bool = False, classes: list[str] | None = None):
         if not os.path.isdir(root):
             raise MissingInput(f"Image folder {root!r} does not exist; expected {root}/CLASS_NAME/image.jpg.")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if not self.classes:
+        present = class_folders(root)
+        if not present:
             raise InvalidInput(f"Image folder {root!r} has no class sub-folders; expected {root}/CLASS_NAME/image.jpg.")
+        self.classes = list(classes) if classes is not None else present
+        unknown = sorted(set(present) - set(self.classes))
+        if unknown:
+            raise InvalidInput(f"Image folder {root!r} has class folders the training split lacks ({', '.join(unknown[:3])}"
+                               f"{', ...' if len(unknown) > 3 else ''}); every split needs the training split's class "
+                               "names. Rename or remove them.")
+        missing = sorted(set(self.classes) - set(present))
+        if missing:
+            warnings.warn(f"Image folder {root!r} lacks {len(missing)} of the {len(self.classes)} classes of the training "
+                          f"split ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the others keep "
+                          "their labels.", stacklevel=2)
         if channels not in (1, 3):
             raise ValueError(f"ImageFolderSource: channels must be 1 (greyscale) or 3 (RGB); got {channels!r}.")
         self.channels = channels
         self.files: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
+        for name in present:
+            label = self.classes.index(name)
             for folder, _, names in sorted(os.walk(os.path.join(root, name))):
                 self.files.extend((os.path.join(folder, f), label) for f in sorted(names)
                                   if f.lower().endswith(IMAGE_EXTENSIONS))

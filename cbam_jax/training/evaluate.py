@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "default for --workdir: the config saved in the checkpoint")
     parser.add_argument("--split", help="split to evaluate (default: the config's dataset.eval_split)")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
-                        help="which checkpoint of --workdir (default best; latest if no best exists)")
+                        help="which checkpoint of --workdir (default best; then the periodic ones, newest "
+                        "first, if best/ is missing or damaged)")
+    parser.add_argument("--step", type=int, help="evaluate this periodic checkpoint of --workdir (checkpoints/STEP)")
     parser.add_argument("--batch-size", type=int, help="eval batch size (default: the config's eval_batch_size)")
     parser.add_argument("--parallel", choices=("jit", "pmap"), default="jit")
 
@@ -62,13 +64,15 @@ def run(args: argparse.Namespace) -> int:
                            "training workdir; give the --workdir a train.py run wrote.")
     if args.config and not os.path.isfile(args.config):
         raise MissingInput(f"--config {args.config}: no such recipe file; give configs/NAME.py.")
+    if args.step is not None and not args.workdir:
+        raise UsageError("--step picks a checkpoint of --workdir; it needs --workdir.")
     print(json.dumps(_evaluate(args)))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
     if args.workdir:
-        variables, meta = restore_variables(args.workdir, args.checkpoint)
+        variables, meta = restore_variables(args.workdir, args.checkpoint, args.step)
         config = load_config(args.config) if args.config else config_from_json(meta["config"])
         model = model_from_config(meta["model_config"])
         step = meta["step"]

@@ -45,6 +45,12 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Ar
     return init(rng)
 
 
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple) -> dict:
+    """The model's initial variables {'params', 'batch_stats'} from a dummy batch (1, H, W, C), as one
+    compiled program."""
+    return jax.jit(lambda key: model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False))(rng)
+
+
 def state_from_variables(variables: Any, tx: optax.GradientTransformation, dynamic_loss_scale: bool) -> TrainState:
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),

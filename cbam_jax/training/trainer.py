@@ -7,28 +7,30 @@ with the same workdir: the state, the optimizer and the position in the data str
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 from absl import logging
+from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from cbam_jax.data import make_source, train_dataset
 from cbam_jax.data.pipeline import check_source
-from cbam_jax.errors import InvalidInput, UserError
+from cbam_jax.errors import InvalidInput
 from cbam_jax.factory import init_from
 from cbam_jax.registry import create_model, model_config
 from cbam_jax.training import config as config_lib
 from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
-from cbam_jax.training.checkpoint import Checkpoints, check_architecture
+from cbam_jax.training.checkpoint import Checkpoints, DIVERGED_FIX, check_architecture, lock_workdir
 from cbam_jax.training.evaluate import evaluate_split
 from cbam_jax.training.export import export_pretrained
 from cbam_jax.training.metrics_log import MetricLog, MetricWindow
@@ -114,12 +116,8 @@ def _log_train_window(step: int, window: MetricWindow, log: MetricLog, checkpoin
     if record is None:
         return
     if not math.isfinite(record["loss"]):
-        last_good = checkpoints.latest_step()
-        raise FloatingPointError(
-            f"The training loss became {record['loss']} by step {step}. Training stopped; "
-            + (f"the last good checkpoint (step {last_good}) in {checkpoints.workdir}/checkpoints is intact. "
-               if last_good is not None else "no checkpoint was written. ")
-            + "Lower config.learning_rate, set config.grad_clip_norm, or use precision='float32'.")
+        raise FloatingPointError(f"The training loss became {record['loss']} by step {step}. "
+                                 f"{checkpoints.last_good_sentence()} {DIVERGED_FIX}")
     log.write(step, "train", record)
 
 
@@ -133,7 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Raises:
       ValueError / FileNotFoundError: bad config, devices, dataset or workdir (before compiling).
-      FloatingPointError: the loss became NaN/inf (the last checkpoint on disk is left intact).
+      FloatingPointError: the loss or the state became NaN/inf (nothing non-finite is saved; the last
+        checkpoint on disk is left intact).
+      OutputError: the workdir is in use by another run or not writable, or a save failed (disk full).
     """
     config_lib.validate(config)
     setup_runtime(config)
@@ -154,13 +154,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_source(eval_source, config.dataset, config.dataset.eval_split)
 
     created_workdir = not os.path.exists(workdir)
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    with _removed_on_user_error(workdir if created_workdir else None, checkpoints):
-        saved_meta = checkpoints.meta()
-        if saved_meta is not None:
-            check_architecture(saved_meta, run["model_config"], workdir)
-            check_recipe(saved_meta, config, workdir)
-        return _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source)
+    # One run per workdir: a second one stops here, before it touches anything (process 0 holds it).
+    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
+    with contextlib.closing(lock) if lock is not None else contextlib.nullcontext():
+        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+        with _removed_on_failure(workdir if created_workdir else None, checkpoints):
+            job = TrainingJob(config, workdir, model, run, checkpoints, train_source, eval_source,
+                              saved_meta=checkpoints.meta())
+            if job.saved_meta is not None:
+                check_architecture(job.saved_meta, run["model_config"], workdir)
+                check_recipe(job.saved_meta, config, workdir)
+            return _train(job)
+
+
+@dataclasses.dataclass
+class TrainingJob:
+    """What the loop works from, all checked before anything compiles."""
+
+    config: ml_collections.ConfigDict
+    workdir: str  # absolute
+    model: nn.Module
+    run: dict  # the base of every checkpoint's 'meta': model_config, config JSON (+ new_params)
+    checkpoints: Checkpoints
+    train_source: Any
+    eval_source: Any
+    saved_meta: dict | None  # the 'meta' of the checkpoint resumed from; None for a fresh run
 
 
 def check_recipe(saved_meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -178,20 +196,24 @@ def check_recipe(saved_meta: dict, config: ml_collections.ConfigDict, workdir: s
 
 
 @contextlib.contextmanager
-def _removed_on_user_error(created_workdir: str | None, checkpoints: Checkpoints):
-    """A workdir this run created is removed again when a user mistake ends the run before its first
-    checkpoint: a failed command leaves no folder behind."""
+def _removed_on_failure(created_workdir: str | None, checkpoints: Checkpoints):
+    """A workdir this run created is removed again when anything ends the run before its first
+    checkpoint (a user mistake, a diverged loss, an interrupt): a failed command leaves no folder
+    behind, not even a TensorBoard file."""
     try:
         yield
-    except UserError:
+    except BaseException:
         if created_workdir is not None and checkpoints.latest_step() is None:
-            checkpoints.close()
+            with contextlib.suppress(Exception):  # the error that ended the run is the one to report
+                checkpoints.close()
             shutil.rmtree(created_workdir, ignore_errors=True)
         raise
 
 
-def _train(config, workdir, model, run, checkpoints, saved_meta, train_source, eval_source) -> dict:
+def _train(job: TrainingJob) -> dict:
     """The loop of `train_and_evaluate`, from a checked config, workdir and data."""
+    config, workdir, model, run, checkpoints = job.config, job.workdir, job.model, job.run, job.checkpoints
+    saved_meta, train_source, eval_source = job.saved_meta, job.train_source, job.eval_source
     image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
     freeze = optim.freeze_patterns(config)
     steps_per_epoch = len(train_source) // config.batch_size
@@ -201,23 +223,20 @@ def _train(config, workdir, model, run, checkpoints, saved_meta, train_source, e
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
     schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
-    tx = optim.make_optimizer(config, schedule)
     dynamic_loss_scale = config.precision == "float16"
 
     # The state: fresh, resumed from the workdir, or fine-tuned from pretrained weights (what they lack,
     # e.g. the attention of a plain ResNet, is fresh: 'new', recorded in the checkpoints for resuming).
-    state = jax.device_get(step_lib.create_state(model, tx, jax.random.key(config.seed), image_shape,
-                                                 dynamic_loss_scale))
+    # Built once, from the variables, after the optimizer knows which parameters are frozen or new.
+    variables = jax.device_get(step_lib.init_variables(model, jax.random.key(config.seed), image_shape))
     new_params, report = saved_meta.get("new_params", []) if saved_meta is not None else [], None
     if saved_meta is None and config.init_from:
-        variables, report = init_from(config.init_from, model, initial=_model_variables(state))
+        variables, report = init_from(config.init_from, model, initial=variables)
         new_params = [path for path in report.new if path.startswith("params/")]
-        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     run["new_params"] = new_params
-    labels = optim.parameter_labels(state.params, freeze, new_params, config.new_lr_factor)
-    if labels is not None or config.init_from:
-        tx = optim.make_optimizer(config, schedule, labels)
-        state = jax.device_get(step_lib.state_from_variables(_model_variables(state), tx, dynamic_loss_scale))
+    labels = optim.parameter_labels(variables["params"], freeze, new_params, config.new_lr_factor)
+    tx = optim.make_optimizer(config, schedule, labels)
+    state = jax.device_get(jax.jit(lambda v: step_lib.state_from_variables(v, tx, dynamic_loss_scale))(variables))
     data_state, best = None, Best()
     if saved_meta is not None:
         state, data_state, saved_meta = checkpoints.restore(state)
@@ -280,8 +299,10 @@ def _train(config, workdir, model, run, checkpoints, saved_meta, train_source, e
                 final_eval = evaluate_split(parallel, _model_variables(placed), eval_source, config.dataset,
                                             config.eval_batch_size)
     finally:
-        checkpoints.close()
-        log.close()
+        try:
+            checkpoints.close()  # raises SaveFailed if a save failed: the log is closed all the same
+        finally:
+            log.close()
     summary = {"status": status, "step": step, "total_steps": total_steps,
                "final_accuracy": final_eval["accuracy"] if final_eval else None,
                "best_accuracy": best.accuracy if best.step is not None else None, "best_step": best.step,

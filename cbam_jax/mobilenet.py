@@ -12,7 +12,7 @@ exact position inside a unit is not known; the parameter count does not depend o
 BAM is not offered: its placement in a MobileNet is not defined anywhere (the official
 repository's issue #19 asks and has no answer), and a guess would not be the paper's model.
 
-The parameter tree: `stem_conv`, `stem_bn`, `stage{S}_{U}/{dw_conv,dw_bn,dw_attention,pw_conv,
+The parameter tree: `conv1`, `bn1` (the stem, named as in the ResNets), `stage{S}_{U}/{dw_conv,dw_bn,dw_attention,pw_conv,
 pw_bn,pw_attention}` (S from 1, U from 0), `fc`. As a backbone (`features_only`) feature index 0 is
 the stem's output and s the output of stage s (strides 2, 2, 4, 8, 16, 32).
 """
@@ -182,8 +182,8 @@ class MobileNet(nn.Module):
         last_stage = max(self.feature_indices) if self.features_only else len(BASE_CHANNELS) - 1
 
         x = x.astype(self.dtype)
-        x = conv(self.channels[0][0], (3, 3), 2 if self.stem == "imagenet" else 1, padding=_PAD3, name="stem_conv")(x)
-        x = nn.relu(norm(use_running_average=not train, name="stem_bn")(x))
+        x = conv(self.channels[0][0], (3, 3), 2 if self.stem == "imagenet" else 1, padding=_PAD3, name="conv1")(x)
+        x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
         x_features = [x] if 0 in wanted else []
         for stage in range(1, last_stage + 1):
             for unit, channels in enumerate(self.channels[stage]):

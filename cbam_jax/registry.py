@@ -126,6 +126,36 @@ def parse_name(name: str) -> tuple[str | None, int | str]:
     return attention, int(arch[len("resnet"):]) if arch[len("resnet"):].isdigit() and arch.startswith("resnet") else arch
 
 
+def architecture_of(model: Model) -> tuple[str, dict[str, Any]]:
+    """The registered architecture a model's fixed fields match and the `create_model` overrides
+    that rebuild it from there: ('resnext50_32x4d', {}) or ('resnet50', {'groups': 4}) for a
+    ResNet-50 with a cardinality no name has. InvalidInput for stages no name has."""
+    family = next(name for name, cls in FAMILIES.items() if isinstance(model, cls))
+    if family == "mobilenet":
+        for arch, spec in ARCHITECTURES.items():
+            if spec["family"] == family and spec["width_multiplier"] == model.width_multiplier:
+                return arch, {}
+        raise InvalidInput(f"No registered MobileNet has width_multiplier {model.width_multiplier}.")
+    found = {"block": model.block, "stage_sizes": tuple(model.stage_sizes), "groups": model.groups,
+             "base_width": model.base_width, "stage_widths": model.stage_widths}
+    fallback = None
+    for arch, spec in ARCHITECTURES.items():
+        if spec["family"] != family or (spec["block"], spec["stage_sizes"]) != (model.block, found["stage_sizes"]):
+            continue
+        widen = spec.get("widen_factor")
+        expected = {**RESNET_FIELDS_AT_DEFAULT_OMITTED, **{k: v for k, v in spec.items() if k in found}}
+        if widen is not None:
+            expected["stage_widths"] = tuple(int(model.width * widen * 2**s) for s in range(len(spec["stage_sizes"])))
+        if all(found[k] == v for k, v in expected.items()):
+            return arch, {}
+        if arch.startswith("resnet"):
+            fallback = arch
+    if fallback is None:
+        raise InvalidInput(f"No registered ResNet has {model.block} blocks per stage {list(model.stage_sizes)}.")
+    return fallback, {k: v for k, v in found.items()
+                      if k in RESNET_FIELDS_AT_DEFAULT_OMITTED and v != RESNET_FIELDS_AT_DEFAULT_OMITTED[k]}
+
+
 def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet", variant: str = "official",
                  pretrained: bool | str = False, **overrides: Any) -> Model | tuple[Model, dict[str, Any]]:
     """Build a registered model (an uninitialised Flax module), or with `pretrained` the model and its

@@ -151,3 +151,44 @@ def test_out_indices_as_an_integer_means_the_last_levels(name):
 def test_bad_configuration_is_a_clear_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("in_channels, groups, strides", [(32, 32, 2), (64, 32, 1), (16, 16, 1)])
+def test_cpu_path_conv_hands_grouped_and_depthwise_convs_to_xla(in_channels, groups, strides):
+    """Grouped (ResNeXt) and depthwise (MobileNet) convs on the CPU path equal lax's, values and
+    gradients: the oneDNN kernels take one group only, so these fall back to XLA's convolution."""
+    from jax import lax
+
+    from cbam_jax.layers import cpu_ops
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, in_channels))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, in_channels // groups, in_channels))
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv, x, kernel):
+        y = conv(x, kernel, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=numbers, feature_group_count=groups)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, fast), fast_grads = jax.jit(jax.value_and_grad(lambda *a: loss(cpu_ops.conv_general_dilated, *a),
+                                                       argnums=(0, 1), has_aux=True))(x, kernel)
+    (_, ref), ref_grads = jax.jit(jax.value_and_grad(lambda *a: loss(lax.conv_general_dilated, *a),
+                                                     argnums=(0, 1), has_aux=True))(x, kernel)
+    np.testing.assert_allclose(fast, ref, rtol=1e-6, atol=1e-6)
+    for g_fast, g_ref in zip(fast_grads, ref_grads):
+        np.testing.assert_allclose(g_fast, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_weights_do_not_share_memory_with_the_torch_model():
+    """from_torch(model.state_dict()) copies: training the torch model afterwards (as the parity tests
+    do) must not change the JAX arrays. (They were views of the torch tensors' memory.)"""
+    torch = pytest.importorskip("torch")
+    from cbam_jax.convert import from_torch, to_torch
+
+    model = _tiny("mobilenet_wd4")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    state = {k: v.clone() for k, v in to_torch(variables, arch=model).items()}
+    _, converted = from_torch(state)
+    before = np.array(converted["params"]["fc"]["bias"])
+    with torch.no_grad():
+        state["output.bias"].add_(1.0)
+    np.testing.assert_array_equal(np.asarray(converted["params"]["fc"]["bias"]), before)

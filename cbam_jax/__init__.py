@@ -13,8 +13,10 @@ from cbam_jax.pretrained import load_pretrained, save_pretrained
 from cbam_jax.registry import create_model, list_models
 from cbam_jax.zoo import list_pretrained
 from cbam_jax.resnet import ResNet
+from cbam_jax.mobilenet import MobileNet
+from cbam_jax.summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["BAM", "CBAM", "SE", "ChannelGate", "ResNet", "SpatialGate", "convert", "create_model", "hub",
+__all__ = ["BAM", "CBAM", "SE", "ChannelGate", "MobileNet", "ResNet", "SpatialGate", "convert", "create_model", "hub", "summary",
            "list_models", "list_pretrained", "load_pretrained", "save_pretrained", "use_huge_pages", "zoo"]

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "attention": ("cbam_jax.visualize.command", "attention-map and Grad-CAM figures of images"),
     "export": ("cbam_jax.artifacts", "portable inference artifacts of a pretrained model (StableHLO, ONNX)"),
     "list-pretrained": ("cbam_jax.zoo", "the published pretrained weights cbam-jax can load by name"),
+    "summary": ("cbam_jax.summary", "parameters and MACs of a model per stage, attention's share"),
 }
 
 # Subcommands that run many CPU steps: worth a restart with glibc's huge-page tunable (~1 s).

@@ -192,3 +192,52 @@ def test_converted_weights_do_not_share_memory_with_the_torch_model():
     with torch.no_grad():
         state["output.bias"].add_(1.0)
     np.testing.assert_array_equal(np.asarray(converted["params"]["fc"]["bias"]), before)
+
+
+def _docs_table() -> str:
+    text = open(__file__.replace("tests/test_families.py", "docs/models.md")).read()
+    return text.split("<!-- models-table:begin -->\n")[1].split("\n<!-- models-table:end -->")[0].strip()
+
+
+def test_summary_counts_macs_in_both_conventions():
+    from cbam_jax import summary
+
+    total = summary("resnet50").total
+    assert total.params == 25_557_032
+    assert round(total.macs / 1e9, 3) == 4.089 and round(total.paper_macs / 1e9, 3) == 3.858
+    cbam = summary("cbam_resnet18")
+    assert cbam.total.params == 11_779_392 and round(cbam.total.paper_macs / 1e9, 3) == 1.815
+    assert [row.part for row in cbam.rows] == ["stem", "stage 1", "stage 2", "stage 3", "stage 4", "head"]
+    assert sum(row.attention_params for row in cbam.rows) == 11_779_392 - 11_689_512
+    assert "attention: 0.76% of the parameters" in cbam.format()
+    # Only the bottleneck's stride moves: basic blocks and MobileNets count the same in both conventions.
+    mobilenet = summary("se_mobilenet_w1").total
+    assert mobilenet.macs == mobilenet.paper_macs and round(mobilenet.macs / 1e9, 3) == 0.570
+
+
+def test_docs_model_table_rows_are_what_summary_computes():
+    from cbam_jax.summary import models_table
+
+    rows = _docs_table().splitlines()
+    fresh = models_table(["resnet50", "cbam_resnext50_32x4d", "cbam_mobilenet_w1"]).splitlines()
+    assert fresh[:2] == rows[:2]
+    for line in fresh[2:]:
+        assert line in rows
+
+
+@pytest.mark.slow  # every row of the paper's Table 4 and 5 (ResNet-101s included): about 3 minutes
+def test_docs_model_table_is_what_summary_computes():
+    from cbam_jax.summary import models_table
+
+    assert _docs_table() == models_table()
+
+
+def test_summary_command(capsys):
+    from cbam_jax.cli import main
+
+    assert main(["summary", "cbam_resnet18", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cbam_resnet18 at 64x64") and "total" in out
+    assert main(["summary", "cbam_resnet7"]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Unknown model name 'cbam_resnet7'" in err

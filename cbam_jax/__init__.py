@@ -19,8 +19,11 @@ from cbam_jax.pretrained import save_pretrained
 from cbam_jax.registry import list_models
 from cbam_jax.zoo import list_pretrained
 from cbam_jax.resnet import ResNet
+from cbam_jax.mobilenet import MobileNet
+from cbam_jax.summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["BAM", "CBAM", "SE", "ChannelGate", "ResNet", "SpatialGate", "convert", "create_model", "hub", "init_from",
-           "list_models", "list_pretrained", "load", "load_pretrained", "save_pretrained", "use_huge_pages", "zoo"]
+__all__ = ["BAM", "CBAM", "SE", "ChannelGate", "MobileNet", "ResNet", "SpatialGate", "convert", "create_model", "hub",
+           "init_from", "list_models", "list_pretrained", "load", "load_pretrained", "save_pretrained", "summary",
+           "use_huge_pages", "zoo"]

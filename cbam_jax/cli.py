@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cbam_jax.artifacts", "portable inference artifacts of a pretrained model (StableHLO, ONNX)"),
     "list-pretrained": ("cbam_jax.zoo", "the published pretrained weights cbam-jax can load by name"),
     "detect": ("cbam_jax.detection.command", "boxes, classes and scores of images with a trained detector"),
+    "summary": ("cbam_jax.summary", "parameters and MACs of a model per stage, attention's share"),
 }
 
 # Subcommands that run many CPU steps: worth a restart with glibc's huge-page tunable (~1 s).

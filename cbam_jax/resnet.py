@@ -26,6 +26,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.core import FrozenDict
 
@@ -65,6 +66,8 @@ class ResidualBlock(nn.Module):
     attention: ModuleDef | None = None
     zero_init_last: bool = False
     materialize_output: bool = False  # an XLA optimisation barrier on the output (the CPU fast path)
+    groups: int = 1  # cardinality of the bottleneck's 3x3 conv (ResNeXt)
+    base_width: int = 64  # the bottleneck's inner width per group at `filters` = 64 (ResNeXt, Wide ResNet)
     expansion: ClassVar[int] = 1
 
     def last_norm(self, train: bool, name: str) -> nn.Module:
@@ -104,8 +107,17 @@ class BasicBlock(ResidualBlock):
         return self.attend_and_add(x, y, train)
 
 
+def bottleneck_inner_width(filters: int, groups: int = 1, base_width: int = 64) -> int:
+    """Channels of a bottleneck's 3x3 conv, as torchvision, timm and pytorchcv compute them:
+    `filters` for a ResNet, 128 for ResNeXt 32x4d or Wide ResNet-50-2 at `filters` = 64."""
+    return int(filters * (base_width / 64.0)) * groups
+
+
 class Bottleneck(ResidualBlock):
-    """1x1 reduce, 3x3 (stride here), 1x1 expand x4, for ResNet-50/101/152.
+    """1x1 reduce, 3x3 (stride here; grouped for ResNeXt), 1x1 expand x4, for ResNet-50/101/152.
+
+    The inner width is `bottleneck_inner_width(filters, groups, base_width)`: `filters` for a
+    ResNet, doubled for a Wide ResNet (base_width 128), cardinality x group width for a ResNeXt.
 
     (B, H, W, Cin) -> (B, H/s, W/s, 4 * filters).
     """
@@ -115,9 +127,11 @@ class Bottleneck(ResidualBlock):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         norm = functools.partial(self.norm, use_running_average=not train)
-        y = self.conv(self.filters, (1, 1), padding="VALID", name="conv1")(x)
+        inner = bottleneck_inner_width(self.filters, self.groups, self.base_width)
+        y = self.conv(inner, (1, 1), padding="VALID", name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
-        y = self.conv(self.filters, (3, 3), self.strides, padding=_pad(3), name="conv2")(y)
+        y = self.conv(inner, (3, 3), self.strides, padding=_pad(3), feature_group_count=self.groups,
+                      name="conv2")(y)
         y = nn.relu(norm(name="bn2")(y))
         y = self.conv(self.filters * self.expansion, (1, 1), padding="VALID", name="conv3")(y)
         y = self.last_norm(train, "bn3")(y)
@@ -149,7 +163,15 @@ class ResNet(nn.Module):
       stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no pool).
       attention: None, 'se', 'cbam' (in every block) or 'bam' (after stages 1-3).
       attention_options: keyword arguments of the attention layer (e.g. `pool_order`).
-      width: channels of the first stage (64); stage s has width * 2**s (times the expansion).
+      width: channels of the stem and of the first stage (64); stage s has width * 2**s (times the
+        expansion) unless `stage_widths` says otherwise.
+      groups: cardinality of the bottleneck's 3x3 convolution (ResNeXt: 32 or 64; 1 for ResNets).
+      base_width: the bottleneck's inner width per group for a stage of width 64 (torchvision's
+        `width_per_group`): 64 for ResNets, 128 for Wide ResNet-50-2/101-2, 4 or 8 for ResNeXt
+        32x4d / 32x8d. Basic blocks need groups 1 and base_width 64.
+      stage_widths: the width of each stage (before the bottleneck's expansion), e.g.
+        (96, 192, 384, 768) for the CBAM paper's WideResNet-18 (widen 1.5), whose stem stays at
+        `width`; None = width * 2**s.
       zero_init_residual: start each block's last BatchNorm scale at 0 (timm), not 1 (official).
       bn_momentum, bn_epsilon: BatchNorm settings (Flax momentum 0.9 = PyTorch momentum 0.1).
       bn_axis_name: mapped axis name for cross-device batch statistics under pmap/shard_map;
@@ -165,7 +187,8 @@ class ResNet(nn.Module):
         instead of logits; the head and the stages after the last chosen one are not built.
         `num_classes` is then ignored.
       out_indices: which feature maps (increasing): 0 = stem output, s = output of stage s;
-        None = every stage (1, ..., len(stage_sizes)). See `feature_info`.
+        None = every stage (1, ..., len(stage_sizes)); an integer n = the last n of them (timm's
+        meaning: 3 = (2, 3, 4) for four stages). NumPy integers are accepted. See `feature_info`.
       kernels: deprecated name of `implementation`.
     """
 
@@ -176,6 +199,9 @@ class ResNet(nn.Module):
     attention: str | None = None
     attention_options: Mapping[str, Any] = FrozenDict()
     width: int = 64
+    groups: int = 1
+    base_width: int = 64
+    stage_widths: Sequence[int] | None = None
     zero_init_residual: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -194,7 +220,9 @@ class ResNet(nn.Module):
         # static argument of jax.jit.
         object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
         if self.out_indices is not None:
-            object.__setattr__(self, "out_indices", tuple(self.out_indices))
+            object.__setattr__(self, "out_indices", normalize_out_indices(self.out_indices, len(self.stage_sizes)))
+        if self.stage_widths is not None:
+            object.__setattr__(self, "stage_widths", tuple(self.stage_widths))
         options = upgrade_renamed_options(self.attention_options, "ResNet attention_options")
         object.__setattr__(self, "attention_options", FrozenDict(
             {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
@@ -217,6 +245,22 @@ class ResNet(nn.Module):
             raise ValueError("ResNet: BAM sits between stages and needs at least two stages.")
         if not is_int(self.width) or self.width < 1:
             raise ValueError(f"ResNet: width must be a positive integer (64 for the standard ResNets); got {self.width!r}.")
+        for field in ("groups", "base_width"):
+            if not is_int(getattr(self, field)) or getattr(self, field) < 1:
+                raise ValueError(f"ResNet: {field} must be a positive integer; got {getattr(self, field)!r}.")
+        if self.block == "basic" and (self.groups != 1 or self.base_width != 64):
+            raise ValueError(f"ResNet: basic blocks have no grouped or widened inner conv (groups 1, base_width 64); "
+                             f"got groups={self.groups!r}, base_width={self.base_width!r}. Use block='bottleneck', "
+                             "or stage_widths to widen a basic-block ResNet.")
+        if self.stage_widths is not None and (len(self.stage_widths) != len(self.stage_sizes) or not all(
+                is_int(w) and w >= 1 for w in self.stage_widths)):
+            raise ValueError(f"ResNet: stage_widths must be one positive width per stage ({len(self.stage_sizes)}); "
+                             f"got {self.stage_widths!r}.")
+        if self.block == "bottleneck" and is_int(self.width) and self.width >= 1 and bottleneck_inner_width(
+                self.stage_width(0), self.groups, self.base_width) < 1:
+            raise ValueError(f"ResNet: width {self.stage_width(0)} leaves the first stage's bottleneck no channels with "
+                             f"base_width={self.base_width} (int(width * base_width / 64) * groups); use a width >= "
+                             f"{-(-64 // self.base_width)}.")
         if not is_int(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"ResNet: num_classes must be an integer >= 0 (0 = no head); got {self.num_classes!r}.")
         if not isinstance(self.features_only, bool):
@@ -234,6 +278,10 @@ class ResNet(nn.Module):
         """`out_indices`, or every stage (1, ..., number of stages) when it is None."""
         return self.out_indices if self.out_indices is not None else tuple(range(1, len(self.stage_sizes) + 1))
 
+    def stage_width(self, stage: int) -> int:
+        """The width (`filters`, before the bottleneck's expansion) of stage `stage` (counted from 0)."""
+        return self.stage_widths[stage] if self.stage_widths is not None else self.width * 2**stage
+
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:
         """Channels and stride of each feature map that `features_only=True` returns, in order.
@@ -250,7 +298,7 @@ class ResNet(nn.Module):
             if index == 0:
                 info.append(FeatureInfo(0, "stem", self.width, stem_stride))
             else:
-                info.append(FeatureInfo(index, f"layer{index}", self.width * 2 ** (index - 1) * expansion,
+                info.append(FeatureInfo(index, f"layer{index}", self.stage_width(index - 1) * expansion,
                                         first_stage_stride * 2 ** (index - 1)))
         return tuple(info)
 
@@ -265,19 +313,10 @@ class ResNet(nn.Module):
         if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4) and x.shape[-1] > x.shape[1]:
             raise ValueError(f"ResNet expects NHWC images; shape {tuple(x.shape)} looks like NCHW. "
                              "Transpose with x.transpose(0, 2, 3, 1).")
-        cpu_path = cpu_ops.use_cpu_path(self.implementation)
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                                 conv_general_dilated=cpu_ops.conv_general_dilated if cpu_path else None,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
-        norm_cls = cpu_ops.BatchNorm if cpu_path else nn.BatchNorm
-        norm = functools.partial(norm_cls, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                                 use_fast_variance=False, axis_name=self.bn_axis_name,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        cpu_path, conv, norm = conv_and_norm(self)
         block_attention, stage_attention = None, None
         if self.attention is not None:
-            layer_cls = ATTENTION_LAYERS[self.attention]
-            shared = {k: getattr(self, k) for k in MODEL_WIDE_OPTIONS if k in layer_options(layer_cls)}
-            layer = functools.partial(layer_cls, **self.attention_options, **shared)
+            layer = attention_layer(self)
             if self.attention == "bam":
                 stage_attention = layer
             else:
@@ -306,7 +345,8 @@ class ResNet(nn.Module):
         num_stages = max(self.feature_indices) if self.features_only else len(self.stage_sizes)
         for stage, num_blocks in enumerate(self.stage_sizes[:num_stages]):
             for index in range(num_blocks):
-                x = block_cls(filters=self.width * 2**stage, conv=conv, norm=norm,
+                x = block_cls(filters=self.stage_width(stage), conv=conv, norm=norm,
+                              groups=self.groups, base_width=self.base_width,
                               strides=2 if stage > 0 and index == 0 else 1,
                               attention=block_attention, zero_init_last=self.zero_init_residual,
                               materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")(x, train=train)
@@ -324,6 +364,49 @@ class ResNet(nn.Module):
         x = nn.Dense(self.num_classes, kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
                      dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(jnp.float32)
+
+
+def conv_and_norm(model: nn.Module) -> tuple[bool, ModuleDef, ModuleDef]:
+    """(whether the CPU fast path is taken, conv factory, BatchNorm factory) for a model with the
+    fields `implementation`, `dtype`, `param_dtype`, `bn_momentum`, `bn_epsilon`, `bn_axis_name`.
+
+    Convolutions are bias-free, PyTorch-initialised (kaiming fan_out) and, on the CPU path, run by
+    `cpu_ops.conv_general_dilated`, which hands grouped and depthwise convolutions
+    (`feature_group_count` > 1) to XLA's own convolution: oneDNN's kernels there cover one group only.
+    """
+    cpu_path = cpu_ops.use_cpu_path(model.implementation)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
+                             conv_general_dilated=cpu_ops.conv_general_dilated if cpu_path else None,
+                             dtype=model.dtype, param_dtype=model.param_dtype)
+    norm_cls = cpu_ops.BatchNorm if cpu_path else nn.BatchNorm
+    norm = functools.partial(norm_cls, momentum=model.bn_momentum, epsilon=model.bn_epsilon,
+                             use_fast_variance=False, axis_name=model.bn_axis_name,
+                             dtype=model.dtype, param_dtype=model.param_dtype)
+    return cpu_path, conv, norm
+
+
+def attention_layer(model: nn.Module) -> ModuleDef:
+    """The attention layer factory of a model with `attention` and `attention_options`, given the
+    model-wide options (`MODEL_WIDE_OPTIONS`) the layer has."""
+    layer_cls = ATTENTION_LAYERS[model.attention]
+    shared = {k: getattr(model, k) for k in MODEL_WIDE_OPTIONS if k in layer_options(layer_cls)}
+    return functools.partial(layer_cls, **model.attention_options, **shared)
+
+
+def normalize_out_indices(out_indices: int | Sequence[int], num_stages: int) -> tuple[int, ...] | Any:
+    """`out_indices` as a tuple of Python ints: an integer n means the last n feature levels of
+    0 (stem), 1, ..., `num_stages` (timm's convention); a sequence is kept (its NumPy integers made
+    ints). Values that are not integers are left for the model's own check to report."""
+    if is_int(out_indices):
+        count = int(out_indices)
+        if not 1 <= count <= num_stages + 1:
+            raise ValueError(f"out_indices = {count} asks for the last {count} of {num_stages + 1} feature levels "
+                             f"(stem and {num_stages} stages); give 1..{num_stages + 1}.")
+        return tuple(range(num_stages + 1 - count, num_stages + 1))
+    if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence | jax.Array | np.ndarray):
+        return out_indices
+    return tuple(int(i) if is_int(i) else i for i in (out_indices.tolist() if hasattr(out_indices, "tolist")
+                                                         else out_indices))
 
 
 def layer_options(layer_cls: type[nn.Module]) -> set[str]:

@@ -192,6 +192,51 @@ _ENTRIES = [
     _imgclsmob("resnet152", "resnet152b", "0445", "2f420307673264444e8457e2050b5d6b131002d7", "v0.0.517",
                60_192_808, 19.01, 4.45),
 ]
+# The ResNeXts, Wide ResNets and MobileNets (issue 21): torchvision 0.29.1's weights enums (file
+# names carry 8 hex digits of SHA-256) and pytorchcv 0.0.74's model_metainfos.csv (SHA-1, release,
+# top-5 error x 100 in the file name; the csv has no top-1 error, so top1 is None).
+_ENTRIES += [
+    Pretrained(arch=arch, tag="tv_in1k" if version == 1 else "tv2_in1k", url=f"{TORCHVISION}/{arch}-{sha}.pth",
+               file_name=f"{arch}-{sha}.pth", checksum=f"sha256:{sha}", layout="torchvision", num_params=params,
+               top1=top1, top5=top5, reported_by=f"torchvision {enum}.IMAGENET1K_V{version}", license="BSD-3-Clause",
+               preprocessing=dict(RESIZE_256 if resize == 256 else RESIZE_232),
+               note=f"torchvision IMAGENET1K_V{version} weights" + (" (new training recipe)" if version == 2 else ""))
+    for arch, enum, version, sha, params, top1, top5, resize in (
+        ("resnext50_32x4d", "ResNeXt50_32X4D_Weights", 1, "7cdf4587", 25_028_904, 77.618, 93.698, 256),
+        ("resnext50_32x4d", "ResNeXt50_32X4D_Weights", 2, "1a0047aa", 25_028_904, 81.198, 95.34, 232),
+        ("resnext101_32x8d", "ResNeXt101_32X8D_Weights", 1, "8ba56ff5", 88_791_336, 79.312, 94.526, 256),
+        ("resnext101_32x8d", "ResNeXt101_32X8D_Weights", 2, "110c445d", 88_791_336, 82.834, 96.228, 232),
+        ("resnext101_64x4d", "ResNeXt101_64X4D_Weights", 1, "173b62eb", 83_455_272, 83.246, 96.454, 232),
+        ("wide_resnet50_2", "Wide_ResNet50_2_Weights", 1, "95faca4d", 68_883_240, 78.468, 94.086, 256),
+        ("wide_resnet50_2", "Wide_ResNet50_2_Weights", 2, "9ba9bcbe", 68_883_240, 81.602, 95.758, 232),
+        ("wide_resnet101_2", "Wide_ResNet101_2_Weights", 1, "32ee1156", 126_886_696, 78.848, 94.284, 256),
+        ("wide_resnet101_2", "Wide_ResNet101_2_Weights", 2, "d733dc28", 126_886_696, 82.51, 96.02, 232),
+    )
+] + [
+    Pretrained(arch=arch, tag="imgclsmob", url=f"{IMGCLSMOB}/{release}/{name}-{error}-{sha1[:8]}.pth.zip",
+               file_name=f"{name}-{error}-{sha1[:8]}.pth.zip", member=f"{name}-{error}-{sha1[:8]}.pth",
+               checksum=f"sha1:{sha1}", layout=layout, num_params=params, top1=None,
+               top5=round(100 - int(error) / 100, 2), reported_by=IMGCLSMOB_README, license="MIT",
+               note=f"pytorchcv `{name}` ({release}), {IMGCLSMOB_NOTE}")
+    for arch, name, error, sha1, release, params, layout in (
+        ("resnext50_32x4d", "resnext50_32x4d", "0560", "d7976503d13734114364e0dfef1d22f6d76546d9", "v0.0.498",
+         25_028_904, "pytorchcv"),
+        ("resnext101_32x4d", "resnext101_32x4d", "0434", "5ac165981bac62627719b3362b31b456cba05df4", "v0.0.530",
+         44_177_704, "pytorchcv"),
+        ("se_resnext50_32x4d", "seresnext50_32x4d", "0451", "52029a7f6170873b2d50a7016fba053e98183f7b", "v0.0.505",
+         27_559_896, "pytorchcv"),
+        ("se_resnext101_32x4d", "seresnext101_32x4d", "0467", "c738e758c535fac87027fc4b9271a7cb95442505", "v0.0.529",
+         48_955_416, "pytorchcv"),
+        ("mobilenet_w1", "mobilenet_w1", "0895", "7e1d739f0fd4b95c16eef077c5dc0a5bb1da8ad5", "v0.0.155",
+         4_231_976, "pytorchcv_mobilenet"),
+        ("mobilenet_w3d4", "mobilenet_w3d4", "1076", "d801bcaea83885b16a0306b8b77fe314bbc585c3", "v0.0.130",
+         2_585_560, "pytorchcv_mobilenet"),
+        ("mobilenet_wd2", "mobilenet_wd2", "1355", "41a21242c95050407df876cfa44bb5d3676aa751", "v0.0.156",
+         1_331_592, "pytorchcv_mobilenet"),
+        ("mobilenet_wd4", "mobilenet_wd4", "2249", "1ad5e8fe8674cdf7ffda8450095eb96d227397e0", "v0.0.62",
+         470_072, "pytorchcv_mobilenet"),
+    )
+]
 # name ('ARCH.TAG') -> entry; an architecture's first entry is its default.
 PRETRAINED: dict[str, Pretrained] = {entry.name: entry for entry in _ENTRIES}
 

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("cbam_jax.errors", "cbam_jax.atomic", "cbam_jax.checks", "cbam_jax.images", "cbam_jax.host_memory",
                 "cbam_jax.cache")),
     ("layers", ("cbam_jax.layers",)),
-    ("models", ("cbam_jax.resnet", "cbam_jax.mobilenet", "cbam_jax.registry")),
+    ("models", ("cbam_jax.resnet", "cbam_jax.mobilenet", "cbam_jax.registry", "cbam_jax.summary")),
     ("convert", ("cbam_jax.convert",)),
     ("weights: folders", ("cbam_jax.pretrained",)),
     ("weights: hub", ("cbam_jax.hub",)),

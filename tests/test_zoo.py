@@ -612,7 +612,7 @@ def test_imgclsmob_entries_match_pytorchcv():
     pytorchcv_store = pytest.importorskip("pytorchcv.models.common.model_store")
     info = pytorchcv_store.get_model_metainfo_dict()
     entries = [e for e in zoo.PRETRAINED.values() if e.tag == "imgclsmob"]
-    assert len(entries) == 10
+    assert len(entries) == 18
     for entry in entries:
         pytorchcv_name = entry.member.split("-")[0]
         params, error, sha1, release = info[pytorchcv_name]
@@ -628,8 +628,8 @@ def test_imgclsmob_entries_match_pytorchcv():
 def test_torchvision_entries_match_torchvision():
     models = pytest.importorskip("torchvision.models")
     for entry in (e for e in zoo.PRETRAINED.values() if e.layout == "torchvision"):
-        depth, version = entry.arch[len("resnet"):], 1 if entry.tag == "tv_in1k" else 2
-        weights = getattr(models, f"ResNet{depth}_Weights")[f"IMAGENET1K_V{version}"]
+        version = 1 if entry.tag == "tv_in1k" else 2
+        weights = models.get_model_weights(entry.arch)[f"IMAGENET1K_V{version}"]  # ResNets, ResNeXts, Wide ResNets
         metrics = weights.meta["_metrics"]["ImageNet-1K"]
         assert entry.url == weights.url and weights.url.endswith(f"-{entry.checksum.split(':')[1]}.pth")
         assert (entry.top1, entry.top5, entry.num_params) == (metrics["acc@1"], metrics["acc@5"],

@@ -16,6 +16,7 @@ from cbam_jax import registry
 from cbam_jax.convert.layout import Layout
 from cbam_jax.convert.layouts import LAYOUTS, get_layout
 from cbam_jax.convert.reading import ConversionError
+from cbam_jax.mobilenet import mobilenet_channels
 from cbam_jax.resnet import ATTENTION_LAYERS, ResNet, layer_options
 
 STEM_OF_KERNEL = {7: "imagenet", 3: "cifar"}
@@ -101,13 +102,24 @@ def infer_model(shapes: Mapping[str, tuple[int, ...]], *, layout: str, variant: 
         raise ConversionError(f"Stem convolution of size {stem_kernel[0]}x{stem_kernel[1]}: only 7x7 (ImageNet) "
                               "and 3x3 (CIFAR) stems exist.")
     stem, width = STEM_OF_KERNEL[stem_kernel[0]], stem_kernel[3]
-
+    options: dict[str, Any] = {}
     attention = _detect_attention(shapes)
-    if arch is None:
-        arch = _attention_prefix(attention) + f"resnet{_detect_depth(shapes)}"
+    if "params/stage1_0/dw_conv/kernel" in shapes:  # a MobileNet: its 3x3 stem is strided (no 'cifar' sign)
+        stem = "imagenet"
+        base, mobilenet_width = _detect_mobilenet(shapes)
+        if mobilenet_width != 32:
+            options["width"] = mobilenet_width
+        if arch is None:
+            arch = _attention_prefix(attention) + base
+    else:
+        if width != 64:
+            options["width"] = width
+        if arch is None:
+            base, family_options = registry.architecture_of(_detect_resnet(shapes, width))
+            arch = _attention_prefix(attention) + base
+            options.update(family_options)
     arch_attention, _ = registry.parse_name(arch)
 
-    options: dict[str, Any] = {"width": width} if width != 64 else {}
     if arch_attention is not None and arch_attention == attention:
         allowed = layer_options(ATTENTION_LAYERS[attention])
         kernel = shapes.get(REDUCTION_KERNELS[attention])
@@ -163,6 +175,41 @@ def _detect_attention(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     if any(path.startswith("params/bam") for path in shapes):
         return "bam"
     return None
+
+
+def _detect_resnet(shapes: Mapping[str, tuple[int, ...]], width: int) -> ResNet:
+    """A plain ResNet with the checkpoint's stages, cardinality, bottleneck width and stage widths."""
+    block, stage_sizes = registry.DEPTHS[_detect_depth(shapes)]
+    widths = []
+    for stage in range(1, len(stage_sizes) + 1):
+        last_conv = shapes.get(f"params/layer{stage}_0/conv{3 if block == 'bottleneck' else 2}/kernel")
+        if last_conv is None:
+            raise ConversionError(f"No last convolution in the first block of stage {stage}; not a ResNet checkpoint.")
+        widths.append(last_conv[3] // (4 if block == "bottleneck" else 1))
+    groups, base_width = 1, 64
+    grouped = shapes.get("params/layer1_0/conv2/kernel")
+    if block == "bottleneck" and grouped is not None and len(grouped) == 4 and grouped[2]:
+        inner = grouped[3]
+        groups = inner // grouped[2]
+        per_group = inner // groups
+        base_width = -(-per_group * 64 // widths[0])  # the smallest one giving int(width * b / 64) == per_group
+    stage_widths = None if widths == [width * 2**s for s in range(len(widths))] else tuple(widths)
+    return ResNet(stage_sizes=stage_sizes, block=block, width=width, groups=groups, base_width=base_width,
+                  stage_widths=stage_widths)
+
+
+def _detect_mobilenet(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, int]:
+    """The registered MobileNet and `width` whose channels the checkpoint's stem and pointwise convs have."""
+    found = [shapes["params/conv1/kernel"][3]] + [
+        shapes[path][3] for path in sorted((p for p in shapes if re.fullmatch(r"params/stage\d+_\d+/pw_conv/kernel", p)),
+                                           key=lambda p: tuple(map(int, re.findall(r"\d+", p))))]
+    for width in [32] + list(range(1, 8 * found[0] + 32)):  # the standard width first
+        for arch, spec in registry.ARCHITECTURES.items():
+            if spec["family"] == "mobilenet" and [c for stage in mobilenet_channels(spec["width_multiplier"], width)
+                                                  for c in stage] == found:
+                return arch, width
+    raise ConversionError(f"The MobileNet's channels {found} are those of no registered MobileNet "
+                          f"({', '.join(a for a, s in registry.ARCHITECTURES.items() if s['family'] == 'mobilenet')}).")
 
 
 def _detect_depth(shapes: Mapping[str, tuple[int, ...]]) -> int:

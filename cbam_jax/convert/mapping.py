@@ -17,8 +17,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cbam_jax.convert.detect import Detected, detect, infer_model, variant_of
 from cbam_jax.convert.layout import NUM_BATCHES_TRACKED, Layout
-from cbam_jax.convert.layouts import LAYOUT_OF_VARIANT, get_layout
+from cbam_jax.convert.layouts import LAYOUT_OF_FAMILY, LAYOUT_OF_VARIANT, get_layout
 from cbam_jax.convert.reading import ConversionError, read_state_dict
+from cbam_jax.registry import model_config
 from cbam_jax.resnet import ResNet
 
 COLLECTIONS = ("params", "batch_stats")
@@ -74,7 +75,9 @@ def load_variables(state: Mapping[str, np.ndarray], model: ResNet, layout: Layou
             wrong_shape.append(f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(expected)}")
         else:
             used.add(key)
-            loaded[path] = jnp.asarray(np.ascontiguousarray(tensor.to_flax(state[key])), dtype=leaf.dtype)
+            # A copy: numpy views of torch tensors share their memory, and jnp.asarray may keep
+            # sharing it, so training the torch model on would change these "immutable" arrays.
+            loaded[path] = jnp.array(tensor.to_flax(state[key]), dtype=leaf.dtype, copy=True)
     unexpected = sorted(set(state) - used)
     if missing or unexpected or wrong_shape:
         target = detected.describe() if detected else f"the given {layout.name!r}-layout model"
@@ -112,13 +115,14 @@ def to_numpy_state_dict(variables: Mapping[str, Any], *, arch: str | ResNet, var
     """`to_torch` with numpy arrays as values (e.g. for safetensors.numpy.save_file); no torch needed."""
     variables = {c: unfreeze(variables[c]) for c in COLLECTIONS if c in variables}
     found = {path: np.asarray(value) for path, value in flatten_dict(variables, sep="/").items()}
-    if isinstance(arch, ResNet):
+    if not isinstance(arch, str):  # a ResNet or MobileNet
         model, variant = arch, variant_of(arch)
     else:
         shapes = {path: value.shape for path, value in found.items()}
         model = infer_model(shapes, layout=LAYOUT_OF_VARIANT.get(variant, "official"), variant=variant,
                             arch=arch).build()
-    target = get_layout(layout or LAYOUT_OF_VARIANT[variant])
+    family = model_config(model).get("family")
+    target = get_layout(layout or LAYOUT_OF_FAMILY.get(family) or LAYOUT_OF_VARIANT[variant])
     if target.variant != variant:
         raise ConversionError(f"Layout {target.name!r} holds variant {target.variant!r} models, not {variant!r}.")
     kernel = found.get("params/conv1/kernel")

@@ -28,7 +28,8 @@ from cbam_jax.convert.reading import ConversionError
 from cbam_jax.resnet import ResNet
 
 COLLECTIONS = ("params", "batch_stats")
-ATTENTION = re.compile(r"^(params|batch_stats)/(layer\d+_\d+/attention|bam\d+)/")
+# Per-block attention of the ResNets and of the MobileNets' units, and BAM.
+ATTENTION = re.compile(r"^(params|batch_stats)/(layer\d+_\d+/attention|stage\d+_\d+/(dw|pw)_attention|bam\d+)/")
 HEAD = re.compile(r"^params/fc/")
 LISTED = 8  # paths shown per category in an error
 

@@ -308,6 +308,9 @@ def model_card(model: ResNet, arrays: Mapping[str, np.ndarray], metadata: Mappin
 
 
 def _arch_name(model: ResNet) -> str:
-    depth = {v: k for k, v in registry.DEPTHS.items()}.get((model.block, tuple(model.stage_sizes)))
+    try:
+        arch, overrides = registry.architecture_of(model)
+    except InvalidInput:  # stages no registered name has
+        return f"{type(model).__name__} (stages {list(getattr(model, 'stage_sizes', []))})"
     prefix = next(p for p, kind in registry.PREFIXES.items() if kind == model.attention)
-    return f"{prefix}resnet{depth}" if depth else f"{prefix}resnet (stages {list(model.stage_sizes)})"
+    return f"{prefix}{arch}" + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")

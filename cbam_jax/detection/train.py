@@ -34,6 +34,7 @@ from cbam_jax.detection.detector import FCOS, create_detector, detector_config
 from cbam_jax.detection.losses import fcos_loss
 from cbam_jax.detection.weights import EXPORT_DIR, save_detector
 from cbam_jax.errors import InvalidInput, UserError
+from cbam_jax.registry import split_name
 from cbam_jax.factory import init_from
 from cbam_jax.images import normalize
 from cbam_jax.training import optim
@@ -45,7 +46,7 @@ from cbam_jax.training.metrics_log import MetricLog
 
 def build_detector(config: ml_collections.ConfigDict) -> FCOS:
     """The FCOS detector of a detection config."""
-    options = {} if config.model.name.startswith("resnet") else {"reduction": config.model.reduction}
+    options = {} if split_name(config.model.name)[0] is None else {"reduction": config.model.reduction}
     options.update(config.model.attention_options.to_dict())
     d = config.detection
     return create_detector(config.model.name, config.dataset.num_classes, variant=config.model.variant,

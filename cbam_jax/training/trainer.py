@@ -26,7 +26,7 @@ from cbam_jax.data import make_source, train_dataset
 from cbam_jax.data.pipeline import check_source
 from cbam_jax.errors import InvalidInput
 from cbam_jax.factory import init_from
-from cbam_jax.registry import create_model, model_config
+from cbam_jax.registry import create_model, model_config, split_name
 from cbam_jax.training import config as config_lib
 from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
@@ -52,7 +52,7 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
 
 def build_model(config: ml_collections.ConfigDict):
     """The model of the config (compute dtype from config.precision, float32 parameters)."""
-    attention_options = {} if config.model.name.startswith("resnet") else {"reduction": config.model.reduction}
+    attention_options = {} if split_name(config.model.name)[0] is None else {"reduction": config.model.reduction}
     attention_options.update(config.model.attention_options.to_dict())
     return create_model(config.model.name, num_classes=config.dataset.num_classes, stem=config.model.stem,
                         variant=config.model.variant, width=config.model.width,

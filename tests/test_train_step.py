@@ -74,3 +74,35 @@ def test_fp16_loss_scaling_skips_overflow_and_grows():
     due = old.replace(finite_steps=jnp.asarray(step_lib.LOSS_SCALE_PERIOD - 1, jnp.int32))
     grown = step_lib._apply_loss_scaling(due, new, jnp.asarray(True))
     assert float(grown.loss_scale) == 2 * step_lib.LOSS_SCALE_INIT and int(grown.finite_steps) == 0
+
+
+def test_loss_scale_leaves_the_step_unchanged():
+    """One train step with loss scale 2^15 equals the step with loss scale 1 in float32: scaling by a
+    power of two is exact, so the scaled gradients divided by the scale are the unscaled ones bit for
+    bit. A step that scales one side but not the other (e.g. differentiates the unscaled loss and
+    still divides by the scale: updates 32768x too small) changes every parameter."""
+    from cbam_jax import ResNet
+    from tests.helpers import random_variables
+
+    model = ResNet(stage_sizes=(1,), block="basic", num_classes=4, stem="cifar", attention="cbam",
+                   attention_options={"reduction": 4}, width=8)
+    tx = optax.sgd(0.1, momentum=0.9)
+    variables = random_variables(model, (1, 8, 8, 3))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), "label": np.asarray([0, 1, 2, 3], np.int32)}
+    step = jax.jit(lambda state, batch: step_lib.train_step(
+        state, batch, model=model, tx=tx, num_classes=4, label_smoothing=0.1, mean=(0.5,) * 3, std=(0.25,) * 3,
+        dynamic_loss_scale=False))
+    unscaled = step_lib.state_from_variables(variables, tx, dynamic_loss_scale=False)
+    scaled = unscaled.replace(loss_scale=jnp.asarray(2.0**15, jnp.float32))  # the same compiled step
+    assert float(unscaled.loss_scale) == 1.0
+    after_unscaled, metrics_unscaled = step(unscaled, batch)
+    after_scaled, metrics_scaled = step(scaled, batch)
+    assert float(metrics_scaled["loss_scale"]) == 2.0**15
+    assert float(metrics_scaled["loss_sum"]) == float(metrics_unscaled["loss_sum"])
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         after_unscaled.params, unscaled.params)
+    assert min(jax.tree.leaves(moved)) > 0  # every parameter takes a step
+    for name in ("params", "batch_stats", "opt_state"):
+        for a, b in zip(jax.tree.leaves(getattr(after_scaled, name)), jax.tree.leaves(getattr(after_unscaled, name))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)

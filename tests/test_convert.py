@@ -80,6 +80,12 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
+def flat_paths(tree):
+    """{'params/conv1/kernel': array, ...}"""
+    from flax.traverse_util import flatten_dict
+    return flatten_dict(tree, sep="/")
+
+
 def randomized(model):
     torch.manual_seed(0)
     with torch.no_grad():
@@ -245,7 +251,7 @@ def test_cli_converts_official_release_format_and_back(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "jax"),
                  "--class-names", str(tmp_path / "classes.txt")]) == 0
     assert "cbam_resnet18" in capsys.readouterr().out
-    model, _ = load_pretrained(tmp_path / "jax")
+    model, converted = load_pretrained(tmp_path / "jax")
     assert (model.attention, model.stem, model.num_classes) == ("cbam", "cifar", 10)
     metadata = load_metadata(tmp_path / "jax")
     assert metadata["class_names"][3] == "class3" and "preprocessing" not in metadata
@@ -264,7 +270,10 @@ def test_cli_converts_official_release_format_and_back(tmp_path, capsys):
             for key, value in reference.state_dict().items():
                 if not key.endswith("num_batches_tracked"):
                     assert torch.equal(restored.state_dict()[key], value), key
-        assert jax_leaves(back)
+        # Back in Flax: the same tree with the same values as the first conversion.
+        assert flat_paths(back).keys() == flat_paths(converted).keys()
+        for path, value in flat_paths(converted).items():
+            np.testing.assert_array_equal(flat_paths(back)[path], value, err_msg=path)
     assert main(["convert", "--to-torch", str(tmp_path / "jax"), str(tmp_path / "cv.pth"), "--layout", "pytorchcv"]) == 0
     assert "features.stage1.unit1.cbam.ch_gate.mlp.fc1.weight" in torch.load(tmp_path / "cv.pth", weights_only=True)
     assert main(["convert", "--to-torch", str(tmp_path / "jax"), str(tmp_path / "t.pth"), "--variant", "timm"]) == 1

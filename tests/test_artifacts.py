@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import cbam_jax
 from cbam_jax import cli
@@ -181,3 +182,49 @@ def test_self_check_tolerance_follows_the_logit_scale(model_dir, tmp_path):
     expected = np.asarray(jax.jit(model.apply)(big, _images(2, 16, 16)))
     assert np.max(np.abs(expected)) > 1e3
     assert _relative_error(exported.call(_images(2, 16, 16)), expected) <= 1e-5
+
+
+def _as_float(b):
+    return lax.convert_element_type(b, jnp.float32)
+
+
+# One function per entry of the ONNX translator's elementwise table, each made of that primitive
+# (the inputs of log, sqrt and pow made positive, booleans made from comparisons).
+ELEMENTWISE_CASES = {
+    "add": lax.add, "sub": lax.sub, "mul": lax.mul, "div": lax.div, "max": lax.max, "min": lax.min,
+    "pow": lambda x, y: lax.pow(lax.abs(x), y), "neg": lambda x, y: lax.neg(x), "sign": lambda x, y: lax.sign(x),
+    "exp": lambda x, y: lax.exp(x), "log": lambda x, y: lax.log(lax.abs(x)), "sqrt": lambda x, y: lax.sqrt(lax.abs(x)),
+    "logistic": lambda x, y: lax.logistic(x), "tanh": lambda x, y: lax.tanh(x), "abs": lambda x, y: lax.abs(x),
+    "eq": lambda x, y: _as_float(lax.eq(x, y)), "gt": lambda x, y: _as_float(lax.gt(x, y)),
+    "lt": lambda x, y: _as_float(lax.lt(x, y)), "ge": lambda x, y: _as_float(lax.ge(x, y)),
+    "le": lambda x, y: _as_float(lax.le(x, y)),
+    "and": lambda x, y: _as_float(lax.bitwise_and(lax.gt(x, 0.0), lax.gt(y, 0.0))),
+    "or": lambda x, y: _as_float(lax.bitwise_or(lax.gt(x, 0.0), lax.gt(y, 0.0))),
+    "not": lambda x, y: _as_float(lax.bitwise_not(lax.gt(x, 0.0))),
+    "copy": lambda x, y: lax.copy_p.bind(x), "stop_gradient": lambda x, y: lax.stop_gradient(x),
+}
+# Names of the same primitive in other jax versions (`copy` is `copy_p`'s name on this one).
+ELEMENTWISE_ALIASES = {"copy_p"}
+
+
+def test_every_elementwise_entry_is_checked():
+    assert set(onnx_graph._ELEMENTWISE) - set(ELEMENTWISE_CASES) == ELEMENTWISE_ALIASES
+
+
+@pytest.mark.parametrize("primitive", sorted(ELEMENTWISE_CASES))
+def test_elementwise_table_entry_computes_its_primitive(primitive):
+    """Each table entry's ONNX op computes what the jax primitive computes: a swapped entry (Sub for
+    Add, Greater for GreaterOrEqual, Max for Min, ...) fails here. Half the input equals the constant
+    operand, so the comparisons see ties."""
+    rng = np.random.default_rng(0)
+    constant = rng.standard_normal((3, 4, 2)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 4, 2)).astype(np.float32)
+    x[..., 0] = constant[..., 0]
+    function = ELEMENTWISE_CASES[primitive]
+
+    def apply(images):
+        return function(images, jnp.broadcast_to(constant, images.shape))
+
+    assert primitive in {e.primitive.name for e in jax.make_jaxpr(apply)(x).eqns}
+    proto = onnx_graph.export_onnx(apply, jax.ShapeDtypeStruct(cbam_jax.artifacts.input_shape(3, 4, 2), jnp.float32))
+    np.testing.assert_allclose(onnx_graph.run_onnx(proto, x), np.asarray(apply(x)), rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ torchvision = pytest.importorskip("torchvision")
 from cbam_jax.cli import main  # noqa: E402
 from cbam_jax.convert import ConversionError, detect, from_torch, to_torch  # noqa: E402
 from cbam_jax.pretrained import load_metadata, load_pretrained  # noqa: E402
-from tests.torch_refs import common, official, pytorchcv  # noqa: E402
+from tests.torch_refs import common, official  # noqa: E402
 
 DEPTHS = (18, 34, 50, 101)
 
@@ -43,8 +43,6 @@ DETECTION_CASES = (
     + [(lambda d=d: common.resnet_cbam(d), "common", f"cbam_resnet{d}", "common", "imagenet") for d in DEPTHS + (152,)]
     + [(lambda d=d: common.resnet_cbam(d, key_style="2018"), "common_2018", f"cbam_resnet{d}", "common", "imagenet")
        for d in DEPTHS + (152,)]
-    + [(lambda d=d: pytorchcv.cbam_resnet(d), "pytorchcv", f"cbam_resnet{d}", "official", "imagenet")
-       for d in DEPTHS + (152,)]
     + [(lambda d=d: getattr(torchvision.models, f"resnet{d}")(), "torchvision", f"resnet{d}", "official", "imagenet")
        for d in DEPTHS + (152,)]
 )
@@ -58,7 +56,7 @@ def test_detects_every_layout_and_depth(factory, layout, arch, variant, stem):
     state = shapes_only(on_meta(factory))
     found = detect(state)
     assert (found.layout, found.arch, found.variant, found.stem) == (layout, arch, variant, stem)
-    assert found.num_classes == state[{"pytorchcv": "output.weight"}.get(layout, "fc.weight")].shape[0]
+    assert found.num_classes == state["fc.weight"].shape[0]
 
 
 def test_official_release_keys_are_all_accounted_for():
@@ -103,7 +101,6 @@ ROUND_TRIPS = {
              "cbam_resnet18", "timm", None),
     "common": (lambda: common.resnet_cbam(18, 3), "cbam_resnet18", "common", None),
     "common_2018": (lambda: common.resnet_cbam(18, 3, key_style="2018"), "cbam_resnet18", "common", "common_2018"),
-    "pytorchcv": (lambda: pytorchcv.cbam_resnet(18, 4), "cbam_resnet18", "official", "pytorchcv"),
     "torchvision": (lambda: torchvision.models.resnet18(num_classes=6), "resnet18", "official", "torchvision"),
 }
 

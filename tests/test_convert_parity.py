@@ -2,8 +2,9 @@
 and compared in float32 on the CPU: eval logits, train-mode logits, loss, gradients of every
 parameter, two SGD-with-momentum steps, and BatchNorm running statistics.
 
-The references are tests/torch_refs (official, common, pytorchcv, written after the sources) and
-the installed timm and torchvision packages themselves.
+The references are tests/torch_refs (official, common, written after the sources) and the installed
+timm and torchvision packages themselves; the pytorchcv layouts are proven against the pytorchcv
+package in test_convert_pytorchcv.py.
 """
 
 import copy
@@ -24,7 +25,7 @@ from cbam_jax import ResNet, create_model  # noqa: E402
 from cbam_jax.convert import from_torch, load_variables, read_state_dict  # noqa: E402
 from cbam_jax.convert.layouts import get_layout  # noqa: E402
 from cbam_jax.registry import VARIANTS  # noqa: E402
-from tests.torch_refs import common, official, pytorchcv  # noqa: E402
+from tests.torch_refs import common, official  # noqa: E402
 from tests.torch_refs.harness import (  # noqa: E402
     assert_close_per_tensor,
     assert_matches_float64,
@@ -97,8 +98,6 @@ CASES = {
     "common_cbam18": (lambda: common.resnet_cbam(18, NUM_CLASSES), (2, 3, 64, 64), save_data_parallel, "common"),
     "common_2018_cbam18": (lambda: common.resnet_cbam(18, NUM_CLASSES, "2018"), (2, 3, 64, 64),
                            save_state_dict, "common_2018"),
-    "pytorchcv_cbam18": (lambda: pytorchcv.cbam_resnet(18, NUM_CLASSES, global_pool=True), (2, 3, 64, 64),
-                         save_state_dict, "pytorchcv"),
     "torchvision_resnet18": (lambda: torchvision.models.resnet18(num_classes=NUM_CLASSES), (2, 3, 64, 64),
                              save_state_dict, "torchvision"),
 }

@@ -63,17 +63,27 @@ def test_adamw_and_clipping_build():
 
 def test_fp16_loss_scaling_skips_overflow_and_grows():
     tx = optax.sgd(1.0)
-    old = step_lib.state_from_variables({"params": {"w": jnp.ones(2)}}, tx, dynamic_loss_scale=True)
-    new = old.replace(step=old.step + 1, params={"w": jnp.zeros(2)})
+    old = step_lib.state_from_variables({"params": {"w": jnp.ones(2)}, "batch_stats": {"mean": jnp.ones(2)}}, tx,
+                                        dynamic_loss_scale=True)
+    new = old.replace(step=old.step + 1, params={"w": jnp.zeros(2)}, batch_stats={"mean": jnp.full(2, 3.0)})
     skipped = step_lib._apply_loss_scaling(old, new, jnp.asarray(False))
     np.testing.assert_array_equal(skipped.params["w"], old.params["w"])
+    np.testing.assert_array_equal(skipped.batch_stats["mean"], old.batch_stats["mean"])
     assert float(skipped.loss_scale) == step_lib.LOSS_SCALE_INIT / 2 and int(skipped.step) == 1
     kept = step_lib._apply_loss_scaling(old, new, jnp.asarray(True))
     np.testing.assert_array_equal(kept.params["w"], new.params["w"])
+    np.testing.assert_array_equal(kept.batch_stats["mean"], new.batch_stats["mean"])
     assert float(kept.loss_scale) == step_lib.LOSS_SCALE_INIT and int(kept.finite_steps) == 1
     due = old.replace(finite_steps=jnp.asarray(step_lib.LOSS_SCALE_PERIOD - 1, jnp.int32))
     grown = step_lib._apply_loss_scaling(due, new, jnp.asarray(True))
     assert float(grown.loss_scale) == 2 * step_lib.LOSS_SCALE_INIT and int(grown.finite_steps) == 0
+    not_yet = old.replace(finite_steps=jnp.asarray(step_lib.LOSS_SCALE_PERIOD - 2, jnp.int32))
+    waited = step_lib._apply_loss_scaling(not_yet, new, jnp.asarray(True))
+    assert float(waited.loss_scale) == step_lib.LOSS_SCALE_INIT and int(waited.finite_steps) == step_lib.LOSS_SCALE_PERIOD - 1
+    # The scale halves on overflow down to 1, never below: 2 -> 1 -> 1.
+    for before, after in ((2.0, 1.0), (1.0, 1.0)):
+        at = old.replace(loss_scale=jnp.asarray(before, jnp.float32))
+        assert float(step_lib._apply_loss_scaling(at, new, jnp.asarray(False)).loss_scale) == after
 
 
 def test_loss_scale_leaves_the_step_unchanged():

@@ -17,7 +17,7 @@ PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 # pytorchcv is the oracle of the pytorchcv layouts: BAM-, SE- and CBAM-ResNets).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 timm pytorchcv
 
-.PHONY: setup torch train test test-fast clean
+.PHONY: setup torch train test test-fast mutants clean
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ test: torch
 
 test-fast: setup
 	$(PY) -m pytest -q -n auto -m "not slow"
+
+# Mutation testing (docs/mutation.md): mutants of the checksum, the loss scaling and the ONNX
+# elementwise table against the tests that cover them; writes docs/mutation-report.txt. Long (tens of
+# minutes on two cores), so not part of `make test`. MUTANTS="layouts cbam ..." picks other targets.
+MUTANTS ?=
+mutants: torch
+	$(PIP) install 'mutmut>=3.8,<4' 2>&1 | { grep -v "is ignored" || true; }
+	$(PY) tools/mutants.py $(MUTANTS)
 
 clean:
 	rm -rf .venv .venv312 build *.egg-info

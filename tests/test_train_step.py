@@ -79,7 +79,8 @@ def test_fp16_loss_scaling_skips_overflow_and_grows():
     assert float(grown.loss_scale) == 2 * step_lib.LOSS_SCALE_INIT and int(grown.finite_steps) == 0
     not_yet = old.replace(finite_steps=jnp.asarray(step_lib.LOSS_SCALE_PERIOD - 2, jnp.int32))
     waited = step_lib._apply_loss_scaling(not_yet, new, jnp.asarray(True))
-    assert float(waited.loss_scale) == step_lib.LOSS_SCALE_INIT and int(waited.finite_steps) == step_lib.LOSS_SCALE_PERIOD - 1
+    assert float(waited.loss_scale) == step_lib.LOSS_SCALE_INIT
+    assert int(waited.finite_steps) == step_lib.LOSS_SCALE_PERIOD - 1
     # The scale halves on overflow down to 1, never below: 2 -> 1 -> 1.
     for before, after in ((2.0, 1.0), (1.0, 1.0)):
         at = old.replace(loss_scale=jnp.asarray(before, jnp.float32))

@@ -136,7 +136,8 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
                 try:
                     outputs = run_onnx(proto, check_images)
                 except Exception as error:  # onnxruntime reports failures as its own exception types
-                    raise ExportError(f"onnxruntime cannot run the exported graph: {str(error).splitlines()[0]}") from None
+                    raise ExportError("onnxruntime cannot run the exported graph: "
+                                      f"{str(error).splitlines()[0]}") from None
                 _check("ONNX", outputs, expected, ONNX_CHECK_TOLERANCE)
         (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)

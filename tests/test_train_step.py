@@ -62,17 +62,20 @@ def test_adamw_and_clipping_build():
 
 
 def test_fp16_loss_scaling_skips_overflow_and_grows():
-    tx = optax.sgd(1.0)
+    tx = optax.sgd(1.0, momentum=0.9)
     old = step_lib.state_from_variables({"params": {"w": jnp.ones(2)}, "batch_stats": {"mean": jnp.ones(2)}}, tx,
                                         dynamic_loss_scale=True)
-    new = old.replace(step=old.step + 1, params={"w": jnp.zeros(2)}, batch_stats={"mean": jnp.full(2, 3.0)})
+    _, moved_opt_state = tx.update({"w": jnp.ones(2)}, old.opt_state)
+    new = old.replace(step=old.step + 1, params={"w": jnp.zeros(2)}, batch_stats={"mean": jnp.full(2, 3.0)},
+                      opt_state=moved_opt_state)
     skipped = step_lib._apply_loss_scaling(old, new, jnp.asarray(False))
-    np.testing.assert_array_equal(skipped.params["w"], old.params["w"])
-    np.testing.assert_array_equal(skipped.batch_stats["mean"], old.batch_stats["mean"])
-    assert float(skipped.loss_scale) == step_lib.LOSS_SCALE_INIT / 2 and int(skipped.step) == 1
     kept = step_lib._apply_loss_scaling(old, new, jnp.asarray(True))
-    np.testing.assert_array_equal(kept.params["w"], new.params["w"])
-    np.testing.assert_array_equal(kept.batch_stats["mean"], new.batch_stats["mean"])
+    # An overflow keeps the whole old training state (but the step count); a finite step takes the new one.
+    for result, expected in ((skipped, old), (kept, new)):
+        for part in ("params", "batch_stats", "opt_state"):
+            assert jax.tree.structure(getattr(result, part)) == jax.tree.structure(getattr(expected, part))
+            jax.tree.map(np.testing.assert_array_equal, getattr(result, part), getattr(expected, part))
+    assert float(skipped.loss_scale) == step_lib.LOSS_SCALE_INIT / 2 and int(skipped.step) == 1
     assert float(kept.loss_scale) == step_lib.LOSS_SCALE_INIT and int(kept.finite_steps) == 1
     due = old.replace(finite_steps=jnp.asarray(step_lib.LOSS_SCALE_PERIOD - 1, jnp.int32))
     grown = step_lib._apply_loss_scaling(due, new, jnp.asarray(True))
@@ -93,6 +96,7 @@ def test_loss_scale_leaves_the_step_unchanged():
     bit. A step that scales one side but not the other (e.g. differentiates the unscaled loss and
     still divides by the scale: updates 32768x too small) changes every parameter."""
     from cbam_jax import ResNet
+    from cbam_jax.images import normalize
     from tests.helpers import random_variables
 
     model = ResNet(stage_sizes=(1,), block="basic", num_classes=4, stem="cifar", attention="cbam",
@@ -111,6 +115,16 @@ def test_loss_scale_leaves_the_step_unchanged():
     after_scaled, metrics_scaled = step(scaled, batch)
     assert float(metrics_scaled["loss_scale"]) == 2.0**15
     assert float(metrics_scaled["loss_sum"]) == float(metrics_unscaled["loss_sum"])
+    # The step itself against a direct training-mode forward: loss, accuracy and BatchNorm statistics.
+    logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, normalize(batch["image"], (0.5,) * 3, (0.25,) * 3))
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], 4), 0.1)
+    expected_loss = float(optax.softmax_cross_entropy(logits, targets).mean())
+    assert float(metrics_unscaled["loss_sum"]) == pytest.approx(4 * expected_loss, rel=1e-6)
+    assert float(metrics_unscaled["correct"]) == float(np.sum(np.argmax(logits, -1) == batch["label"]))
+    assert float(metrics_unscaled["count"]) == 4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), after_unscaled.batch_stats,
+                 updates["batch_stats"])
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                          after_unscaled.params, unscaled.params)
     assert min(jax.tree.leaves(moved)) > 0  # every parameter takes a step

@@ -131,3 +131,53 @@ def test_loss_scale_leaves_the_step_unchanged():
     for name in ("params", "batch_stats", "opt_state"):
         for a, b in zip(jax.tree.leaves(getattr(after_scaled, name)), jax.tree.leaves(getattr(after_unscaled, name))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def _tiny_step_setup():
+    from cbam_jax import ResNet
+    from tests.helpers import random_variables
+
+    model = ResNet(stage_sizes=(1,), block="basic", num_classes=4, stem="cifar", attention="cbam",
+                   attention_options={"reduction": 4}, width=8)
+    rng = np.random.default_rng(1)
+    batch = {"image": rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), "label": np.asarray([0, 1, 2, 3], np.int32)}
+    return model, random_variables(model, (1, 8, 8, 3)), batch
+
+
+def test_step_over_a_device_axis_averages_gradients_statistics_and_sums_metrics():
+    """With `axis_name`, each shard's gradients and BatchNorm statistics are averaged over the axis
+    and the metric sums added up: under `jax.vmap` (an axis in one process), plain SGD after the
+    step equals the mean of the two shards' separate steps, and every shard holds the same state."""
+    model, variables, batch = _tiny_step_setup()
+    tx = optax.sgd(0.1)
+    state = step_lib.state_from_variables(variables, tx, dynamic_loss_scale=False)
+    common = dict(model=model, tx=tx, num_classes=4, label_smoothing=0.0, mean=(0.5,) * 3, std=(0.25,) * 3,
+                  dynamic_loss_scale=False)
+    shards = jax.tree.map(lambda a: a.reshape(2, 2, *a.shape[1:]), batch)
+    synced, metrics = jax.jit(jax.vmap(lambda b: step_lib.train_step(state, b, axis_name="devices", **common),
+                                       axis_name="devices"))(shards)
+    alone = [jax.jit(lambda b: step_lib.train_step(state, b, **common))(jax.tree.map(lambda a: a[i], shards))
+             for i in range(2)]
+    for part in ("params", "batch_stats"):
+        mean = jax.tree.map(lambda a, b: (a + b) / 2, getattr(alone[0][0], part), getattr(alone[1][0], part))
+        for shard in range(2):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[shard], b, rtol=1e-5, atol=1e-6),
+                         getattr(synced, part), mean)
+    for name in ("loss_sum", "correct", "count"):
+        for shard in range(2):
+            assert float(metrics[name][shard]) == pytest.approx(float(alone[0][1][name] + alone[1][1][name]), rel=1e-6)
+
+
+def test_frozen_statistics_keep_their_values():
+    model, variables, batch = _tiny_step_setup()
+    tx = optax.sgd(0.1)
+    state = step_lib.state_from_variables(variables, tx, dynamic_loss_scale=False)
+    frozen = frozenset({"bn1/mean", "bn1/var"})
+    after, _ = jax.jit(lambda s, b: step_lib.train_step(
+        s, b, model=model, tx=tx, num_classes=4, label_smoothing=0.0, mean=(0.5,) * 3, std=(0.25,) * 3,
+        dynamic_loss_scale=False, frozen_statistics=frozen))(state, batch)
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(after.batch_stats["bn1"][name], state.batch_stats["bn1"][name])
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), after.batch_stats["layer1_0"],
+                         state.batch_stats["layer1_0"])
+    assert min(jax.tree.leaves(moved)) > 0  # the others train

@@ -15,6 +15,7 @@ latest section of every target run so far to docs/mutation-report.txt.
 
     python tools/mutants.py                           # the targets in DEFAULT, one after the other
     python tools/mutants.py checksum loss-scaling     # some targets (see TARGETS)
+    python tools/mutants.py --rerun-survivors loss-scaling   # after adding tests: only the survivors
 """
 
 import argparse
@@ -81,27 +82,35 @@ def _copy_repository(work: Path) -> None:
             shutil.copy(ROOT / name, work / name)
 
 
-def run_target(name: str) -> str:
+def run_target(name: str, rerun_survivors: bool = False) -> str:
+    """Mutate and test one target; with `rerun_survivors`, re-test only the mutants that survived the
+    last run of this target (its scratch copy kept) against the current tests."""
     module, patterns, tests = TARGETS[name]
     work = WORK / name
-    _copy_repository(work)
-    (work / "setup.cfg").write_text(_setup_cfg(module, tests))
-    (work / "preload.txt").write_text("\n".join(PRELOAD) + "\n")
     environment = {**os.environ, "PYTHONPATH": str(work)}
+    if rerun_survivors:
+        previous = _statuses(work, patterns, environment)
+        selection = [m for m, status in previous.items() if status == "survived"]
+        for folder in (work, work / "mutants"):  # the current tests, in the copy and in mutmut's mutants/
+            shutil.rmtree(folder / "tests")
+            shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        _copy_repository(work)
+        (work / "setup.cfg").write_text(_setup_cfg(module, tests))
+        (work / "preload.txt").write_text("\n".join(PRELOAD) + "\n")
+        selection = patterns or []
     started = time.time()
-    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *(patterns or [])],
-                         cwd=work, capture_output=True, text=True, env=environment)
+    run = subprocess.CompletedProcess([], 0, "", "")  # nothing to re-run
+    if selection or not rerun_survivors:
+        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *selection],
+                             cwd=work, capture_output=True, text=True, env=environment)
     seconds = time.time() - started
-    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
-                             capture_output=True, text=True, env=environment).stdout
-    statuses = {}
-    for line in listing.splitlines():
-        mutant, _, status = line.strip().rpartition(": ")
-        if mutant and (not patterns or any(fnmatch.fnmatch(mutant, p) for p in patterns)):
-            statuses[mutant] = status
+    statuses = _statuses(work, patterns, environment)
     counts = collections.Counter(statuses.values())
+    timing = f"re-ran the {len(selection)} survivors of the last run in {seconds:.0f} s" if rerun_survivors \
+        else f"{seconds:.0f} s"
     lines = [f"== {name}: {module} ({', '.join(patterns) if patterns else 'every function'})",
-             f"   tests: {' '.join(tests)}; {seconds:.0f} s; mutmut exit code {run.returncode}",
+             f"   tests: {' '.join(tests)}; {timing}; mutmut exit code {run.returncode}",
              f"   mutants: {len(statuses)}; " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))]
     if run.returncode != 0:
         lines.append("   mutmut's output (tail):\n" + _indent(run.stdout[-1500:] + run.stderr[-1500:]))
@@ -111,6 +120,18 @@ def run_target(name: str) -> str:
                                   text=True, env=environment).stdout
             lines.append(f"   {status}: {mutant}\n{_indent(_diff_body(diff))}")
     return "\n".join(lines) + "\n"
+
+
+def _statuses(work: Path, patterns: list[str] | None, environment: dict) -> dict[str, str]:
+    """{mutant name: status} from `mutmut results` in `work`, for the mutants `patterns` selects."""
+    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
+                             capture_output=True, text=True, env=environment).stdout
+    statuses = {}
+    for line in listing.splitlines():
+        mutant, _, status = line.strip().rpartition(": ")
+        if mutant and (not patterns or any(fnmatch.fnmatch(mutant, p) for p in patterns)):
+            statuses[mutant] = status
+    return statuses
 
 
 def _diff_body(diff: str) -> str:
@@ -166,13 +187,15 @@ def main() -> int:
     parser.add_argument("targets", nargs="*", help=f"from {', '.join([*TARGETS, 'onnx-table'])} (default: "
                         f"{', '.join([*DEFAULT, 'onnx-table'])})")
     parser.add_argument("--report", type=Path, default=REPORT, help="where to write the summary")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="after adding tests: re-test only the last run's surviving mutants of the targets")
     args = parser.parse_args()
     names = args.targets or [*DEFAULT, "onnx-table"]
     unknown = [n for n in names if n not in TARGETS and n != "onnx-table"]
     if unknown:
         parser.error(f"unknown target(s) {unknown}")
     for name in names:
-        section = run_table() if name == "onnx-table" else run_target(name)
+        section = run_table() if name == "onnx-table" else run_target(name, args.rerun_survivors)
         print(section, flush=True)
         (WORK / f"{name}.txt").write_text(section)
     # The report holds the latest section of every target run so far (targets can run separately).

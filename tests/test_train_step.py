@@ -101,7 +101,7 @@ def test_loss_scale_leaves_the_step_unchanged():
 
     model = ResNet(stage_sizes=(1,), block="basic", num_classes=4, stem="cifar", attention="cbam",
                    attention_options={"reduction": 4}, width=8)
-    tx = optax.sgd(0.1, momentum=0.9)
+    tx = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9))  # weight decay reads params
     variables = random_variables(model, (1, 8, 8, 3))
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), "label": np.asarray([0, 1, 2, 3], np.int32)}

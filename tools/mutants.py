@@ -24,6 +24,7 @@ import fnmatch
 import importlib.metadata
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -82,15 +83,16 @@ def _copy_repository(work: Path) -> None:
             shutil.copy(ROOT / name, work / name)
 
 
-def run_target(name: str, rerun_survivors: bool = False) -> str:
-    """Mutate and test one target; with `rerun_survivors`, re-test only the mutants that survived the
-    last run of this target (its scratch copy kept) against the current tests."""
+def run_target(name: str, rerun_survivors: bool = False, budget: float | None = None) -> str:
+    """Mutate and test one target; with `rerun_survivors`, re-test only the mutants that survived or
+    were not checked in the last run of this target (its scratch copy kept) against the current tests.
+    After `budget` seconds mutmut is stopped; the mutants it did not reach stay 'not checked'."""
     module, patterns, tests = TARGETS[name]
     work = WORK / name
     environment = {**os.environ, "PYTHONPATH": str(work)}
     if rerun_survivors:
         previous = _statuses(work, patterns, environment)
-        selection = [m for m, status in previous.items() if status == "survived"]
+        selection = [m for m, status in previous.items() if status in ("survived", "not checked")]
         for folder in (work, work / "mutants"):  # the current tests, in the copy and in mutmut's mutants/
             shutil.rmtree(folder / "tests")
             shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
@@ -102,8 +104,8 @@ def run_target(name: str, rerun_survivors: bool = False) -> str:
     started = time.time()
     run = subprocess.CompletedProcess([], 0, "", "")  # nothing to re-run
     if selection or not rerun_survivors:
-        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *selection],
-                             cwd=work, capture_output=True, text=True, env=environment)
+        run = _run_within(budget, [sys.executable, "-m", "mutmut", "run", "--max-children", "1", *selection],
+                          cwd=work, env=environment)
     seconds = time.time() - started
     statuses = _statuses(work, patterns, environment)
     counts = collections.Counter(statuses.values())
@@ -115,11 +117,25 @@ def run_target(name: str, rerun_survivors: bool = False) -> str:
     if run.returncode != 0:
         lines.append("   mutmut's output (tail):\n" + _indent(run.stdout[-1500:] + run.stderr[-1500:]))
     for mutant, status in statuses.items():
-        if status not in ("killed", "timeout"):
+        if status not in ("killed", "timeout", "not checked"):
             diff = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=work, capture_output=True,
                                   text=True, env=environment).stdout
             lines.append(f"   {status}: {mutant}\n{_indent(_diff_body(diff))}")
     return "\n".join(lines) + "\n"
+
+
+def _run_within(budget: float | None, command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`command`'s output, its whole process group stopped after `budget` seconds (exit code -9 then)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f"\nstopped after the budget of {budget:.0f} s"
+        return subprocess.CompletedProcess(command, -9, stdout, stderr)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _statuses(work: Path, patterns: list[str] | None, environment: dict) -> dict[str, str]:
@@ -188,14 +204,15 @@ def main() -> int:
                         f"{', '.join([*DEFAULT, 'onnx-table'])})")
     parser.add_argument("--report", type=Path, default=REPORT, help="where to write the summary")
     parser.add_argument("--rerun-survivors", action="store_true",
-                        help="after adding tests: re-test only the last run's surviving mutants of the targets")
+                        help="after adding tests: re-test only the last run's surviving (or unchecked) mutants")
+    parser.add_argument("--budget", type=float, help="seconds per target; mutants not reached stay 'not checked'")
     args = parser.parse_args()
     names = args.targets or [*DEFAULT, "onnx-table"]
     unknown = [n for n in names if n not in TARGETS and n != "onnx-table"]
     if unknown:
         parser.error(f"unknown target(s) {unknown}")
     for name in names:
-        section = run_table() if name == "onnx-table" else run_target(name, args.rerun_survivors)
+        section = run_table() if name == "onnx-table" else run_target(name, args.rerun_survivors, args.budget)
         print(section, flush=True)
         (WORK / f"{name}.txt").write_text(section)
     # The report holds the latest section of every target run so far (targets can run separately).

@@ -125,6 +125,19 @@ def test_loss_scale_leaves_the_step_unchanged():
     assert float(metrics_unscaled["count"]) == 4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), after_unscaled.batch_stats,
                  updates["batch_stats"])
+    assert int(after_unscaled.step) == 1 and metrics_unscaled["correct"].dtype == jnp.float32
+    assert jax.tree.structure(after_unscaled.opt_state) == jax.tree.structure(unscaled.opt_state)
+    # Dynamic loss scaling: a finite step is the same step (and counts); an overflowing one is skipped.
+    dynamic = jax.jit(lambda state, batch: step_lib.train_step(
+        state, batch, model=model, tx=tx, num_classes=4, label_smoothing=0.1, mean=(0.5,) * 3, std=(0.25,) * 3,
+        dynamic_loss_scale=True))
+    after_dynamic, _ = dynamic(scaled, batch)
+    jax.tree.map(np.testing.assert_array_equal, after_dynamic.params, after_unscaled.params)
+    assert float(after_dynamic.loss_scale) == 2.0**15 and int(after_dynamic.finite_steps) == 1
+    overflowing = scaled.replace(loss_scale=jnp.asarray(np.inf, jnp.float32))  # gradients inf (or NaN)
+    skipped, _ = dynamic(overflowing, batch)
+    jax.tree.map(np.testing.assert_array_equal, skipped.params, overflowing.params)
+    assert int(skipped.finite_steps) == 0 and int(skipped.step) == 1
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                          after_unscaled.params, unscaled.params)
     assert min(jax.tree.leaves(moved)) > 0  # every parameter takes a step

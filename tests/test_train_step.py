@@ -127,6 +127,11 @@ def test_loss_scale_leaves_the_step_unchanged():
                  updates["batch_stats"])
     assert int(after_unscaled.step) == 1 and metrics_unscaled["correct"].dtype == jnp.float32
     assert jax.tree.structure(after_unscaled.opt_state) == jax.tree.structure(unscaled.opt_state)
+    assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(after_unscaled.opt_state), jax.tree.leaves(unscaled.opt_state)))  # momentum
+    predicted = np.argmax(logits, -1).astype(np.int32)  # labels the model gets all right
+    _, metrics_right = step(unscaled, {**batch, "label": predicted})
+    assert float(metrics_right["correct"]) == 4
     # Dynamic loss scaling: a finite step is the same step (and counts); an overflowing one is skipped.
     dynamic = jax.jit(lambda state, batch: step_lib.train_step(
         state, batch, model=model, tx=tx, num_classes=4, label_smoothing=0.1, mean=(0.5,) * 3, std=(0.25,) * 3,

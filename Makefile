@@ -17,7 +17,7 @@ PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 # pytorchcv is the oracle of the pytorchcv layouts: BAM-, SE- and CBAM-ResNets).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 timm pytorchcv
 
-.PHONY: setup torch train test test-fast test-docs clean
+.PHONY: setup torch train test test-fast test-docs mutants clean
 
 # `make train` needs the library and its training application (the train extra, with oneDNN for
 # the CPU path: the cpu extra); `make test` everything the tests import (the test extra).
@@ -63,6 +63,14 @@ test-fast: setup
 # Every code block of README.md and docs/*.md, and every link (tests/test_docs.py).
 test-docs: setup
 	$(PY) -m pytest -q tests/test_docs.py
+
+# Mutation testing (docs/mutation.md): mutants of the checksum, the loss scaling and the ONNX
+# elementwise table against the tests that cover them; writes docs/mutation-report.txt. Long (tens of
+# minutes on two cores), so not part of `make test`. MUTANTS="layouts cbam ..." picks other targets.
+MUTANTS ?=
+mutants: torch
+	$(PIP) install 'mutmut>=3.8,<4' 2>&1 | { grep -v "is ignored" || true; }
+	$(PY) tools/mutants.py $(MUTANTS)
 
 clean:
 	rm -rf .venv .venv312 build *.egg-info

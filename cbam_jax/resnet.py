@@ -37,6 +37,7 @@ from cbam_jax.layers.common import (
     check_nhwc,
     conv_kernel_init,
     is_int,
+    promote_to_float32,
     renamed_option_value,
     torch_default_kernel_init,
     upgrade_renamed_options,
@@ -357,13 +358,13 @@ class ResNet(nn.Module):
         if self.features_only:
             return features
 
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # global average pool
+        x = jnp.mean(promote_to_float32(x), axis=(1, 2))  # global average pool
         if self.num_classes == 0:
             return x
         # The official code: kaiming_normal_ (fan_in) on the head weight, bias 0.
         x = nn.Dense(self.num_classes, kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
                      dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
-        return x.astype(jnp.float32)
+        return promote_to_float32(x)
 
 
 def conv_and_norm(model: nn.Module) -> tuple[bool, ModuleDef, ModuleDef]:

@@ -83,8 +83,9 @@ def cbam(x, channel, spatial, arrangement="channel_first"):
     return x * sigmoid(channel(x) + spatial(x))  # parallel: one 3-D map from the summed logits
 
 
-def bam(x, p, combine="product", dilation=4):
-    """Official BAM (eval mode): x * (1 + sigmoid(M_c (x) M_s)); p holds NumPy params/stats by name."""
+def bam_logits(x, p, dilation=4):
+    """Official BAM's two branches before their combination (eval mode): the channel logits (B, 1, 1, C)
+    and the spatial logits (B, H, W, 1); p holds NumPy params/stats by name."""
     def bn(y, name):
         return batch_norm(y, p[name]["scale"], p[name]["bias"], p[name]["mean"], p[name]["var"])
 
@@ -96,6 +97,11 @@ def bam(x, p, combine="product", dilation=4):
         s = conv2d(s, conv["kernel"], conv["bias"], padding=dilation, dilation=dilation)
         s = np.maximum(bn(s, f"spatial_dilated{i}_bn"), 0)
     s = conv2d(s, p["spatial_final"]["kernel"], p["spatial_final"]["bias"])
-    c = c[:, None, None, :]
+    return c[:, None, None, :], s
+
+
+def bam(x, p, combine="product", dilation=4):
+    """Official BAM (eval mode): x * (1 + sigmoid(M_c (x) M_s)); p holds NumPy params/stats by name."""
+    c, s = bam_logits(x, p, dilation)
     att = c * s if combine == "product" else c + s
     return x * (1 + sigmoid(att))

@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import cbam_jax
 from cbam_jax import cli
 from cbam_jax.artifacts import ExportError, onnx_graph
 from cbam_jax.pretrained import save_pretrained
+from tests.helpers import random_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPROCESSING = {"resize": 18, "crop": 16, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
@@ -23,10 +25,12 @@ PREPROCESSING = {"resize": 18, "crop": 16, "mean": [0.5, 0.4, 0.3], "std": [0.2,
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A small CBAM-ResNet (ImageNet stem: conv 7x7/2 and max pool) with the default (CPU fast path)
-    implementation, as training would save it."""
+    implementation, as training would save it, with random weights: at their initial values the
+    BatchNorms are the identity and the spatial gate's BatchNorm scale is 0, so the gate is a constant
+    0.5 and its pools and convolution would never reach the output."""
     model = cbam_jax.ResNet(stage_sizes=(1, 1), block="basic", num_classes=4, stem="imagenet", attention="cbam",
                             attention_options={"reduction": 4}, width=8)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    variables = random_variables(model, (1, 16, 16, 3))
     path = tmp_path_factory.mktemp("models") / "cbam"
     save_pretrained(path, model, variables,
                     metadata={"preprocessing": PREPROCESSING, "class_names": ["ant", "bee", "cat", "dog"]})
@@ -35,6 +39,11 @@ def model_dir(tmp_path_factory):
 
 def _images(batch, height, width, seed=0):
     return np.random.default_rng(seed).standard_normal((batch, height, width, 3)).astype(np.float32)
+
+
+def _relative_error(actual, expected):
+    """Max abs difference over the logit scale (max |expected|)."""
+    return float(np.max(np.abs(np.asarray(actual) - expected))) / float(np.max(np.abs(expected)))
 
 
 @pytest.mark.slow
@@ -61,8 +70,8 @@ def test_artifacts_equal_the_model_at_two_batch_and_input_sizes(model_dir, tmp_p
         for batch in (1, 3):
             images = _images(batch, height, width, seed=batch)
             expected = np.asarray(reference(variables, images))
-            assert np.max(np.abs(np.asarray(exported.call(images)) - expected)) <= 1e-5
-            assert np.max(np.abs(onnx_graph.run_onnx(proto, images) - expected)) <= 1e-4
+            assert _relative_error(exported.call(images), expected) <= 1e-5
+            assert _relative_error(onnx_graph.run_onnx(proto, images), expected) <= 1e-4
 
 
 @pytest.mark.slow
@@ -75,7 +84,7 @@ def test_dynamic_size_stablehlo_takes_any_height_and_width(model_dir, tmp_path):
     for batch, height, width in ((1, 16, 16), (2, 23, 31)):
         images = _images(batch, height, width)
         expected = np.asarray(jax.jit(model.apply)(variables, images))
-        assert np.max(np.abs(np.asarray(exported.call(images)) - expected)) <= 1e-5
+        assert _relative_error(exported.call(images), expected) <= 1e-5
 
 
 @pytest.mark.slow
@@ -133,3 +142,89 @@ def test_onnx_names_a_primitive_it_cannot_translate():
     spec = jax.ShapeDtypeStruct(cbam_jax.artifacts.input_shape(4, 4, 3), jnp.float32)
     with pytest.raises(ExportError, match="primitive 'sort'"):
         onnx_graph.export_onnx(lambda x: jnp.sort(x, axis=1), spec)
+
+
+@pytest.mark.slow
+def test_a_wrong_onnx_op_fails_the_parity_and_the_self_check(model_dir, tmp_path, monkeypatch):
+    """Subtraction exported as addition (a one-word slip in the translator's table) is seen by the
+    parity check on the random weights and refused by the export command's own self-check."""
+    path, model, variables = model_dir
+    spec = jax.ShapeDtypeStruct(cbam_jax.artifacts.input_shape(16, 16, 3), jnp.float32)
+    forward = model.clone(implementation="xla")
+    images = _images(2, 16, 16)
+    expected = np.asarray(jax.jit(forward.apply)(variables, images))
+    right = onnx_graph.export_onnx(lambda x: forward.apply(variables, x), spec)
+    assert _relative_error(onnx_graph.run_onnx(right, images), expected) <= 1e-4
+    monkeypatch.setitem(onnx_graph._HANDLERS, "sub", onnx_graph._elementwise("Add"))
+    wrong = onnx_graph.export_onnx(lambda x: forward.apply(variables, x), spec)
+    assert _relative_error(onnx_graph.run_onnx(wrong, images), expected) > 1e-2
+    with pytest.raises(ExportError, match="ONNX artifact's output differs"):
+        cbam_jax.artifacts.export_artifacts(path, tmp_path / "out", formats=["onnx"])
+    # Freshly initialised weights hide the slip (the spatial gate is a constant 0.5): the self-check
+    # also runs a randomised copy of the weights, which does not.
+    fresh = tmp_path / "fresh"
+    save_pretrained(fresh, model, jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3))),
+                    metadata={"preprocessing": PREPROCESSING})
+    with pytest.raises(ExportError, match="ONNX artifact's output differs"):
+        cbam_jax.artifacts.export_artifacts(fresh, tmp_path / "out", formats=["onnx"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_self_check_tolerance_follows_the_logit_scale(model_dir, tmp_path):
+    """Logits of order 1e4 (a head scaled up) export: the self-check's bound is relative to them."""
+    path, model, variables = model_dir
+    big = jax.tree.map(lambda a: a, variables)
+    big["params"]["fc"] = jax.tree.map(lambda a: a * 1e4, variables["params"]["fc"])
+    save_pretrained(tmp_path / "big", model, big, metadata={"preprocessing": PREPROCESSING})
+    cbam_jax.artifacts.export_artifacts(tmp_path / "big", tmp_path / "out")
+    exported = jax.export.deserialize(bytearray((tmp_path / "out" / "model.jax_export").read_bytes()))
+    expected = np.asarray(jax.jit(model.apply)(big, _images(2, 16, 16)))
+    assert np.max(np.abs(expected)) > 1e3
+    assert _relative_error(exported.call(_images(2, 16, 16)), expected) <= 1e-5
+
+
+def _as_float(b):
+    return lax.convert_element_type(b, jnp.float32)
+
+
+# One function per entry of the ONNX translator's elementwise table, each made of that primitive
+# (the inputs of log, sqrt and pow made positive, booleans made from comparisons).
+ELEMENTWISE_CASES = {
+    "add": lax.add, "sub": lax.sub, "mul": lax.mul, "div": lax.div, "max": lax.max, "min": lax.min,
+    "pow": lambda x, y: lax.pow(lax.abs(x), y), "neg": lambda x, y: lax.neg(x), "sign": lambda x, y: lax.sign(x),
+    "exp": lambda x, y: lax.exp(x), "log": lambda x, y: lax.log(lax.abs(x)), "sqrt": lambda x, y: lax.sqrt(lax.abs(x)),
+    "logistic": lambda x, y: lax.logistic(x), "tanh": lambda x, y: lax.tanh(x), "abs": lambda x, y: lax.abs(x),
+    "eq": lambda x, y: _as_float(lax.eq(x, y)), "gt": lambda x, y: _as_float(lax.gt(x, y)),
+    "lt": lambda x, y: _as_float(lax.lt(x, y)), "ge": lambda x, y: _as_float(lax.ge(x, y)),
+    "le": lambda x, y: _as_float(lax.le(x, y)),
+    "and": lambda x, y: _as_float(lax.bitwise_and(lax.gt(x, 0.0), lax.gt(y, 0.0))),
+    "or": lambda x, y: _as_float(lax.bitwise_or(lax.gt(x, 0.0), lax.gt(y, 0.0))),
+    "not": lambda x, y: _as_float(lax.bitwise_not(lax.gt(x, 0.0))),
+    "copy": lambda x, y: lax.copy_p.bind(x), "stop_gradient": lambda x, y: lax.stop_gradient(x),
+}
+# Names of the same primitive in other jax versions (`copy` is `copy_p`'s name on this one).
+ELEMENTWISE_ALIASES = {"copy_p"}
+
+
+def test_every_elementwise_entry_is_checked():
+    assert set(onnx_graph._ELEMENTWISE) - set(ELEMENTWISE_CASES) == ELEMENTWISE_ALIASES
+
+
+@pytest.mark.parametrize("primitive", sorted(ELEMENTWISE_CASES))
+def test_elementwise_table_entry_computes_its_primitive(primitive):
+    """Each table entry's ONNX op computes what the jax primitive computes: a swapped entry (Sub for
+    Add, Greater for GreaterOrEqual, Max for Min, ...) fails here. Half the input equals the constant
+    operand, so the comparisons see ties."""
+    rng = np.random.default_rng(0)
+    constant = rng.standard_normal((3, 4, 2)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 4, 2)).astype(np.float32)
+    x[..., 0] = constant[..., 0]
+    function = ELEMENTWISE_CASES[primitive]
+
+    def apply(images):
+        return function(images, jnp.broadcast_to(constant, images.shape))
+
+    assert primitive in {e.primitive.name for e in jax.make_jaxpr(apply)(x).eqns}
+    proto = onnx_graph.export_onnx(apply, jax.ShapeDtypeStruct(cbam_jax.artifacts.input_shape(3, 4, 2), jnp.float32))
+    np.testing.assert_allclose(onnx_graph.run_onnx(proto, x), np.asarray(apply(x)), rtol=1e-6, atol=1e-6)

@@ -31,16 +31,77 @@ def _jax_param_count(name: str, stem: str, num_classes: int, size: int) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
 
 
+def _twin_variables(twin) -> dict:
+    """The twin's weights as the Flax variables of the cbam-jax model of the same name: modules in order
+    (stem conv and BN, then per block its convolutions and BNs, the CBAM MLP and spatial conv/BN, the
+    shortcut), PyTorch layouts transposed to Flax's."""
+    from flax.traverse_util import unflatten_dict
+
+    def array(tensor):
+        return tensor.detach().numpy().copy()
+
+    flat = {}
+
+    def conv(module, path):
+        flat[("params", *path, "kernel")] = array(module.weight).transpose(2, 3, 1, 0)
+
+    def norm(module, path):
+        flat[("params", *path, "scale")], flat[("params", *path, "bias")] = array(module.weight), array(module.bias)
+        flat[("batch_stats", *path, "mean")] = array(module.running_mean)
+        flat[("batch_stats", *path, "var")] = array(module.running_var)
+
+    def linear(module, path):
+        flat[("params", *path, "kernel")], flat[("params", *path, "bias")] = array(module.weight).T, array(module.bias)
+
+    conv(twin.stem[0], ["conv1"])
+    norm(twin.stem[1], ["bn1"])
+    stage, index, channels = 0, 0, None
+    for block in twin.blocks:
+        convs = [m for m in block.residual if type(m).__name__ == "Conv2d"]
+        norms = [m for m in block.residual if type(m).__name__ == "BatchNorm2d"]
+        if convs[-1].out_channels != channels:  # the first block of a stage changes the width
+            stage, index, channels = stage + 1, 0, convs[-1].out_channels
+        name = f"layer{stage}_{index}"
+        index += 1
+        for number, (c, n) in enumerate(zip(convs, norms), 1):
+            conv(c, [name, f"conv{number}"])
+            norm(n, [name, f"bn{number}"])
+        if type(block.residual[-1]).__name__ == "CBAM":
+            channel, spatial = block.residual[-1]
+            linear(channel.mlp[0], [name, "attention", "channel", "fc1"])
+            linear(channel.mlp[2], [name, "attention", "channel", "fc2"])
+            conv(spatial.conv, [name, "attention", "spatial", "conv"])
+            norm(spatial.bn, [name, "attention", "spatial", "bn"])
+        if type(block.shortcut).__name__ == "Sequential":
+            conv(block.shortcut[0], [name, "downsample_conv"])
+            norm(block.shortcut[1], [name, "downsample_bn"])
+    linear(twin.fc, ["fc"])
+    return unflatten_dict(flat)
+
+
 @pytest.mark.parametrize("name, stem, num_classes, size", [("cbam_resnet18", "cifar", 10, 32),
                                                            ("resnet18", "cifar", 10, 32),
                                                            ("cbam_resnet50", "imagenet", 1000, 64)])
-def test_torch_twin_has_the_same_parameters(name, stem, num_classes, size):
-    pytest.importorskip("torch")
+def test_torch_twin_is_the_same_network(name, stem, num_classes, size):
+    """The same parameters, and the same logits from the same weights (random BatchNorm parameters and
+    statistics, so every layer counts)."""
+    torch = pytest.importorskip("torch")
     from benchmarks.torch_models import ResNet
+    from tests.torch_refs.harness import prepare
 
     depth = int(name.rsplit("resnet", 1)[1])
-    twin = ResNet(depth, num_classes, stem, attention=name.startswith("cbam_"))
+    torch.manual_seed(0)
+    twin = prepare(ResNet(depth, num_classes, stem, attention=name.startswith("cbam_")), (2, 3, size, size))
     assert sum(p.numel() for p in twin.parameters()) == _jax_param_count(name, stem, num_classes, size)
+    model = create_model(name, stem=stem, num_classes=num_classes)
+    variables = _twin_variables(twin)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, dict(shapes))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = twin(x).numpy()
+    logits = np.asarray(jax.jit(model.apply)(variables, x.numpy().transpose(0, 2, 3, 1)))
+    assert np.max(np.abs(logits - expected)) <= 1e-4 * max(1.0, np.max(np.abs(expected)))
 
 
 def test_case_parsing():

@@ -16,7 +16,7 @@ torchvision = pytest.importorskip("torchvision")
 from cbam_jax.cli import main  # noqa: E402
 from cbam_jax.convert import ConversionError, detect, from_torch, to_torch  # noqa: E402
 from cbam_jax.pretrained import load_metadata, load_pretrained  # noqa: E402
-from tests.torch_refs import common, official, pytorchcv  # noqa: E402
+from tests.torch_refs import common, official  # noqa: E402
 
 DEPTHS = (18, 34, 50, 101)
 
@@ -43,8 +43,6 @@ DETECTION_CASES = (
     + [(lambda d=d: common.resnet_cbam(d), "common", f"cbam_resnet{d}", "common", "imagenet") for d in DEPTHS + (152,)]
     + [(lambda d=d: common.resnet_cbam(d, key_style="2018"), "common_2018", f"cbam_resnet{d}", "common", "imagenet")
        for d in DEPTHS + (152,)]
-    + [(lambda d=d: pytorchcv.cbam_resnet(d), "pytorchcv", f"cbam_resnet{d}", "official", "imagenet")
-       for d in DEPTHS + (152,)]
     + [(lambda d=d: getattr(torchvision.models, f"resnet{d}")(), "torchvision", f"resnet{d}", "official", "imagenet")
        for d in DEPTHS + (152,)]
 )
@@ -58,7 +56,7 @@ def test_detects_every_layout_and_depth(factory, layout, arch, variant, stem):
     state = shapes_only(on_meta(factory))
     found = detect(state)
     assert (found.layout, found.arch, found.variant, found.stem) == (layout, arch, variant, stem)
-    assert found.num_classes == state[{"pytorchcv": "output.weight"}.get(layout, "fc.weight")].shape[0]
+    assert found.num_classes == state["fc.weight"].shape[0]
 
 
 def test_official_release_keys_are_all_accounted_for():
@@ -80,6 +78,12 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
+def flat_paths(tree):
+    """{'params/conv1/kernel': array, ...}"""
+    from flax.traverse_util import flatten_dict
+    return flatten_dict(tree, sep="/")
+
+
 def randomized(model):
     torch.manual_seed(0)
     with torch.no_grad():
@@ -97,7 +101,6 @@ ROUND_TRIPS = {
              "cbam_resnet18", "timm", None),
     "common": (lambda: common.resnet_cbam(18, 3), "cbam_resnet18", "common", None),
     "common_2018": (lambda: common.resnet_cbam(18, 3, key_style="2018"), "cbam_resnet18", "common", "common_2018"),
-    "pytorchcv": (lambda: pytorchcv.cbam_resnet(18, 4), "cbam_resnet18", "official", "pytorchcv"),
     "torchvision": (lambda: torchvision.models.resnet18(num_classes=6), "resnet18", "official", "torchvision"),
 }
 
@@ -245,7 +248,7 @@ def test_cli_converts_official_release_format_and_back(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "jax"),
                  "--class-names", str(tmp_path / "classes.txt")]) == 0
     assert "cbam_resnet18" in capsys.readouterr().out
-    model, _ = load_pretrained(tmp_path / "jax")
+    model, converted = load_pretrained(tmp_path / "jax")
     assert (model.attention, model.stem, model.num_classes) == ("cbam", "cifar", 10)
     metadata = load_metadata(tmp_path / "jax")
     assert metadata["class_names"][3] == "class3" and "preprocessing" not in metadata
@@ -264,7 +267,10 @@ def test_cli_converts_official_release_format_and_back(tmp_path, capsys):
             for key, value in reference.state_dict().items():
                 if not key.endswith("num_batches_tracked"):
                     assert torch.equal(restored.state_dict()[key], value), key
-        assert jax_leaves(back)
+        # Back in Flax: the same tree with the same values as the first conversion.
+        assert flat_paths(back).keys() == flat_paths(converted).keys()
+        for path, value in flat_paths(converted).items():
+            np.testing.assert_array_equal(flat_paths(back)[path], value, err_msg=path)
     assert main(["convert", "--to-torch", str(tmp_path / "jax"), str(tmp_path / "cv.pth"), "--layout", "pytorchcv"]) == 0
     assert "features.stage1.unit1.cbam.ch_gate.mlp.fc1.weight" in torch.load(tmp_path / "cv.pth", weights_only=True)
     assert main(["convert", "--to-torch", str(tmp_path / "jax"), str(tmp_path / "t.pth"), "--variant", "timm"]) == 1

@@ -11,12 +11,9 @@ from flax import traverse_util
 from tests.helpers import count_params, randomize, to_numpy
 
 from tests import numpy_reference as ref
-from cbam_jax import CBAM, ChannelGate, SpatialGate, create_model
+from cbam_jax import CBAM, ChannelGate, ResNet, SpatialGate, create_model
 from cbam_jax.convert import ConversionError, to_numpy_state_dict
 from cbam_jax.layers import cpu_ops
-from cbam_jax.layers.channel_gate import SPATIAL_POOLS
-from cbam_jax.layers.common import conv_kernel_init, promote_to_float32, torch_default_kernel_init
-from cbam_jax.layers.spatial_gate import CHANNEL_POOLS, POOL_ORDERS
 
 SHAPE = (3, 5, 7, 32)  # non-square: catches H/W mix-ups
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -230,6 +227,20 @@ def test_layer_parameter_counts_by_hand():
 #
 # Frozen copies of ChannelGate, SpatialGate and CBAM as they were before the design-space options
 # (commit b6b479b), kept only to prove that the default options compute exactly what they did.
+# Their constants are written out here, not imported from the modules they check.
+
+# PyTorch's default nn.Linear/nn.Conv2d init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+_TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / fan_out).
+_KAIMING_FAN_OUT_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# The channel gate pools over positions (B, H, W, C) -> (B, C); the spatial gate over channels.
+_POSITION_POOLS = {"avg": lambda x: jnp.mean(x, axis=(1, 2)), "max": lambda x: jnp.max(x, axis=(1, 2))}
+_CHANNEL_POOLS = {"max": lambda x: jnp.max(x, axis=-1), "mean": lambda x: jnp.mean(x, axis=-1)}
+_POOL_ORDERS = {"max_mean": ("max", "mean"), "mean_max": ("mean", "max")}
+
+
+def _float32_at_least(x):
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 class _ChannelGateBefore(nn.Module):
@@ -242,12 +253,12 @@ class _ChannelGateBefore(nn.Module):
     @nn.compact
     def __call__(self, x):
         hidden = x.shape[-1] // self.reduction
-        pooled = promote_to_float32(x)
-        descriptors = jnp.stack([SPATIAL_POOLS[p](pooled) for p in self.pool_types])
-        dense = lambda n, name: nn.Dense(n, use_bias=self.mlp_bias, kernel_init=torch_default_kernel_init,  # noqa: E731
+        pooled = _float32_at_least(x)
+        descriptors = jnp.stack([_POSITION_POOLS[p](pooled) for p in self.pool_types])
+        dense = lambda n, name: nn.Dense(n, use_bias=self.mlp_bias, kernel_init=_TORCH_DEFAULT_INIT,  # noqa: E731
                                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         logits = dense(x.shape[-1], "fc2")(nn.relu(dense(hidden, "fc1")(descriptors))).sum(axis=0)
-        scale = jax.nn.sigmoid(promote_to_float32(logits))
+        scale = jax.nn.sigmoid(_float32_at_least(logits))
         self.sow("intermediates", "channel_attention", scale)
         return x * scale[:, None, None, :].astype(x.dtype)
 
@@ -264,12 +275,12 @@ class _SpatialGateBefore(nn.Module):
 
     @nn.compact
     def __call__(self, x, train=False):
-        pooled = promote_to_float32(x)
-        compressed = jnp.stack([CHANNEL_POOLS[p](pooled) for p in POOL_ORDERS[self.pool_order]], axis=-1)
+        pooled = _float32_at_least(x)
+        compressed = jnp.stack([_CHANNEL_POOLS[p](pooled) for p in _POOL_ORDERS[self.pool_order]], axis=-1)
         pad = self.kernel_size // 2
         cpu_path = cpu_ops.use_cpu_path(self.implementation)
         y = nn.Conv(1, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
-                    use_bias=False, kernel_init=conv_kernel_init,
+                    use_bias=False, kernel_init=_KAIMING_FAN_OUT_INIT,
                     conv_general_dilated=cpu_ops.conv_general_dilated if cpu_path else None,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(compressed)
         if self.use_bn:
@@ -278,7 +289,7 @@ class _SpatialGateBefore(nn.Module):
                          use_fast_variance=False,
                          scale_init=nn.initializers.zeros if self.bn_zero_init else nn.initializers.ones,
                          dtype=jnp.float32, param_dtype=self.param_dtype, name="bn")(y)
-        scale = jax.nn.sigmoid(promote_to_float32(y))[..., 0]
+        scale = jax.nn.sigmoid(_float32_at_least(y))[..., 0]
         self.sow("intermediates", "spatial_attention", scale)
         return x * scale[..., None].astype(x.dtype)
 
@@ -339,3 +350,23 @@ def test_default_options_keep_the_channel_and_spatial_gates_unchanged(rng):
         variables = randomize(now.init(jax.random.key(0), x), seed=2)
         assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, before.init(jax.random.key(0), x))
         np.testing.assert_array_equal(now.apply(variables, x), before.apply(variables, x))
+
+
+@pytest.mark.parametrize("path, fan_out, fan_in, std, kurtosis", [
+    # kaiming_normal_(mode='fan_out', nonlinearity='relu'), the ResNet convolutions: N(0, 2 / fan_out)
+    (("conv1", "kernel"), 7 * 7 * 64, 7 * 7 * 3, (2 / (7 * 7 * 64)) ** 0.5, 3.0),
+    (("layer1_0", "conv3", "kernel"), 256, 64, (2 / 256) ** 0.5, 3.0),
+    # the downsample convolution keeps PyTorch's default, U(+-1/sqrt(fan_in)) (the official code)
+    (("layer1_0", "downsample_conv", "kernel"), 256, 64, (1 / (3 * 64)) ** 0.5, 1.8),
+])
+def test_resnet_convolution_initialisers(path, fan_out, fan_in, std, kurtosis):
+    """The std of large kernels within 3 % (their sampling error is < 0.8 %) and the shape of the
+    distribution by its kurtosis (normal 3, uniform 1.8, a normal truncated at 2 std ~2.4): fan-in
+    instead of fan-out is 50-400 % off, PyTorch's default for the kaiming one 18-66 % off."""
+    model = ResNet(stage_sizes=(1,), block="bottleneck", num_classes=0, stem="imagenet", width=64)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    kernel = np.asarray(traverse_util.flatten_dict(params)[path], np.float64)
+    assert int(np.prod(kernel.shape[:-1])) == fan_in and kernel.size // kernel.shape[-2] == fan_out
+    assert kernel.std() == pytest.approx(std, rel=0.03)
+    assert abs(kernel.mean()) < 0.03 * std
+    assert np.mean((kernel - kernel.mean()) ** 4) / kernel.var() ** 2 == pytest.approx(kurtosis, abs=0.2)

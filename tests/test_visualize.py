@@ -4,13 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from PIL import Image
 
 from cbam_jax.cli import main
 from cbam_jax.pretrained import save_pretrained
 from cbam_jax.resnet import ResNet
 from cbam_jax.visualize import attention_figure, attention_maps, colorize, grad_cam, last_block_name
-from tests.helpers import randomize
+from tests import numpy_reference as ref
+from tests.helpers import randomize, to_numpy
 
 # Tiny two-stage networks; 'timm' options give the spatial gate a BatchNorm scale of 1, so its
 # map is not the constant 0.5 of the official zero-initialised gate.
@@ -56,6 +58,44 @@ def test_maps_have_input_size_and_values_in_unit_range(attention):
     assert cam.maps.shape == (2, 20, 28) and cam.maps.min() >= 0 and cam.maps.max() <= 1
     np.testing.assert_array_equal(cam.class_index, np.argmax(cam.logits, axis=-1))
     np.testing.assert_allclose(cam.logits, jax.jit(model.apply)(variables, images), atol=1e-5)
+
+
+def _module_input(model, variables, images, path):
+    """The input (B, H, W, C) the module at `path` receives in an eval-mode forward pass."""
+    captured = []
+
+    def record(call, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.scope.path == path:
+            captured.append(args[0])
+        return call(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, images)
+    assert len(captured) == 1
+    return np.asarray(captured[0], np.float64)
+
+
+def test_se_and_bam_maps_are_their_gates_sigmoids():
+    """The SE channel map and BAM's channel and spatial maps against NumPy (tests/numpy_reference.py)
+    from the input each module receives: sigmoid(fc2(relu(fc1(avgpool(x))))) for SE, and the
+    sigmoids of BAM's two branches (at the feature map's resolution, resize=False)."""
+    model, variables, images = tiny_model("se")
+    x = _module_input(model, variables, images, ("layer1_0", "attention"))
+    p = to_numpy(variables["params"]["layer1_0"]["attention"])
+    hidden = np.maximum(x.mean(axis=(1, 2)) @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+    expected = ref.sigmoid(hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"])
+    np.testing.assert_allclose(attention_maps(model, variables, images)["layer1_0"]["channel"], expected, atol=1e-6)
+
+    model, variables, images = tiny_model("bam")
+    x = _module_input(model, variables, images, ("bam1",))
+    p = {**to_numpy(variables["params"]["bam1"])}
+    for name, stats in to_numpy(variables["batch_stats"]["bam1"]).items():
+        p[name] = {**p[name], **stats}
+    channel, spatial = ref.bam_logits(x, p, dilation=ATTENTION["bam"]["dilation"])
+    maps = attention_maps(model, variables, images, resize=False)["bam1"]
+    assert np.ptp(ref.sigmoid(spatial)) > 0.1 and np.ptp(ref.sigmoid(channel)) > 0.1  # maps with contrast
+    np.testing.assert_allclose(maps["channel"], ref.sigmoid(channel[:, 0, 0, :]), atol=1e-6)
+    np.testing.assert_allclose(maps["spatial"], ref.sigmoid(spatial[..., 0]), atol=1e-6)
 
 
 def test_grad_cam_equals_the_class_activation_map_of_a_pooled_linear_head():

@@ -140,7 +140,7 @@ class SpatialGate(nn.Module):
             y = norm_cls(use_running_average=not train, momentum=self.bn_momentum,
                          epsilon=self.bn_epsilon, use_fast_variance=False,
                          scale_init=nn.initializers.zeros if self.bn_zero_init else nn.initializers.ones,
-                         axis_name=self.bn_axis_name, dtype=jnp.float32,
+                         axis_name=self.bn_axis_name, dtype=jnp.promote_types(y.dtype, jnp.float32),
                          param_dtype=self.param_dtype, name="bn")(y)
         logits = promote_to_float32(y)  # (B, H, W, 1)
         scale = jax.nn.sigmoid(logits)[..., 0]  # (B, H, W)

@@ -54,7 +54,7 @@ class Steps:
 
 
 def train_torch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 2) -> tuple[Steps, dict]:
-    """SGD steps in PyTorch (in the model's dtype; float32 results are returned as float32). Returns the
+    """SGD steps in PyTorch (in the model's dtype; results are returned in it). Returns the
     Steps (grads/stats/params as state_dicts) and, per BatchNorm running_var key, (torch momentum,
     running_var before, number of values per channel)."""
     x = x.to(next(model.parameters()).dtype)
@@ -89,7 +89,8 @@ def train_torch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
 
 
 def _float32(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().numpy().astype(np.float32)
+    """float32 tensors as float32 arrays, float64 ones as float64 (a float64 model's exact results)."""
+    return tensor.detach().numpy().copy()
 
 
 def flax_running_stats(torch_stats: dict, bn_info: dict) -> dict:

@@ -46,6 +46,7 @@ ModuleDef = Any
 # Per-block attention layers; 'bam' is per stage (see ResNet).
 ATTENTION_LAYERS: dict[str, type[nn.Module]] = {"se": SE, "cbam": CBAM, "bam": BAM}
 STEMS = ("imagenet", "cifar")
+REMAT_CHOICES = ("none", "blocks")  # ResNet.remat
 # ResNet fields that its attention layers take from it (when they have such a field).
 MODEL_WIDE_OPTIONS = ("dtype", "param_dtype", "bn_axis_name", "bn_momentum", "bn_epsilon", "implementation")
 
@@ -166,6 +167,11 @@ class ResNet(nn.Module):
         `num_classes` is then ignored.
       out_indices: which feature maps (increasing): 0 = stem output, s = output of stage s;
         None = every stage (1, ..., len(stage_sizes)). See `feature_info`.
+      remat: 'none', or 'blocks' to recompute each residual block's activations in the backward
+        pass (`nn.remat`) instead of keeping them: only block inputs stay alive between the forward
+        and backward passes, so a training step's peak memory falls (CBAM-ResNet-50: see
+        benchmarks/results/memory.json) for about one more forward pass of compute. Same
+        parameters and results.
       kernels: deprecated name of `implementation`.
     """
 
@@ -185,6 +191,7 @@ class ResNet(nn.Module):
     implementation: str = "auto"
     features_only: bool = False
     out_indices: Sequence[int] | None = None
+    remat: str = "none"
     kernels: str | None = None  # deprecated: `implementation`
 
     def __post_init__(self) -> None:
@@ -203,6 +210,7 @@ class ResNet(nn.Module):
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
         _check_choice("implementation", self.implementation, cpu_ops.IMPLEMENTATIONS)
+        _check_choice("remat", self.remat, REMAT_CHOICES)
         if self.attention is not None:
             _check_choice("attention", self.attention, ATTENTION_LAYERS)
             allowed = attention_options(ATTENTION_LAYERS[self.attention])
@@ -302,6 +310,8 @@ class ResNet(nn.Module):
                 features.append(x)
 
         block_cls = BLOCKS[self.block]
+        if self.remat == "blocks":
+            block_cls = nn.remat(block_cls, static_argnums=(2,))  # `train` (positional) is static
         # A backbone stops after its last output: later stages would be unused parameters.
         num_stages = max(self.feature_indices) if self.features_only else len(self.stage_sizes)
         for stage, num_blocks in enumerate(self.stage_sizes[:num_stages]):
@@ -309,7 +319,7 @@ class ResNet(nn.Module):
                 x = block_cls(filters=self.width * 2**stage, conv=conv, norm=norm,
                               strides=2 if stage > 0 and index == 0 else 1,
                               attention=block_attention, zero_init_last=self.zero_init_residual,
-                              materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")(x, train=train)
+                              materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")(x, train)
             if stage_attention is not None and stage < min(3, len(self.stage_sizes) - 1):
                 x = stage_attention(name=f"bam{stage + 1}")(x, train=train)
             if stage + 1 in wanted:

@@ -8,6 +8,8 @@ import optax
 import pytest
 
 from cbam_jax import ResNet
+from cbam_jax.training.config import ConfigError, base_config, validate
+from cbam_jax.training.trainer import build_model
 from tests.helpers import random_variables
 
 IMAGE_SHAPE = (2, 32, 32, 3)
@@ -63,3 +65,17 @@ def test_remat_blocks_gives_the_same_forward_and_gradients(block, implementation
 def test_remat_rejects_an_unknown_choice():
     with pytest.raises(ValueError, match="remat"):
         _tiny("basic", "xla", "everything")
+
+
+def test_config_model_remat_reaches_the_trained_model():
+    config = base_config()
+    config.model.remat = "blocks"
+    assert build_model(validate(config)).remat == "blocks"
+    assert build_model(validate(base_config())).remat == "none"
+    old = base_config()  # a config saved before the field existed
+    del old.model["remat"]
+    assert validate(old).model.remat == "none"
+    wrong = base_config()
+    wrong.model.remat = "all"
+    with pytest.raises(ConfigError, match="config.model.remat = 'all'"):
+        validate(wrong)

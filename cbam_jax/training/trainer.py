@@ -53,7 +53,7 @@ def build_model(config: ml_collections.ConfigDict):
     attention_options = {} if config.model.name.startswith("resnet") else {"reduction": config.model.reduction}
     attention_options.update(config.model.attention_options.to_dict())
     return create_model(config.model.name, num_classes=config.dataset.num_classes, stem=config.model.stem,
-                        variant=config.model.variant, width=config.model.width,
+                        variant=config.model.variant, width=config.model.width, remat=config.model.remat,
                         dtype=config.precision, **attention_options)
 
 

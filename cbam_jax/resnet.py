@@ -40,6 +40,7 @@ from cbam_jax.layers.common import (
     torch_default_kernel_init,
     upgrade_renamed_options,
 )
+from cbam_jax.layers.remat import recompute_in_backward
 
 ModuleDef = Any
 
@@ -167,11 +168,11 @@ class ResNet(nn.Module):
         `num_classes` is then ignored.
       out_indices: which feature maps (increasing): 0 = stem output, s = output of stage s;
         None = every stage (1, ..., len(stage_sizes)). See `feature_info`.
-      remat: 'none', or 'blocks' to recompute each residual block's activations in the backward
-        pass (`nn.remat`) instead of keeping them: only block inputs stay alive between the forward
-        and backward passes, so a training step's peak memory falls (CBAM-ResNet-50: see
+      remat: 'none', or 'blocks' to recompute each residual block in the backward pass instead of
+        keeping its activations (`cbam_jax.layers.remat`): only block inputs stay alive between
+        the forward and backward passes, so a training step's peak memory falls (CBAM-ResNet-50:
         benchmarks/results/memory.json) for about one more forward pass of compute. Same
-        parameters and results.
+        parameters, results and gradients; no forward-mode differentiation (jvp) through it.
       kernels: deprecated name of `implementation`.
     """
 
@@ -310,16 +311,15 @@ class ResNet(nn.Module):
                 features.append(x)
 
         block_cls = BLOCKS[self.block]
-        if self.remat == "blocks":
-            block_cls = nn.remat(block_cls, static_argnums=(2,))  # `train` (positional) is static
         # A backbone stops after its last output: later stages would be unused parameters.
         num_stages = max(self.feature_indices) if self.features_only else len(self.stage_sizes)
         for stage, num_blocks in enumerate(self.stage_sizes[:num_stages]):
             for index in range(num_blocks):
-                x = block_cls(filters=self.width * 2**stage, conv=conv, norm=norm,
-                              strides=2 if stage > 0 and index == 0 else 1,
-                              attention=block_attention, zero_init_last=self.zero_init_residual,
-                              materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")(x, train)
+                block = block_cls(filters=self.width * 2**stage, conv=conv, norm=norm,
+                                  strides=2 if stage > 0 and index == 0 else 1,
+                                  attention=block_attention, zero_init_last=self.zero_init_residual,
+                                  materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")
+                x = recompute_in_backward(block, x, train) if self.remat == "blocks" else block(x, train=train)
             if stage_attention is not None and stage < min(3, len(self.stage_sizes) - 1):
                 x = stage_attention(name=f"bam{stage + 1}")(x, train=train)
             if stage + 1 in wanted:

@@ -1,4 +1,4 @@
-"""ResNet(remat='blocks') recomputes activations in the backward pass: same forward, same gradients,
+"""ResNet(remat='blocks') recomputes each block in the backward pass: same forward, same gradients,
 same BatchNorm statistics, same parameter tree as remat='none'."""
 
 import jax

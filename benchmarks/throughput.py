@@ -28,9 +28,11 @@ one process instead, round-robin (one call of each variant per round, the order 
 
 Compilation (JAX: lower + compile, from the run's own persistent cache after the first round;
 PyTorch: the first call) is reported separately and never counted as throughput. Memory on the CPU
-is the peak resident set size above the resting level during the last warm-up call, sampled every
-2 ms by a thread (psutil), because XLA's buffers are invisible to tracemalloc; on a GPU it is
-device memory (XLA's buffer assignment for the compiled program; PyTorch's allocator peak).
+is the peak resident set size above the resting level during the first step ('step MiB'), sampled
+every 2 ms by a thread (psutil), because XLA's buffers are invisible to tracemalloc, and the whole
+process's peak resident set ('process MiB', VmHWM: libraries, model, optimiser state, compilation
+and steps); on a GPU it is device memory (XLA's buffer assignment for the compiled program;
+PyTorch's allocator peak).
 
 Model FLOPs count the convolutions and matrix products of the forward pass (1 multiply-add = 2
 FLOPs; a training step = 3x the forward); MFU divides model FLOP/s by the dense matrix-product
@@ -668,14 +670,14 @@ def markdown(report: dict[str, Any]) -> str:
              + f"; load average {report['load_before']} before, {report['load_after']} after; "
              f"matrix-product peak measured: {peaks}; {how}.", "",
              "| case | net | mode | dtype | impl | images/s (median) | min-max | step ms | model GFLOP/s | MFU | "
-             "compile/first s | peak MiB |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "compile/first s | step MiB | process MiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         impl = r["impl"] + (" (autocast)" if r["dtype"] == "bfloat16" and r["impl"] in TORCH_IMPLS else "")
         lines.append(f"| {r['case']} | {r['arch']} | {r['mode']} | {r['dtype']} | {impl} | "
                      f"{r['images_per_s']:.1f} | {r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f} | "
                      f"{1000 * r['step_s_median']:.0f} | {r['gflops_per_s']:.0f} | {100 * r['mfu']:.0f}% | {r['compile_s']:.1f} | "
-                     f"{r['peak_mib']:.0f} |")
+                     f"{r['peak_mib']:.0f} | {r.get('process_peak_mib', float('nan')):.0f} |")
     others = (*TORCH_IMPLS, "jax-glibc", "jax-nodnn", "jax-xla", "jax-remat")
     columns = [c for c in (*(f"jax_over_{i}" for i in others), "cbam_cost")
                if any(c in e for e in report["ratios"])]

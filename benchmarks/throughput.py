@@ -11,8 +11,9 @@ and of the plain ResNet of the same depth, in
 - cbam-jax under `jax.jit` with donation, with the CPU fast path of `cbam_jax.layers.cpu_ops`
   ('jax': oneDNN convolutions and native max gradients where available, in a process started
   with glibc's huge-page tunable as train.py restarts itself, `cbam_jax.host_memory`), the same
-  without the tunable ('jax-glibc'), without the native kernels ('jax-nodnn') and with XLA's own
-  kernels only ('jax-xla');
+  without the tunable ('jax-glibc'), without the native kernels ('jax-nodnn'), with XLA's own
+  kernels only ('jax-xla') and with each residual block recomputed in the backward pass
+  (`ResNet(remat='blocks')`, 'jax-remat': less memory for more compute);
 - PyTorch eager NCHW ('torch'), eager channels-last ('torch-cl') and torch.compile ('torch-compile');
   bfloat16 there is PyTorch's autocast (CPU or CUDA), beside JAX's bfloat16 activations.
 
@@ -27,9 +28,11 @@ one process instead, round-robin (one call of each variant per round, the order 
 
 Compilation (JAX: lower + compile, from the run's own persistent cache after the first round;
 PyTorch: the first call) is reported separately and never counted as throughput. Memory on the CPU
-is the peak resident set size above the resting level during the last warm-up call, sampled every
-2 ms by a thread (psutil), because XLA's buffers are invisible to tracemalloc; on a GPU it is
-device memory (XLA's buffer assignment for the compiled program; PyTorch's allocator peak).
+is the peak resident set size above the resting level during the first step ('step MiB'), sampled
+every 2 ms by a thread (psutil), because XLA's buffers are invisible to tracemalloc, and the whole
+process's peak resident set ('process MiB', VmHWM: libraries, model, optimiser state, compilation
+and steps); on a GPU it is device memory (XLA's buffer assignment for the compiled program;
+PyTorch's allocator peak).
 
 Model FLOPs count the convolutions and matrix products of the forward pass (1 multiply-add = 2
 FLOPs; a training step = 3x the forward); MFU divides model FLOP/s by the dense matrix-product
@@ -68,9 +71,11 @@ from cbam_jax.host_memory import with_huge_pages  # noqa: E402
 from cbam_jax.registry import create_model, parse_name  # noqa: E402
 
 # benchmark name -> (ResNet `implementation` option, native kernels (oneDNN) on the CPU path,
-# glibc's huge-page tunable `cbam_jax.host_memory.TUNABLE` as train.py and `cbam-jax eval` set it)
-JAX_IMPLS = {"jax": ("auto", True, True), "jax-glibc": ("auto", True, False),
-             "jax-nodnn": ("auto", False, True), "jax-xla": ("xla", False, True)}
+# glibc's huge-page tunable `cbam_jax.host_memory.TUNABLE` as train.py and `cbam-jax eval` set it,
+# ResNet `remat` option: 'blocks' recomputes each block in the backward pass, less memory)
+JAX_IMPLS = {"jax": ("auto", True, True, "none"), "jax-glibc": ("auto", True, False, "none"),
+             "jax-nodnn": ("auto", False, True, "none"), "jax-xla": ("xla", False, True, "none"),
+             "jax-remat": ("auto", True, True, "blocks")}
 TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
 IMPLS = (*JAX_IMPLS, *TORCH_IMPLS)
 NUM_CLASSES = {"imagenet": 1000, "cifar": 10}
@@ -134,6 +139,7 @@ class Variant:
     compile_s_all: list[float] = dataclasses.field(default_factory=list)  # one per process
     pids: list[int] = dataclasses.field(default_factory=list)  # the processes that measured it
     peak_mib: float = float("nan")
+    process_peak_mib: float = float("nan")  # the whole process's peak RSS (CPU), the largest over its processes
     xla_temp_mib: float = float("nan")  # JAX: temporaries of the compiled program (XLA's buffer assignment)
     flops: float = float("nan")  # model FLOPs per call (convolutions and matrix products)
 
@@ -165,7 +171,7 @@ class Variant:
                 "images_per_s_min": self.case.batch / max(values),
                 "images_per_s_max": self.case.batch / min(values),
                 "compile_s": self.compile_s, "compile_s_all": self.compile_s_all, "pids": self.pids,
-                "peak_mib": self.peak_mib, "xla_temp_mib": self.xla_temp_mib, "model_gflop": self.flops / 1e9,
+                "peak_mib": self.peak_mib, "process_peak_mib": self.process_peak_mib, "xla_temp_mib": self.xla_temp_mib, "model_gflop": self.flops / 1e9,
                 "gflops_per_s": self.flops / median / 1e9,
                 "mfu": self.flops / median / peak_flops[self.dtype]}
 
@@ -272,9 +278,9 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Call
 def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
-    implementation, use_native, _ = JAX_IMPLS[variant.impl]
+    implementation, use_native, _, remat = JAX_IMPLS[variant.impl]
     model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
-                         dtype=jnp.dtype(variant.dtype), implementation=implementation)
+                         dtype=jnp.dtype(variant.dtype), implementation=implementation, remat=remat)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))
@@ -416,6 +422,17 @@ def peak_rss_mib(call: Callable[[], None], interval_s: float = 0.002) -> float:
     return (max(peak[0], process.memory_info().rss) - base) / 2**20
 
 
+def process_peak_rss_mib() -> float:
+    """The process's peak resident set size so far (Linux VmHWM: libraries, model, optimiser state,
+    compilation and every step), in MiB; NaN where /proc is missing."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _prepare(variant: Variant, warmup: int) -> None:
     """Set up (compile) and warm up one variant.
 
@@ -499,6 +516,8 @@ def run_processes(variants: list[Variant], rounds: int, repeats: int, warmup: in
         variant.compile_s = variant.compile_s_all[0]
         variant.peak_mib = max(measured["peak_mib"], variant.peak_mib) if variant.round_medians[:-1] \
             else measured["peak_mib"]
+        variant.process_peak_mib = max(measured.get("process_peak_mib", float("nan")), variant.process_peak_mib) \
+            if variant.round_medians[:-1] else measured.get("process_peak_mib", float("nan"))
         variant.flops = measured["flops"]
         variant.xla_temp_mib = measured.get("xla_temp_mib", float("nan"))
         variant.pids.append(measured["pid"])
@@ -525,6 +544,7 @@ def child_main(spec: dict[str, Any]) -> int:
             variant.step()
             variant.times.append(time.perf_counter() - start)
         result = {"times": variant.times, "compile_s": variant.compile_s, "peak_mib": variant.peak_mib,
+                  "process_peak_mib": process_peak_rss_mib(),
                   "xla_temp_mib": variant.xla_temp_mib, "flops": variant.flops, "load": os.getloadavg()[0],
                   "pid": os.getpid()}
     print(CHILD_MARK + json.dumps(result), flush=True)
@@ -567,7 +587,7 @@ def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (case, arch, mode, dtype, impl), row in by_key.items():
         entry = {"case": case, "arch": arch, "mode": mode, "dtype": dtype, "impl": impl}
         if impl == "jax":
-            for other in (*TORCH_IMPLS, "jax-glibc", "jax-nodnn", "jax-xla"):
+            for other in (*TORCH_IMPLS, "jax-glibc", "jax-nodnn", "jax-xla", "jax-remat"):
                 theirs = by_key.get((case, arch, mode, dtype, other))
                 if theirs is None:
                     continue
@@ -650,15 +670,15 @@ def markdown(report: dict[str, Any]) -> str:
              + f"; load average {report['load_before']} before, {report['load_after']} after; "
              f"matrix-product peak measured: {peaks}; {how}.", "",
              "| case | net | mode | dtype | impl | images/s (median) | min-max | step ms | model GFLOP/s | MFU | "
-             "compile/first s | peak MiB |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "compile/first s | step MiB | process MiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         impl = r["impl"] + (" (autocast)" if r["dtype"] == "bfloat16" and r["impl"] in TORCH_IMPLS else "")
         lines.append(f"| {r['case']} | {r['arch']} | {r['mode']} | {r['dtype']} | {impl} | "
                      f"{r['images_per_s']:.1f} | {r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f} | "
                      f"{1000 * r['step_s_median']:.0f} | {r['gflops_per_s']:.0f} | {100 * r['mfu']:.0f}% | {r['compile_s']:.1f} | "
-                     f"{r['peak_mib']:.0f} |")
-    others = (*TORCH_IMPLS, "jax-glibc", "jax-nodnn", "jax-xla")
+                     f"{r['peak_mib']:.0f} | {r.get('process_peak_mib', float('nan')):.0f} |")
+    others = (*TORCH_IMPLS, "jax-glibc", "jax-nodnn", "jax-xla", "jax-remat")
     columns = [c for c in (*(f"jax_over_{i}" for i in others), "cbam_cost")
                if any(c in e for e in report["ratios"])]
     if columns:

@@ -209,6 +209,8 @@ def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet", 
 # ResNet fields added with the ResNeXts and Wide ResNets, left out of a config at their defaults so
 # that the configs of plain ResNets (and their saved checkpoints' architecture) stay as they were.
 RESNET_FIELDS_AT_DEFAULT_OMITTED = {"groups": 1, "base_width": 64, "stage_widths": None}
+# Likewise `remat` (how the backward pass is computed, not what the model is).
+CONFIG_FIELDS_AT_DEFAULT_OMITTED = {**RESNET_FIELDS_AT_DEFAULT_OMITTED, "remat": "none"}
 
 
 def model_config(model: Model) -> dict[str, Any]:
@@ -221,7 +223,7 @@ def model_config(model: Model) -> dict[str, Any]:
     config: dict[str, Any] = {} if family == "resnet" else {"family": family}
     for field in sorted(layer_options(type(model))):
         value = getattr(model, field)
-        if family == "resnet" and RESNET_FIELDS_AT_DEFAULT_OMITTED.get(field, ...) == value:
+        if family == "resnet" and CONFIG_FIELDS_AT_DEFAULT_OMITTED.get(field, ...) == value:
             continue
         if field in ("dtype", "param_dtype"):
             value = jnp.dtype(value).name

@@ -42,12 +42,14 @@ from cbam_jax.layers.common import (
     torch_default_kernel_init,
     upgrade_renamed_options,
 )
+from cbam_jax.layers.remat import recompute_in_backward
 
 ModuleDef = Any
 
 # Per-block attention layers; 'bam' is per stage (see ResNet).
 ATTENTION_LAYERS: dict[str, type[nn.Module]] = {"se": SE, "cbam": CBAM, "bam": BAM}
 STEMS = ("imagenet", "cifar")
+REMAT_CHOICES = ("none", "blocks")  # ResNet.remat
 # ResNet fields that its attention layers take from it (when they have such a field).
 MODEL_WIDE_OPTIONS = ("dtype", "param_dtype", "bn_axis_name", "bn_momentum", "bn_epsilon", "implementation")
 
@@ -190,6 +192,11 @@ class ResNet(nn.Module):
       out_indices: which feature maps (increasing): 0 = stem output, s = output of stage s;
         None = every stage (1, ..., len(stage_sizes)); an integer n = the last n of them (timm's
         meaning: 3 = (2, 3, 4) for four stages). NumPy integers are accepted. See `feature_info`.
+      remat: 'none', or 'blocks' to recompute each residual block in the backward pass instead of
+        keeping its activations (`cbam_jax.layers.remat`): only block inputs stay alive between
+        the forward and backward passes, so a training step's peak memory falls (CBAM-ResNet-50:
+        benchmarks/results/memory.json) for about one more forward pass of compute. Same
+        parameters, results and gradients; no forward-mode differentiation (jvp) through it.
       kernels: deprecated name of `implementation`.
     """
 
@@ -212,6 +219,7 @@ class ResNet(nn.Module):
     implementation: str = "auto"
     features_only: bool = False
     out_indices: Sequence[int] | None = None
+    remat: str = "none"
     kernels: str | None = None  # deprecated: `implementation`
 
     def __post_init__(self) -> None:
@@ -232,6 +240,7 @@ class ResNet(nn.Module):
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
         _check_choice("implementation", self.implementation, cpu_ops.IMPLEMENTATIONS)
+        _check_choice("remat", self.remat, REMAT_CHOICES)
         if self.attention is not None:
             _check_choice("attention", self.attention, ATTENTION_LAYERS)
             allowed = attention_options(ATTENTION_LAYERS[self.attention])
@@ -346,11 +355,12 @@ class ResNet(nn.Module):
         num_stages = max(self.feature_indices) if self.features_only else len(self.stage_sizes)
         for stage, num_blocks in enumerate(self.stage_sizes[:num_stages]):
             for index in range(num_blocks):
-                x = block_cls(filters=self.stage_width(stage), conv=conv, norm=norm,
-                              groups=self.groups, base_width=self.base_width,
-                              strides=2 if stage > 0 and index == 0 else 1,
-                              attention=block_attention, zero_init_last=self.zero_init_residual,
-                              materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")(x, train=train)
+                block = block_cls(filters=self.stage_width(stage), conv=conv, norm=norm,
+                                  groups=self.groups, base_width=self.base_width,
+                                  strides=2 if stage > 0 and index == 0 else 1,
+                                  attention=block_attention, zero_init_last=self.zero_init_residual,
+                                  materialize_output=cpu_path, name=f"layer{stage + 1}_{index}")
+                x = recompute_in_backward(block, x, train) if self.remat == "blocks" else block(x, train=train)
             if stage_attention is not None and stage < min(3, len(self.stage_sizes) - 1):
                 x = stage_attention(name=f"bam{stage + 1}")(x, train=train)
             if stage + 1 in wanted:

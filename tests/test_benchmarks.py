@@ -183,7 +183,8 @@ def test_run_processes_collects_one_median_per_round():
         launched.append(spec["impl"])
         seconds = 2.0 if spec["impl"] == "torch-cl" else (1.0 if launched.count("jax") == 1 else 3.0)
         return {"times": [seconds, seconds + 0.5, seconds - 0.5][:spec["repeats"]], "compile_s": len(launched),
-                "peak_mib": 10.0 * len(launched), "flops": 1e9, "pid": 1000 + len(launched)}
+                "peak_mib": 10.0 * len(launched), "process_peak_mib": 100.0 * len(launched), "flops": 1e9,
+                "pid": 1000 + len(launched)}
 
     variants = _variants(["jax", "torch-cl"])
     run_processes(variants, rounds=2, repeats=3, warmup=1, log=lambda message: None, env={}, launch=launch)
@@ -192,7 +193,7 @@ def test_run_processes_collects_one_median_per_round():
     assert jax_variant.round_medians == [1.0, 3.0] and torch_variant.round_medians == [2.0, 2.0]
     assert len(jax_variant.times) == 6 and jax_variant.pids == [1001, 1004]
     assert jax_variant.compile_s == 1 and jax_variant.compile_s_all == [1, 4]  # the cold compile is reported
-    assert jax_variant.peak_mib == 40.0  # the largest of its processes
+    assert jax_variant.peak_mib == 40.0 and jax_variant.process_peak_mib == 400.0  # the largest of its processes
     entry, = ratios([v.summary({"float32": 1e12}) for v in variants])
     assert entry["jax_over_torch-cl_spread"]["min"] == pytest.approx(2 / 3)
     assert entry["jax_over_torch-cl_spread"]["max"] == pytest.approx(2.0)
@@ -240,9 +241,25 @@ def test_scaling_sweeps_and_table():
     for variant, (jax_s, torch_s) in zip(by_batch, [(2.0, 3.0), (2.0, 3.0), (4.0, 5.0), (4.0, 5.0)]):
         variant.round_medians = [jax_s if variant.impl == "jax" else torch_s]
         variant.compile_s, variant.peak_mib, variant.flops = 7.0, 100.0, 1e9
+        variant.process_peak_mib = 300.0 if variant.impl == "jax" else 200.0
     text = table([v.summary({"float32": 1e12}) for v in by_batch], "batch", ["jax", "torch-cl"])
-    assert "| 8 | 2000 (2000-2000) | 4.0 | 100 | 3000 (3000-3000) | 2.7 | 100 | 7.0 | 1.50 |" in text
-    assert "| 16 | 4000 (4000-4000) | 4.0 | 100 | 5000 (5000-5000) | 3.2 | 100 | 7.0 | 1.25 |" in text
+    assert "| 8 | 2000 (2000-2000) | 4.0 | 100 | 300 | 3000 (3000-3000) | 2.7 | 100 | 200 | 7.0 | 1.50 | 1.50 |" in text
+    assert "| 16 | 4000 (4000-4000) | 4.0 | 100 | 300 | 5000 (5000-5000) | 3.2 | 100 | 200 | 7.0 | 1.25 | 1.50 |" in text
+    assert "jax / torch-cl memory" in text
+
+
+def test_largest_batch_that_fits_comes_from_a_line_through_the_measured_peaks():
+    from benchmarks.scaling import batch_fits, fits_table
+
+    rows = [{"impl": "jax", "batch": b, "process_peak_mib": 200.0 + 100.0 * b} for b in (8, 16, 32)]
+    rows += [{"impl": "torch-cl", "batch": b, "process_peak_mib": 300.0 + 50.0 * b} for b in (8, 32)]
+    rows.append({"impl": "jax-remat", "batch": 8, "process_peak_mib": 500.0})  # one point: no line
+    jax_fit, torch_fit = batch_fits(rows, [1, 2])
+    assert jax_fit["impl"] == "jax" and jax_fit["fixed_mib"] == pytest.approx(200.0)
+    assert jax_fit["mib_per_image"] == pytest.approx(100.0)
+    assert jax_fit["largest_batch"] == {"1": 8, "2": 18}  # (1024 - 200) / 100, (2048 - 200) / 100
+    assert torch_fit["largest_batch"] == {"1": 14, "2": 34}
+    assert "| jax | 200 | 100.0 | 8 | 18 |" in fits_table([jax_fit, torch_fit], [1, 2])
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ LOCK_FILE = "train.lock"  # held (flock) by the process that trains in the workd
 
 # Fields of model_config that describe the computation, not the architecture: a run may resume
 # with another precision, parallel mode or implementation of the same layers.
-NON_ARCHITECTURE_FIELDS = ("dtype", "bn_axis_name", "implementation")
+NON_ARCHITECTURE_FIELDS = ("dtype", "bn_axis_name", "implementation", "remat")
 
 
 def architecture(model_config: dict) -> dict:

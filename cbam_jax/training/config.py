@@ -20,6 +20,7 @@ import ml_collections
 from cbam_jax.errors import InvalidInput, MissingInput
 from cbam_jax.factory import source_kind
 from cbam_jax.registry import VARIANTS, create_model, list_models
+from cbam_jax.resnet import REMAT_CHOICES
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
         # Any other option of the attention layer (`create_model`'s), e.g. {'arrangement': 'parallel'};
         # configs/ablation.py sets them for each row of the paper's ablation.
         attention_options=ml_collections.ConfigDict(),
+        remat="none",  # 'blocks': recompute each residual block in the backward pass (less memory, more compute)
     ))
     config.dataset = ml_collections.ConfigDict(dict(
         source="digits",  # 'digits' (embedded), 'tfds' (tfds.data_source) or 'folder' (class sub-folders)
@@ -125,12 +127,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     if "model" in config and "attention_options" not in config.model and not config.is_locked:
         config.model.attention_options = ml_collections.ConfigDict()  # a config saved before the field existed
+    if "model" in config and "remat" not in config.model and not config.is_locked:
+        config.model.remat = "none"  # a config saved before the field existed
     _check_fields(config, base_config(), "config")
     if config.model.name not in list_models():
         raise ConfigError(f"config.model.name = {config.model.name!r} is not a model; choose from {list_models()}.")
     _choice("model.variant", config.model.variant, tuple(VARIANTS))
     _check_attention_options(config.model)
     _choice("model.stem", config.model.stem, ("imagenet", "cifar"))
+    _choice("model.remat", config.model.remat, REMAT_CHOICES)
     _choice("dataset.source", config.dataset.source, SOURCES)
     _choice("dataset.train_augment", config.dataset.train_augment, TRAIN_AUGMENTS)
     _choice("optimizer", config.optimizer, OPTIMIZERS)

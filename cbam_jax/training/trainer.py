@@ -56,7 +56,8 @@ def build_model(config: ml_collections.ConfigDict):
     attention_options.update(config.model.attention_options.to_dict())
     return create_model(config.model.name, num_classes=config.dataset.num_classes, stem=config.model.stem,
                         variant=config.model.variant, width=config.model.width,
-                        dtype=config.precision, **attention_options)
+                        dtype=config.precision, **attention_options,
+                        **({"remat": config.model.remat} if config.model.remat != "none" else {}))  # ResNets only
 
 
 class _Preemption:

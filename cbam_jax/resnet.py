@@ -32,15 +32,12 @@ from flax.core import FrozenDict
 
 from cbam_jax.layers import BAM, CBAM, SE, cpu_ops
 from cbam_jax.layers.common import (
-    RENAMED_OPTIONS,
     Dtype,
     check_nhwc,
     conv_kernel_init,
     is_int,
     promote_to_float32,
-    renamed_option_value,
     torch_default_kernel_init,
-    upgrade_renamed_options,
 )
 
 ModuleDef = Any
@@ -190,7 +187,6 @@ class ResNet(nn.Module):
       out_indices: which feature maps (increasing): 0 = stem output, s = output of stage s;
         None = every stage (1, ..., len(stage_sizes)); an integer n = the last n of them (timm's
         meaning: 3 = (2, 3, 4) for four stages). NumPy integers are accepted. See `feature_info`.
-      kernels: deprecated name of `implementation`.
     """
 
     stage_sizes: Sequence[int]
@@ -212,10 +208,8 @@ class ResNet(nn.Module):
     implementation: str = "auto"
     features_only: bool = False
     out_indices: Sequence[int] | None = None
-    kernels: str | None = None  # deprecated: `implementation`
 
     def __post_init__(self) -> None:
-        renamed_option_value(self, "kernels")
         # Fail at construction, before any tracing, on an invalid configuration; keep the fields
         # hashable (lists from JSON or a command line become tuples) so that the module can be a
         # static argument of jax.jit.
@@ -224,9 +218,8 @@ class ResNet(nn.Module):
             object.__setattr__(self, "out_indices", normalize_out_indices(self.out_indices, len(self.stage_sizes)))
         if self.stage_widths is not None:
             object.__setattr__(self, "stage_widths", tuple(self.stage_widths))
-        options = upgrade_renamed_options(self.attention_options, "ResNet attention_options")
         object.__setattr__(self, "attention_options", FrozenDict(
-            {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
+            {k: tuple(v) if isinstance(v, list) else v for k, v in self.attention_options.items()}))
         for dtype_field in ("dtype", "param_dtype"):
             object.__setattr__(self, dtype_field, jnp.dtype(getattr(self, dtype_field)))
         _check_choice("block", self.block, BLOCKS)
@@ -411,9 +404,8 @@ def normalize_out_indices(out_indices: int | Sequence[int], num_stages: int) -> 
 
 
 def layer_options(layer_cls: type[nn.Module]) -> set[str]:
-    """The constructor options of a Linen layer class (its dataclass fields but parent, name and
-    the deprecated names of renamed options)."""
-    return {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name"} - set(RENAMED_OPTIONS)
+    """The constructor options of a Linen layer class (its dataclass fields but parent and name)."""
+    return {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name"}
 
 
 def attention_options(layer_cls: type[nn.Module]) -> set[str]:

@@ -26,7 +26,7 @@ from flax import linen as nn
 from flax.core import FrozenDict
 
 from cbam_jax.layers import cpu_ops
-from cbam_jax.layers.common import Dtype, check_nhwc, is_int, upgrade_renamed_options
+from cbam_jax.layers.common import Dtype, check_nhwc, is_int
 from cbam_jax.resnet import (
     ATTENTION_LAYERS,
     MODEL_WIDE_OPTIONS,
@@ -116,9 +116,8 @@ class MobileNet(nn.Module):
     def __post_init__(self) -> None:
         if self.out_indices is not None:
             object.__setattr__(self, "out_indices", normalize_out_indices(self.out_indices, len(BASE_CHANNELS) - 1))
-        options = upgrade_renamed_options(self.attention_options, "MobileNet attention_options")
         object.__setattr__(self, "attention_options", FrozenDict(
-            {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
+            {k: tuple(v) if isinstance(v, list) else v for k, v in self.attention_options.items()}))
         for dtype_field in ("dtype", "param_dtype"):
             object.__setattr__(self, dtype_field, jnp.dtype(getattr(self, dtype_field)))
         if self.stem not in MOBILENET_STEMS:

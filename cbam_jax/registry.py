@@ -26,7 +26,6 @@ from typing import Any
 import jax.numpy as jnp
 
 from cbam_jax.errors import InvalidInput
-from cbam_jax.layers.common import upgrade_renamed_options
 from cbam_jax.mobilenet import MobileNet
 from cbam_jax.resnet import ATTENTION_LAYERS, ResNet, attention_options, layer_options
 
@@ -178,7 +177,6 @@ def create_model(name: str, *, num_classes: int = 1000, stem: str = "imagenet", 
       ValueError: for an unknown name, variant, stem or override.
     """
     attention, arch = split_name(name)
-    overrides = upgrade_renamed_options(overrides, "create_model")
     if variant not in VARIANTS:
         raise InvalidInput(f"Unknown variant {variant!r}; available: {', '.join(VARIANTS)}.")
     if variant not in VARIANTS_OF_ATTENTION[attention]:
@@ -237,15 +235,12 @@ def model_config(model: Model) -> dict[str, Any]:
 
 def model_from_config(config: dict[str, Any]) -> Model:
     """Rebuild a `ResNet` or `MobileNet` from `model_config(model)` (lists for tuples, dtype names
-    for dtypes); ValueError for unknown or invalid fields. Configs saved under renamed option names
-    (`kernels`, `spatial_bn`) are upgraded."""
-    config = upgrade_renamed_options(config, "model config", warn=False)
+    for dtypes); ValueError for unknown or invalid fields."""
+    config = dict(config)
     family = config.pop("family", "resnet")
     if family not in FAMILIES:
         raise InvalidInput(f"Unknown model family {family!r} in the model config; known: {', '.join(FAMILIES)}.")
     model_cls = FAMILIES[family]
-    if "attention_options" in config:
-        config["attention_options"] = upgrade_renamed_options(config["attention_options"], "model config", warn=False)
     unknown = sorted(set(config) - layer_options(model_cls))
     if unknown:
         raise InvalidInput(f"Unknown model config field(s) {unknown}; allowed: {sorted(layer_options(model_cls))}.")

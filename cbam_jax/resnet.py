@@ -32,15 +32,12 @@ from flax.core import FrozenDict
 
 from cbam_jax.layers import BAM, CBAM, SE, cpu_ops
 from cbam_jax.layers.common import (
-    RENAMED_OPTIONS,
     Dtype,
     check_nhwc,
     conv_kernel_init,
     is_int,
     promote_to_float32,
-    renamed_option_value,
     torch_default_kernel_init,
-    upgrade_renamed_options,
 )
 from cbam_jax.layers.remat import recompute_in_backward
 
@@ -197,7 +194,6 @@ class ResNet(nn.Module):
         the forward and backward passes, so a training step's peak memory falls (CBAM-ResNet-50:
         benchmarks/results/memory.json) for about one more forward pass of compute. Same
         parameters, results and gradients; no forward-mode differentiation (jvp) through it.
-      kernels: deprecated name of `implementation`.
     """
 
     stage_sizes: Sequence[int]
@@ -220,10 +216,8 @@ class ResNet(nn.Module):
     features_only: bool = False
     out_indices: Sequence[int] | None = None
     remat: str = "none"
-    kernels: str | None = None  # deprecated: `implementation`
 
     def __post_init__(self) -> None:
-        renamed_option_value(self, "kernels")
         # Fail at construction, before any tracing, on an invalid configuration; keep the fields
         # hashable (lists from JSON or a command line become tuples) so that the module can be a
         # static argument of jax.jit.
@@ -232,9 +226,8 @@ class ResNet(nn.Module):
             object.__setattr__(self, "out_indices", normalize_out_indices(self.out_indices, len(self.stage_sizes)))
         if self.stage_widths is not None:
             object.__setattr__(self, "stage_widths", tuple(self.stage_widths))
-        options = upgrade_renamed_options(self.attention_options, "ResNet attention_options")
         object.__setattr__(self, "attention_options", FrozenDict(
-            {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
+            {k: tuple(v) if isinstance(v, list) else v for k, v in self.attention_options.items()}))
         for dtype_field in ("dtype", "param_dtype"):
             object.__setattr__(self, dtype_field, jnp.dtype(getattr(self, dtype_field)))
         _check_choice("block", self.block, BLOCKS)
@@ -421,9 +414,8 @@ def normalize_out_indices(out_indices: int | Sequence[int], num_stages: int) -> 
 
 
 def layer_options(layer_cls: type[nn.Module]) -> set[str]:
-    """The constructor options of a Linen layer class (its dataclass fields but parent, name and
-    the deprecated names of renamed options)."""
-    return {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name"} - set(RENAMED_OPTIONS)
+    """The constructor options of a Linen layer class (its dataclass fields but parent and name)."""
+    return {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name"}
 
 
 def attention_options(layer_cls: type[nn.Module]) -> set[str]:

@@ -3,7 +3,6 @@
 import functools
 import platform
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from cbam_jax.layers import CBAM, SpatialGate, cpu_ops, native
+from cbam_jax.layers import cpu_ops, native
 from cbam_jax.layers.common import max_over
 from cbam_jax.registry import create_model, model_config, model_from_config
 from cbam_jax.resnet import ResNet
@@ -271,30 +270,17 @@ def test_implementation_option_is_checked():
     assert cpu_ops.use_cpu_path("cpu") and not cpu_ops.use_cpu_path("xla")
 
 
-def test_renamed_options_are_still_accepted_with_a_warning():
-    """`kernels` (now `implementation`) and CBAM's `spatial_bn` (now `spatial_use_bn`) keep working."""
-    with pytest.warns(FutureWarning, match="'kernels' is deprecated, use 'implementation'"):
-        model = create_model("cbam_resnet18", kernels="xla")
-    assert model.implementation == "xla" and model.kernels is None
-    with pytest.warns(FutureWarning, match="'spatial_bn' is deprecated, use 'spatial_use_bn'"):
-        model = create_model("cbam_resnet18", spatial_bn=False)
-    assert model.attention_options["spatial_use_bn"] is False and "spatial_bn" not in model.attention_options
-    with pytest.warns(FutureWarning, match="'kernels' is deprecated"):
-        gate = SpatialGate(kernels="cpu")
-    assert gate.implementation == "cpu"
-    with pytest.warns(FutureWarning) as caught:
-        layer = CBAM(spatial_bn=False, kernels="xla")
-    assert sorted(str(w.message).split("'")[1] for w in caught) == ["kernels", "spatial_bn"]
-    assert (layer.spatial_use_bn, layer.implementation) == (False, "xla")
-    with pytest.raises(ValueError, match="give implementation= only"):
-        ResNet(stage_sizes=(1,), kernels="xla", implementation="cpu")
-    # Configs saved before the rename load silently and equal today's.
-    saved = model_config(create_model("cbam_resnet18", implementation="xla", spatial_use_bn=False))
+def test_names_from_before_0_1_are_unknown_options():
+    """`kernels` and CBAM's `spatial_bn` were renamed before any release (`implementation`,
+    `spatial_use_bn`); the old names are unknown options, named in the error."""
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['kernels'\]"):
+        create_model("cbam_resnet18", kernels="xla")
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['spatial_bn'\]"):
+        create_model("cbam_resnet18", spatial_bn=False)
+    saved = model_config(create_model("cbam_resnet18", implementation="xla"))
     saved["kernels"] = saved.pop("implementation")
-    saved["attention_options"]["spatial_bn"] = saved["attention_options"].pop("spatial_use_bn")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert model_from_config(saved) == create_model("cbam_resnet18", implementation="xla", spatial_use_bn=False)
+    with pytest.raises(ValueError, match=r"Unknown model config field\(s\) \['kernels'\]"):
+        model_from_config(saved)
 
 
 @pytest.mark.slow

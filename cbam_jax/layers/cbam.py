@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cbam_jax.layers.channel_gate import ChannelGate
-from cbam_jax.layers.common import Dtype, renamed_option_value
+from cbam_jax.layers.common import Dtype
 from cbam_jax.layers.spatial_gate import SpatialGate, check_spatial_options
 
 # The orders of the two gates compared in the paper's Table 3.
@@ -70,7 +70,6 @@ class CBAM(nn.Module):
       spatial_descriptor: the spatial gate's `descriptor`: 'pool' (max and mean over channels, the
         paper's CBAM) or 'conv1x1' (a learned 1x1 conv, the paper's Sec. 4.1 alternative; adds
         `spatial/compress/kernel` (1, 1, C, 1) and gives `spatial/conv` one input channel).
-      spatial_bn, kernels: deprecated names of `spatial_use_bn` and `implementation`.
     """
 
     reduction: int = 16
@@ -88,13 +87,6 @@ class CBAM(nn.Module):
     implementation: str = "auto"
     arrangement: str = "channel_first"
     spatial_descriptor: str = "pool"
-    spatial_bn: bool | None = None  # deprecated: `spatial_use_bn`
-    kernels: str | None = None  # deprecated: `implementation`
-
-    def __post_init__(self) -> None:
-        renamed_option_value(self, "spatial_bn")
-        renamed_option_value(self, "kernels")
-        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -25,53 +25,6 @@ conv_kernel_init: Initializer = nn.initializers.variance_scaling(2.0, "fan_out",
 torch_default_kernel_init: Initializer = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-# Options renamed since 0.1.0: old name -> new name. The old names are still accepted, with a
-# FutureWarning, as module fields and `create_model` overrides; saved configs are upgraded silently.
-RENAMED_OPTIONS: dict[str, str] = {"kernels": "implementation", "spatial_bn": "spatial_use_bn"}
-
-
-def renamed_option_value(module: nn.Module, old: str) -> Any:
-    """Move a deprecated field's value to its new name on a Linen module (call in `__post_init__`).
-
-    A module keeps each renamed option as a field defaulting to None; when the caller set it, the
-    value goes to the new field (a FutureWarning says so) and the old field is cleared.
-    """
-    value = getattr(module, old)
-    if value is None:
-        return None
-    new = RENAMED_OPTIONS[old]
-    defaults = {f.name: f.default for f in dataclasses.fields(module)}
-    if getattr(module, new) != defaults[new]:
-        raise ValueError(f"{type(module).__name__}: give {new}= only ({old}= is its deprecated name); got both.")
-    warn_renamed(f"{type(module).__name__}: option {old!r} is deprecated, use {new!r} (same values).")
-    object.__setattr__(module, new, value)
-    object.__setattr__(module, old, None)
-    return value
-
-
-def warn_renamed(message: str) -> None:
-    """A FutureWarning attributed to the first caller outside cbam_jax, Flax and dataclasses."""
-    internal = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(nn.__file__).rsplit(os.sep, 1)[0])
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(internal)
-                                 or frame.f_code.co_filename.startswith("<")):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, FutureWarning, stacklevel=level + 1)
-
-
-def upgrade_renamed_options(options: Mapping[str, Any], owner: str, *, warn: bool = True) -> dict[str, Any]:
-    """`options` with deprecated names replaced by the current ones (a FutureWarning each, if `warn`)."""
-    upgraded = dict(options)
-    for old, new in RENAMED_OPTIONS.items():
-        if old in upgraded:
-            if new in upgraded:
-                raise ValueError(f"{owner}: give {new}= only ({old}= is its deprecated name); got both.")
-            if warn:
-                warn_renamed(f"{owner}: option {old!r} is deprecated, use {new!r} (same values).")
-            upgraded[new] = upgraded.pop(old)
-    return upgraded
-
-
 def check_nhwc(x: jax.Array, layer: str, train: bool = False) -> None:
     """Raise a ValueError unless `x` is a rank-4 (batch, height, width, channels) array, with at least
     one image when `train` (BatchNorm statistics of an empty batch are NaN and would be kept)."""

@@ -34,7 +34,6 @@ from cbam_jax.layers.common import (
     is_int,
     max_over,
     promote_to_float32,
-    renamed_option_value,
     torch_default_kernel_init,
 )
 
@@ -90,7 +89,6 @@ class SpatialGate(nn.Module):
       descriptor: 'pool' (max and mean over channels, the paper's CBAM) or 'conv1x1' (a learned
         1x1 conv C -> 1, no bias, params `compress/kernel` (1, 1, C, 1); the paper's Sec. 4.1
         alternative); the k x k conv then has 2 or 1 input channel(s).
-      kernels: deprecated name of `implementation`.
     """
 
     kernel_size: int = 7
@@ -104,11 +102,6 @@ class SpatialGate(nn.Module):
     param_dtype: Dtype = jnp.float32
     implementation: str = "auto"
     descriptor: str = "pool"
-    kernels: str | None = None  # deprecated: `implementation`
-
-    def __post_init__(self) -> None:
-        renamed_option_value(self, "kernels")
-        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_logits: bool = False) -> jax.Array:

@@ -29,7 +29,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from cbam_jax.errors import InvalidInput, MissingInput, OutputError
-from cbam_jax.layers.common import upgrade_renamed_options
 from cbam_jax.pretrained import process_local_checkpointer
 
 LATEST_DIR, BEST_DIR = "checkpoints", "best"
@@ -43,11 +42,8 @@ NON_ARCHITECTURE_FIELDS = ("dtype", "bn_axis_name", "implementation", "remat")
 
 
 def architecture(model_config: dict) -> dict:
-    """The fields of a `registry.model_config` that fix the parameters (renamed options upgraded)."""
-    config = upgrade_renamed_options(model_config, "model config", warn=False)
-    config["attention_options"] = upgrade_renamed_options(config.get("attention_options", {}), "model config",
-                                                          warn=False)
-    return {k: v for k, v in config.items() if k not in NON_ARCHITECTURE_FIELDS}
+    """The fields of a `registry.model_config` that fix the parameters."""
+    return {k: v for k, v in model_config.items() if k not in NON_ARCHITECTURE_FIELDS}
 
 
 def _manager(directory: str, keep: int, name: str) -> ocp.CheckpointManager:

@@ -127,7 +127,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     if "model" in config and "attention_options" not in config.model and not config.is_locked:
         config.model.attention_options = ml_collections.ConfigDict()  # a config saved before the field existed
-    _check_fields(config, base_config(), "config")
+    check_fields(config, base_config(), "config")
     if config.model.name not in list_models():
         raise ConfigError(f"config.model.name = {config.model.name!r} is not a model; choose from {list_models()}.")
     _choice("model.variant", config.model.variant, tuple(VARIANTS))
@@ -211,9 +211,14 @@ def _check_attention_options(model: ml_collections.ConfigDict) -> None:
                          f"the attention layer (set the width in config.model.width, the dtype through config.precision).")
 
 
-def _check_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
-    """Same keys as the schema (recursively; any keys in the free-form group model.attention_options)
-    and values of a compatible type."""
+def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+    """Check that `config` has the keys of `schema` (recursively; any keys in the free-form group
+    model.attention_options) with values of a compatible type; `prefix` names `config` in messages
+    ('config'). Shared by the training and detection `validate`.
+
+    Raises:
+      ConfigError: the first unknown, missing or mistyped field, named with the fix.
+    """
     if prefix == "config.model.attention_options":
         return
     unknown = sorted(set(config.keys()) - set(schema.keys()))
@@ -229,7 +234,7 @@ def _check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Conf
         if isinstance(default, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ConfigError(f"{prefix}.{key} must be a group of fields; got {value!r}.")
-            _check_fields(value, default, f"{prefix}.{key}")
+            check_fields(value, default, f"{prefix}.{key}")
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{prefix}.{key} must be True or False; got {value!r}.")

@@ -95,6 +95,7 @@ CASES = [
     ("train.py", ["--config", "configs/nope.py"], 2, "configs/nope.py"),
     ("train.py", ["--config", "bad_recipe.py"], 2, "bad_recipe.py"),
     ("train.py", ["--config.learning_rate=abc"], 2, "abc"),
+    ("train.py", ["--config", "configs/detection_shapes.py", "--config.detection.fpn_chanels=16"], 2, "fpn_chanels"),
     ("train.py", ["--bogus=1"], 2, "bogus"),
     ("train.py", ["extra_argument"], 2, "extra_argument"),
     ("train.py", ["--workdir", "afile"], 1, "afile"),

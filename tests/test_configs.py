@@ -91,3 +91,44 @@ def test_a_field_added_since_the_checkpoint_counts_as_its_default():
     smoothed = base_config()
     smoothed.label_smoothing = 0.1
     assert recipe_changes(json.dumps(saved), validate(smoothed)) == ["label_smoothing: 0.0 -> 0.1"]
+
+
+def parse(*arguments):
+    """config_from_flags on a fresh FlagValues, as train.py calls it (recipe paths from the repository root)."""
+    from absl import flags
+
+    from cbam_jax.training.config import config_from_flags
+
+    return config_from_flags(["train.py", *arguments], flags.FlagValues(), os.path.join(ROOT, "configs", "tiny.py"))
+
+
+def test_overrides_apply_to_any_field_of_the_chosen_recipe():
+    config = parse("--config.batch_size=32", "--config.dataset.flip=True")
+    assert (config.batch_size, config.dataset.flip) == (32, True)
+    detection = parse("--config", os.path.join(ROOT, "configs", "detection_shapes.py"),
+                      "--config.detection.fpn_channels=16", "--config.dataset.num_train_images=64",
+                      "--config.detection.size_boundaries=(8.0, 16.0, 32.0, 64.0)")
+    assert (detection.task, detection.detection.fpn_channels, detection.dataset.num_train_images) == ("detection", 16, 64)
+    assert detection.detection.size_boundaries == (8.0, 16.0, 32.0, 64.0)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (["--config.batchsize=3"], "ConfigError", "no field 'batchsize' to override; did you mean 'batch_size'?"),
+    (["--config", os.path.join(ROOT, "configs", "detection_shapes.py"), "--config.detection.fpn_chanels=16"],
+     "ConfigError", "no field 'fpn_chanels' to override; did you mean 'fpn_channels'?"),
+    (["--config", os.path.join(ROOT, "configs", "detection_shapes.py"), "--config.detection.fpn_channels=abc"],
+     "ConfigError", "--config.detection.fpn_channels=abc"),
+    (["--config.dataset.flip=3"], "ConfigError", "--config.dataset.flip=3"),
+    (["--config", os.path.join(ROOT, "configs", "tiny.py:x")], "ConfigError", "get_config() takes 0 positional"),
+    (["--config", "configs/nope.py"], "MissingInput", "--config configs/nope.py: no such recipe file"),
+    (["--config", ROOT], "MissingInput", "is a directory, not a recipe file"),
+    (["--bogus=1"], "ConfigError", "--bogus: unknown flag"),
+    (["extra"], "ConfigError", "unexpected argument(s) ['extra']"),
+])
+def test_command_line_mistakes_are_one_line(arguments, error, message):
+    from cbam_jax.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        parse(*arguments)
+    assert type(caught.value).__name__ == error
+    assert message in str(caught.value) and "\n" not in str(caught.value)

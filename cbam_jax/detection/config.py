@@ -3,9 +3,8 @@ FCOS on the generated shapes set), and `validate`.
 
 The fields shared with classification keep their names and meaning (cbam_jax/training/config.py):
 optimizer, schedule, checkpoints, logging, init_from, freeze. `task = 'detection'` is what train.py
-dispatches on. Command-line overrides (`--config.FIELD=VALUE`) work for the fields classification
-configs have too (model.*, batch_size, learning_rate, num_train_steps, seed, ...); the
-detection-only fields (`detection.*`, `dataset.num_train_images`, ...) are set in a recipe.
+dispatches on. Command-line overrides (`--config.FIELD=VALUE`) work for every field of the recipe,
+the detection-only ones too (`--config.detection.fpn_channels=64`, `--config.dataset.num_train_images=64`).
 """
 
 import ml_collections
@@ -94,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check every field against `base_config()`; returns the config, locked. ConfigError (one line) otherwise."""
-    config_lib._check_fields(config, base_config(), "config")
+    config_lib.check_fields(config, base_config(), "config")
     if config.task != "detection":
         raise ConfigError(f"config.task = {config.task!r}; detection recipes have task='detection'.")
     if config.model.name not in list_models():

@@ -93,7 +93,7 @@ def train_step(state: step_lib.TrainState, batch: dict, *, detector: FCOS, tx, c
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if frozen_statistics:
-        batch_stats = step_lib._keep(batch_stats, state.batch_stats, frozen_statistics)
+        batch_stats = step_lib.keep_leaves(batch_stats, state.batch_stats, frozen_statistics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)

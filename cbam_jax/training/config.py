@@ -12,14 +12,16 @@ import importlib.util
 import json
 import math
 import os
-import re
+import traceback
 from collections.abc import Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from cbam_jax.errors import InvalidInput, MissingInput
 from cbam_jax.factory import source_kind
-from cbam_jax.registry import VARIANTS, create_model, list_models
+from cbam_jax.registry import VARIANTS, create_model, list_models, split_name
 from cbam_jax.resnet import REMAT_CHOICES
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
@@ -34,7 +36,8 @@ TRAIN_AUGMENTS = ("none", "pad_crop", "random_resized_crop")
 # is refused unless config.allow_config_change is True.
 FREE_FIELDS = ("log_every_steps", "eval_every_steps", "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
                "stop_at_step", "progress_bar", "tensorboard", "compilation_cache_dir", "parallel",
-               "allow_config_change", "distributed", "dataset.data_dir", "dataset.num_threads", "dataset.prefetch")
+               "allow_config_change", "distributed", "dataset.data_dir", "dataset.num_threads", "dataset.prefetch",
+               "model.remat")
 
 
 class ConfigError(InvalidInput):
@@ -129,7 +132,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         config.model.attention_options = ml_collections.ConfigDict()  # a config saved before the field existed
     if "model" in config and "remat" not in config.model and not config.is_locked:
         config.model.remat = "none"  # a config saved before the field existed
-    _check_fields(config, base_config(), "config")
+    check_fields(config, base_config(), "config")
     if config.model.name not in list_models():
         raise ConfigError(f"config.model.name = {config.model.name!r} is not a model; choose from {list_models()}.")
     _choice("model.variant", config.model.variant, tuple(VARIANTS))
@@ -180,7 +183,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.momentum must be in [0, 1); got {config.momentum}.")
     if min(config.dataset.std) <= 0:
         raise ConfigError(f"config.dataset.std must be positive; got {tuple(config.dataset.std)}.")
-    if config.model.attention_options.to_dict() or not config.model.name.startswith("resnet"):
+    if config.model.attention_options.to_dict() or split_name(config.model.name)[0] is not None:
         if config.model.reduction > config.model.width:
             raise ConfigError(f"config.model.reduction = {config.model.reduction} exceeds config.model.width = "
                               f"{config.model.width}: the first attention MLP would have no units; use a reduction "
@@ -214,9 +217,14 @@ def _check_attention_options(model: ml_collections.ConfigDict) -> None:
                          f"the attention layer (set the width in config.model.width, the dtype through config.precision).")
 
 
-def _check_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
-    """Same keys as the schema (recursively; any keys in the free-form group model.attention_options)
-    and values of a compatible type."""
+def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+    """Check that `config` has the keys of `schema` (recursively; any keys in the free-form group
+    model.attention_options) with values of a compatible type; `prefix` names `config` in messages
+    ('config'). Shared by the training and detection `validate`.
+
+    Raises:
+      ConfigError: the first unknown, missing or mistyped field, named with the fix.
+    """
     if prefix == "config.model.attention_options":
         return
     unknown = sorted(set(config.keys()) - set(schema.keys()))
@@ -232,7 +240,7 @@ def _check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Conf
         if isinstance(default, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ConfigError(f"{prefix}.{key} must be a group of fields; got {value!r}.")
-            _check_fields(value, default, f"{prefix}.{key}")
+            check_fields(value, default, f"{prefix}.{key}")
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{prefix}.{key} must be True or False; got {value!r}.")
@@ -319,89 +327,70 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 # ---- the command line: --config FILE.py[:ARGUMENT] --config.FIELD=VALUE ... ---------------------
 
-CONFIG_FLAG = re.compile(r"^--?config(=|$)")
-OVERRIDE_FLAG = re.compile(r"^--?(no)?config\.([\w.]+)")
-
-
-def config_from_flags(argv: Sequence[str], flag_values, default: str) -> ml_collections.ConfigDict:
+def config_from_flags(argv: Sequence[str], flag_values: flags.FlagValues, default: str) -> ml_collections.ConfigDict:
     """Define `--config` (a recipe `FILE.py[:ARGUMENT]`, default `default`) on the absl `flag_values`,
     parse `argv` (program name first) with it, and return the config with its overrides (locked, not
     validated: the caller may still set fields).
 
+    ml_collections' `config_flags` loads the recipe and applies the overrides; an override may change
+    any field the recipe's config has (classification and detection recipes alike). What it raises
+    is turned into one line here, from the exception objects.
+
     Raises:
       ConfigError / MissingInput: a missing recipe file, a recipe that fails to load, an override of a
-        field the config does not have (with the closest field names), a value of the wrong type,
+        field the config does not have (with the closest field name), a value of the wrong type,
         an unknown flag: one line naming the flag and the fix.
     """
-    from absl import flags
-    from ml_collections import config_flags
-
-    recipe = _flag_value(argv, CONFIG_FLAG) or default
-    path = recipe.split(":", 1)[0]
-    if not os.path.isfile(path):
-        what = "is a directory, not a recipe file" if os.path.isdir(path) else "no such recipe file"
-        raise MissingInput(f"--config {recipe}: {what}; {_recipes_hint()}.")
-    overrides = [(match[1] or "", match[2]) for match in map(OVERRIDE_FLAG.match, argv[1:]) if match]
-    known = _flat(json.loads(base_config().to_json()))
-    for negated, field in overrides:
-        if field not in known and not field.startswith("model.attention_options."):
-            raise ConfigError(f"--{negated}config.{field}: the config has no field {field!r} to override"
-                              + _did_you_mean(field, known))
     try:
-        config_flags.DEFINE_config_file("config", default, "training recipe (configs/NAME.py[:ARGUMENT])",
-                                        flag_values=flag_values, lock_config=True, sys_argv=list(argv))
+        holder = config_flags.DEFINE_config_file("config", default, "training recipe (configs/NAME.py[:ARGUMENT])",
+                                                 flag_values=flag_values, lock_config=True, sys_argv=list(argv))
         unparsed = flag_values(list(argv))[1:]
-        config = flag_values.config
-        config.keys()  # a recipe that failed to load raises here
-    except (KeyError, AttributeError):  # an attention option the recipe does not set
-        options = [field for _, field in overrides if field.startswith("model.attention_options.")]
-        if not options:
-            raise
-        raise ConfigError(f"--config.{options[0]}: the config has no field {options[0].split('.')[-1]!r} to "
-                          "override (config.model.attention_options holds the options the recipe sets; set "
-                          "others in a recipe).") from None
-    except flags.Error as error:
-        raise ConfigError(_flag_error_message(error, recipe)) from None
-    except (OSError, SyntaxError, TypeError, ValueError) as error:
-        raise ConfigError(f"--config {recipe}: {_last_line(error)}") from None
+        config = holder.value
+        config.keys()  # a recipe file that could not be read raises here (config_flags defers the error)
+    except flags.UnrecognizedFlagError as error:
+        raise ConfigError(f"--{error.flagname}: unknown flag; the flags are --config, --config.FIELD=VALUE and "
+                          "--workdir (see --helpfull).") from None
+    except flags.Error as error:  # a value of the wrong type, or a recipe whose get_config() raised
+        lines = str(error).splitlines()
+        raise ConfigError(lines[0] if len(lines) == 1 else f"--config: {_one_line(_innermost(error))}") from None
+    except (KeyError, AttributeError, TypeError) as error:  # an override through a field the config lacks
+        raise ConfigError(_unknown_field_message(error)) from None
+    except SyntaxError as error:
+        raise ConfigError(f"--config {error.filename}, line {error.lineno}: {error.msg} "
+                          "(the recipe is not valid Python).") from None
+    except OSError as error:  # config_flags could not read the recipe file
+        recipe = config_flags.get_config_filename(flag_values["config"])
+        path = recipe.split(":", 1)[0]
+        what = ("is a directory, not a recipe file" if os.path.isdir(path) else
+                "no such recipe file" if not os.path.exists(path) else _one_line(_innermost(error)))
+        raise MissingInput(f"--config {recipe}: {what}; {_recipes_hint()}.") from None
     if unparsed:
         raise ConfigError(f"unexpected argument(s) {unparsed}; overrides look like --config.batch_size=256.")
     return config
 
 
-def _flag_value(argv: Sequence[str], flag: re.Pattern) -> str | None:
-    """The value of the last `--flag=VALUE` or `--flag VALUE` in argv."""
-    value = None
-    for index, argument in enumerate(argv):
-        match = flag.match(argument)
-        if match and match[1] == "=":
-            value = argument.split("=", 1)[1]
-        elif match and index + 1 < len(argv):
-            value = argv[index + 1]
-    return value
+def _innermost(error: BaseException) -> BaseException:
+    """The exception at the bottom of a chain (config_flags and absl wrap the recipe's own error)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
 
 
-def _did_you_mean(field: str, known: dict) -> str:
-    candidates = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
-    same_name = [name for name in known if name.rsplit(".", 1)[-1] == field.rsplit(".", 1)[-1]]
-    suggestion = candidates or same_name
-    return f"; did you mean {suggestion[0]!r}?" if suggestion else " (see cbam_jax/training/config.py for the fields)."
-
-
-def _flag_error_message(error: Exception, recipe: str) -> str:
-    text = str(error)
-    if "Error whilst parsing config file" in text:  # the recipe's get_config raised: its last line says why
-        hint = (" (this recipe takes no :ARGUMENT; give --config FILE.py)"
-                if "get_config() takes 0 positional arguments" in text else "")
-        return f"--config {recipe}: {_last_line(text)}{hint}"
-    text = re.sub(r"^flag (--\S+?)=", r"\1=", text)
-    if text.startswith("Unknown command line flag"):
-        text += " (the flags are --config, --config.FIELD=VALUE and --workdir; see --helpfull)."
-    return _last_line(text)
-
-
-def _last_line(error: object) -> str:
-    """The last non-empty line of a message, without a leading 'SomeError: ' (tracebacks in messages)."""
+def _one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    line = lines[-1] if lines else type(error).__name__
-    return re.sub(r"^(\w+\.)*\w*(Error|Exception): ", "", line)
+    return lines[-1] if lines else type(error).__name__
+
+
+def _unknown_field_message(error: BaseException) -> str:
+    """'no field KEY to override' with the closest field of the group that lacks it: the key is the
+    KeyError's argument, the group the ConfigDict whose lookup raised it (the innermost such frame)."""
+    innermost = _innermost(error)
+    if not isinstance(innermost, KeyError) or not innermost.args:
+        return f"a --config.FIELD override goes through a field that is not a group of fields ({_one_line(error)})."
+    key = str(innermost.args[0])
+    groups = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(error.__traceback__)]
+    groups = [group for group in groups if isinstance(group, ml_collections.ConfigDict)]
+    closest = difflib.get_close_matches(key, list(groups[-1].keys()), n=1, cutoff=0.6) if groups else []
+    hint = (f"; did you mean {closest[0]!r}?" if closest else
+            " (an override changes a field the recipe sets; see cbam_jax/training/config.py for the fields).")
+    return f"--config.FIELD override: the config has no field {key!r} to override{hint}"

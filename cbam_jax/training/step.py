@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
         grads = jax.lax.pmean(grads, axis_name)
         batch_stats = jax.lax.pmean(batch_stats, axis_name)
     if frozen_statistics:
-        batch_stats = _keep(batch_stats, state.batch_stats, frozen_statistics)
+        batch_stats = keep_leaves(batch_stats, state.batch_stats, frozen_statistics)
     grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -100,8 +100,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     return new_state, metrics
 
 
-def _keep(updated: Any, old: Any, paths: frozenset[str]) -> Any:
-    """`updated` with the leaves at `paths` (flat, '/'-joined) taken from `old`."""
+def keep_leaves(updated: Any, old: Any, paths: frozenset[str]) -> Any:
+    """`updated` with the leaves at `paths` (flat, '/'-joined, e.g. 'bn1/mean') taken from `old`: the
+    frozen BatchNorm statistics of a training step (classification and detection)."""
     flat, before = flatten_dict(updated, sep="/"), flatten_dict(old, sep="/")
     return unflatten_dict({path: before[path] if path in paths else value for path, value in flat.items()}, sep="/")
 

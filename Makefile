@@ -55,7 +55,7 @@ train: $(VENV)/.train-done
 
 # -n auto: one pytest worker per CPU (pytest-xdist); compiling dominates and XLA compiles on one thread.
 test: torch
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -n auto -m "not slow"

@@ -9,7 +9,6 @@ the detection-only ones too (`--config.detection.fpn_channels=64`, `--config.dat
 
 import ml_collections
 
-from cbam_jax.factory import source_kind
 from cbam_jax.registry import VARIANTS, list_models
 from cbam_jax.training import config as config_lib
 from cbam_jax.training.config import ConfigError
@@ -130,13 +129,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("Set config.num_epochs > 0 or config.num_train_steps > 0.")
     if len(config.dataset.mean) != 3 or len(config.dataset.std) != 3 or min(config.dataset.std) <= 0:
         raise ConfigError("config.dataset.mean and std need 3 values (RGB), std > 0.")
-    if config.init_from:
-        try:
-            source_kind(config.init_from)  # the name or path only: nothing is downloaded here
-        except ValueError as error:
-            raise ConfigError(f"config.init_from: {error}") from None
-    if config.new_lr_factor <= 0 or (config.new_lr_factor != 1 and not config.init_from):
-        raise ConfigError(f"config.new_lr_factor = {config.new_lr_factor} must be > 0 and applies to the parameters "
-                          "config.init_from does not provide; set config.init_from, or leave the factor at 1.")
+    config_lib.check_transfer(config)
     config.lock()
     return config

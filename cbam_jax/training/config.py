@@ -190,16 +190,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                               f"<= {config.model.width}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError("Set config.num_epochs > 0 or config.num_train_steps > 0.")
+    check_transfer(config)
+    config.lock()
+    return config
+
+
+def check_transfer(config: ml_collections.ConfigDict) -> None:
+    """config.init_from names a source (checked by name or path only: nothing is downloaded here) and
+    config.new_lr_factor is positive and only set with it. Shared by the classification and detection recipes."""
     if config.init_from:
         try:
-            source_kind(config.init_from)  # checks the name or path only: nothing is downloaded here
+            source_kind(config.init_from)
         except ValueError as error:
             raise ConfigError(f"config.init_from: {error}") from None
     if config.new_lr_factor <= 0 or (config.new_lr_factor != 1 and not config.init_from):
         raise ConfigError(f"config.new_lr_factor = {config.new_lr_factor} must be > 0 and applies to the parameters "
                           "config.init_from does not provide; set config.init_from, or leave the factor at 1.")
-    config.lock()
-    return config
 
 
 def _check_attention_options(model: ml_collections.ConfigDict) -> None:

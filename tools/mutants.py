@@ -37,11 +37,14 @@ LAYER_TESTS = ["tests/test_layers.py", "tests/test_layer_options.py"]
 
 # name -> (module, mutant-name patterns (None: every function), the tests that cover it)
 TARGETS = {
-    "checksum": ("cbam_jax/zoo.py", ["cbam_jax.zoo.x__check__mutmut_*", "cbam_jax.zoo.x__digest__mutmut_*"],
+    "checksum": ("cbam_jax/zoo.py", ["cbam_jax.zoo.x__check__mutmut_*", "cbam_jax.zoo.x__digest__mutmut_*",
+                                     "cbam_jax.zoo.x__verify_download__mutmut_*"],
                  [f"tests/test_zoo.py::{test}" for test in (
                      "test_download_verify_convert_cache_then_offline", "test_wrong_checksum",
                      "test_kept_bytes_that_fail_the_checksum_are_downloaded_again",
-                     "test_wrong_file_by_hand_is_refused_and_kept", "test_a_file_of_another_model_is_refused")]),
+                     "test_wrong_file_by_hand_is_refused_and_kept", "test_a_file_of_another_model_is_refused",
+                     "test_prefix_checksums_right_and_wrong", "test_a_zipped_torch_file_with_a_wrong_sha1_is_refused",
+                     "test_the_right_pth_put_by_hand_is_accepted_and_a_wrong_one_refused")]),
     "loss-scaling": ("cbam_jax/training/step.py", ["cbam_jax.training.step.x_train_step__mutmut_*",
                                                    "cbam_jax.training.step.x__apply_loss_scaling__mutmut_*"],
                      ["tests/test_train_step.py"]),

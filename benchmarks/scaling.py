@@ -69,14 +69,18 @@ def table(rows: Sequence[dict[str, Any]], sweep: str, impls: Sequence[str]) -> s
         by_point.setdefault((r["model"], r["batch"]), {})[r["impl"]] = r
     ratio_by_point = {(e["case"]): e for e in ratios(rows)}
     others = [i for i in impls if i != "jax"]
+    # Sweeps written before the process peak was recorded keep their one memory column ('peak MiB').
+    process = any("process_peak_mib" in r for r in rows)
     head = ["depth" if sweep == "depth" else "batch"]
     for impl in impls:
-        head += [f"{impl} step ms (min-max)", f"{impl} img/s", f"{impl} step MiB", f"{impl} process MiB"]
+        head += ([f"{impl} step ms (min-max)", f"{impl} img/s", f"{impl} step MiB", f"{impl} process MiB"] if process
+                 else [f"{impl} step ms (min-max)", f"{impl} img/s", f"{impl} peak MiB"])
     jax_impls = [i for i in impls if i.startswith("jax")]
     torch_impls = [i for i in impls if not i.startswith("jax")]
     if "jax" in impls:
         head += ["jax compile s"] + [f"jax over {o}" for o in others]
-    head += [f"{j} / {t} memory" for j in jax_impls for t in torch_impls]
+    if process:
+        head += [f"{j} / {t} memory" for j in jax_impls for t in torch_impls]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for (model, batch), per_impl in by_point.items():
         point = model.rsplit("resnet", 1)[1] if sweep == "depth" else str(batch)
@@ -84,16 +88,18 @@ def table(rows: Sequence[dict[str, Any]], sweep: str, impls: Sequence[str]) -> s
         for impl in impls:
             r = per_impl.get(impl)
             if r is None:
-                cells += ["", "", "", ""]
+                cells += [""] * (4 if process else 3)
                 continue
             rounds = r["round_medians_s"] or r["step_s_all"]
             cells += [f"{1000 * r['step_s_median']:.0f} ({1000 * min(rounds):.0f}-{1000 * max(rounds):.0f})",
-                      f"{r['images_per_s']:.1f}", f"{r['peak_mib']:.0f}", f"{r.get('process_peak_mib', math.nan):.0f}"]
+                      f"{r['images_per_s']:.1f}", f"{r['peak_mib']:.0f}"]
+            if process:
+                cells.append(f"{r.get('process_peak_mib', math.nan):.0f}")
         if "jax" in impls:
             cells.append(f"{per_impl['jax']['compile_s']:.1f}" if "jax" in per_impl else "")
             entry = ratio_by_point.get(per_impl.get("jax", {}).get("case"), {})
             cells += [f"{entry[f'jax_over_{o}']:.2f}" if f"jax_over_{o}" in entry else "" for o in others]
-        for j in jax_impls:
+        for j in jax_impls if process else ():
             for t in torch_impls:
                 mine, theirs = per_impl.get(j, {}).get("process_peak_mib"), per_impl.get(t, {}).get("process_peak_mib")
                 cells.append(f"{mine / theirs:.2f}" if mine and theirs else "")

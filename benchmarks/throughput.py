@@ -668,16 +668,18 @@ def markdown(report: dict[str, Any]) -> str:
              + (", native kernels (oneDNN)" if m.get("native_kernels") else "")
              + (f", torch {m['torch']} on {m['torch_device']} ({m['torch_threads']} CPU threads)" if "torch" in m else "")
              + f"; load average {report['load_before']} before, {report['load_after']} after; "
-             f"matrix-product peak measured: {peaks}; {how}.", "",
-             "| case | net | mode | dtype | impl | images/s (median) | min-max | step ms | model GFLOP/s | MFU | "
-             "compile/first s | step MiB | process MiB |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"matrix-product peak measured: {peaks}; {how}.", ""]
+    # Reports written before the process peak was recorded keep their one memory column ('peak MiB').
+    process = any("process_peak_mib" in r for r in report["results"])
+    lines += ["| case | net | mode | dtype | impl | images/s (median) | min-max | step ms | model GFLOP/s | MFU | "
+              + ("compile/first s | step MiB | process MiB |" if process else "compile/first s | peak MiB |"),
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if process else "")]
     for r in report["results"]:
         impl = r["impl"] + (" (autocast)" if r["dtype"] == "bfloat16" and r["impl"] in TORCH_IMPLS else "")
         lines.append(f"| {r['case']} | {r['arch']} | {r['mode']} | {r['dtype']} | {impl} | "
                      f"{r['images_per_s']:.1f} | {r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f} | "
                      f"{1000 * r['step_s_median']:.0f} | {r['gflops_per_s']:.0f} | {100 * r['mfu']:.0f}% | {r['compile_s']:.1f} | "
-                     f"{r['peak_mib']:.0f} | {r.get('process_peak_mib', float('nan')):.0f} |")
+                     f"{r['peak_mib']:.0f} |" + (f" {r.get('process_peak_mib', float('nan')):.0f} |" if process else ""))
     others = (*TORCH_IMPLS, "jax-glibc", "jax-nodnn", "jax-xla", "jax-remat")
     columns = [c for c in (*(f"jax_over_{i}" for i in others), "cbam_cost")
                if any(c in e for e in report["ratios"])]

@@ -157,7 +157,7 @@ def _tables(markdown: str) -> list[str]:
     return [block.strip() for block in markdown.split("\n\n") if block.strip().startswith("|")]
 
 
-@pytest.mark.parametrize("name", ["cpu_train", "cpu_quick", "cpu_avx2"])
+@pytest.mark.parametrize("name", ["cpu_train", "cpu_quick", "cpu_avx2", "memory_remat_speed"])
 def test_results_tables_are_the_benchmark_json_rendered(name):
     from benchmarks import throughput
 
@@ -169,15 +169,20 @@ def test_results_tables_are_the_benchmark_json_rendered(name):
         assert table in results, f"benchmarks/RESULTS.md lacks a table of benchmarks/results/{name}.json, rendered:\n{table}"
 
 
-def test_scaling_tables_are_the_benchmark_json_rendered():
+@pytest.mark.parametrize("name", ["cpu_scaling", "memory"])
+def test_scaling_tables_are_the_benchmark_json_rendered(name):
     from benchmarks import scaling
 
-    report = json.loads((ROOT / "benchmarks" / "results" / "cpu_scaling.json").read_text())
+    report = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     for sweep, rows in report["sweeps"].items():
         impls = list(dict.fromkeys(row["impl"] for row in rows))
         table = scaling.table(rows, sweep, impls).strip()
-        assert table in results, f"benchmarks/RESULTS.md lacks the {sweep} table of cpu_scaling.json:\n{table}"
+        assert table in results, f"benchmarks/RESULTS.md lacks the {sweep} table of {name}.json:\n{table}"
+    if report.get("batch_fits"):
+        gib = sorted({float(g) for fit in report["batch_fits"] for g in fit["largest_batch"]})
+        table = scaling.fits_table(report["batch_fits"], gib).strip()
+        assert table in results, f"benchmarks/RESULTS.md lacks the largest-batch table of {name}.json:\n{table}"
 
 
 def test_gpu_tables_are_the_ones_the_gpu_runs_wrote():

@@ -17,7 +17,7 @@ PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 # pytorchcv is the oracle of the pytorchcv layouts: BAM-, SE- and CBAM-ResNets).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 timm pytorchcv
 
-.PHONY: setup torch train test test-fast test-docs mutants clean
+.PHONY: setup torch train detect-demo test test-fast test-docs mutants clean
 
 # `make train` needs the library and its training application (the train extra, with oneDNN for
 # the CPU path: the cpu extra); `make test` everything the tests import (the test extra).
@@ -52,6 +52,14 @@ torch: $(VENV)/.torch-done
 train: $(VENV)/.train-done
 	rm -rf runs/default
 	$(PY) train.py --config configs/default.py --workdir runs/default
+
+# The detection demo (docs/detection.md): an FCOS detector on a CBAM-ResNet-18 trained on generated
+# shapes (offline; a few minutes on a CPU), then `cbam-jax detect` on held-out images, drawn.
+detect-demo: $(VENV)/.setup-done
+	rm -rf runs/detect_shapes
+	$(PY) train.py --config configs/detection_shapes.py --workdir runs/detect_shapes
+	$(PY) -m cbam_jax.detection.data runs/detect_shapes/samples 4
+	$(VENV)/bin/cbam-jax detect runs/detect_shapes/samples --pretrained runs/detect_shapes --out runs/detect_shapes/drawn
 
 # -n auto: one pytest worker per CPU (pytest-xdist); compiling dominates and XLA compiles on one thread.
 test: torch

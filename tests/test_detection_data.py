@@ -187,3 +187,19 @@ def test_tfds_records_become_pixel_boxes_without_crowds():
                                                               "is_difficult": np.zeros(0, bool)}}
     example = data.TfdsDetectionSource([grey])[0]
     assert example["image"].shape == (4, 4, 3) and example["boxes"].shape == (0, 4)
+
+
+def test_write_shapes_images_for_the_demo(tmp_path, capsys):
+    """`python -m cbam_jax.detection.data FOLDER COUNT` (make detect-demo) writes the held-out images as PNGs."""
+    from PIL import Image
+
+    from cbam_jax.detection.data import ShapesDataset, main
+
+    assert main([str(tmp_path / "samples"), "3"]) == 0
+    written = sorted((tmp_path / "samples").iterdir())
+    assert [p.name for p in written] == ["shapes_0.png", "shapes_1.png", "shapes_2.png"]
+    held_out = ShapesDataset(3, 64, seed=0, split="test")
+    for index, path in enumerate(written):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), held_out[index]["image"])
+    assert main([str(tmp_path / "other"), "three"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "other").exists()

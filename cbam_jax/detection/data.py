@@ -14,11 +14,16 @@ What the checks do with imperfect ground truth (documented in docs/detection.md)
   one image is an error naming the example and the fix.
 """
 
+import os
+import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from cbam_jax.errors import InvalidInput
+from cbam_jax.atomic import atomic_output
+from cbam_jax.errors import InvalidInput, UsageError, UserError, describe_os_error, report
 from cbam_jax.images import resize
 
 SHAPE_CLASSES = ("rectangle", "ellipse", "triangle")
@@ -85,6 +90,34 @@ class ShapesDataset:
             labels.append(label)
         return {"image": image.astype(np.uint8), "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
                 "labels": np.asarray(labels, np.int32)}
+
+
+def write_shapes_images(folder: str | os.PathLike, count: int = 8, *, seed: int = 0, image_size: int = 64) -> list[Path]:
+    """Write the first `count` held-out ('test' split) images of the generated set as PNG files
+    `shapes_{i}.png` into `folder` (created if needed): images to try `cbam-jax detect` on."""
+    if count < 1:
+        raise InvalidInput(f"count must be >= 1; got {count}.")
+    dataset = ShapesDataset(count, image_size, seed=seed, split="test")
+    paths = []
+    for index in range(count):
+        path = Path(folder) / f"shapes_{index}.png"
+        with atomic_output(path, replace=True) as temporary:
+            Image.fromarray(dataset[index]["image"]).save(temporary, format="PNG")
+        paths.append(path)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cbam_jax.detection.data FOLDER [COUNT]`: write images of the generated set."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not 1 <= len(args) <= 2 or not (len(args) == 1 or args[1].isdigit()):
+        return report("cbam_jax.detection.data", UsageError("usage: python -m cbam_jax.detection.data FOLDER [COUNT]"))
+    try:
+        paths = write_shapes_images(args[0], int(args[1]) if len(args) == 2 else 8)
+    except (UserError, OSError) as error:
+        return report("cbam_jax.detection.data", error if isinstance(error, UserError) else describe_os_error(error))
+    print(f"wrote {len(paths)} images to {args[0]}")
+    return 0
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -266,3 +299,7 @@ def eval_batches(source, batch_size: int, **example_options) -> Iterator[dict]:
         batch = stack([load_example(source, i, train=False, seed=0, **example_options) for i in indices])
         batch["valid"] = np.asarray(valid)
         yield batch
+
+
+if __name__ == "__main__":
+    sys.exit(main())

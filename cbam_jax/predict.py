@@ -75,6 +75,12 @@ def load_model(path: str | Path, preprocessing_overrides: Mapping[str, Any] | No
         raise InputError(f"--pretrained {path}: {error.for_option('--allow-nonfinite')}") from None
     except (zoo.DownloadError, hub.HubError) as error:  # says where to put the file by hand, or how to fetch it
         raise InputError(f"--pretrained {path}: {error}") from None
+    except UserError as error:
+        if kind != "directory":  # a registered name or a Hub id: the library's own one-line reason (e.g. the cache root)
+            raise InputError(f"--pretrained {path}: {error}") from None
+        raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "
+                         f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "
+                         "or `cbam_jax.save_pretrained`.") from None
     except Exception as error:  # any other failure here means the same thing to the user: no usable model
         raise InputError(f"--pretrained {path}: no cbam-jax model could be loaded from this directory "
                          f"({type(error).__name__}: {error}). Pass a directory written by `cbam-jax convert` "

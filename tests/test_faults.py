@@ -454,3 +454,18 @@ def test_train_resumes_exactly_from_the_newest_intact_step_when_the_latest_is_da
     assert len(warning) == 1 and "step 8" in warning[0] and "resuming from step 4" in warning[0], resumed.stderr
     assert (workdir / "damaged" / "checkpoints" / "8").is_dir()
     assert_same_state(final_state(workdir)[1], straight)  # steps 5..8 trained again, to the same bits
+
+
+def test_a_cache_root_that_is_a_file_is_one_line_naming_it(tmp_path):
+    """22.8: `$CBAM_JAX_CACHE` pointing at a file, with a registered name: the cache root is named, not a
+    misleading "no model in this directory"."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "cache").write_text("not a folder")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "image.png")
+    done = subprocess.run([sys.executable, "-m", "cbam_jax.cli", "predict", "--pretrained", "resnet18", "image.png"],
+                          capture_output=True, text=True, env=_environment(CBAM_JAX_CACHE=str(tmp_path / "cache")),
+                          cwd=tmp_path, timeout=300)
+    line = assert_one_line_error(done, "resnet18", "cache root", "CBAM_JAX_CACHE")
+    assert "directory written by" not in line

@@ -126,7 +126,9 @@ def closed_port_url(path: str) -> str:
 
 
 def cache_files(cache: Path) -> list[str]:
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
+    """What the zoo keeps in the cache root (not the compiled kernels, which share the root: `kernels/`)."""
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
+                  if p.relative_to(cache).parts[0] != "kernels") if cache.exists() else []
 
 
 def tiny_checkpoint() -> tuple[bytes, int]:

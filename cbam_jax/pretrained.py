@@ -98,21 +98,16 @@ def save_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[s
         raise OutputExists(f"save_pretrained: {path} already exists; choose a new path or remove it first.")
     if "params" not in variables:
         raise ValueError(f"save_pretrained: variables must contain 'params'; got collections {sorted(variables)}.")
-    tree = {c: unfreeze(variables[c]) for c in COLLECTIONS if c in variables}
-    arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in flatten_dict(tree, sep="/").items()}
+    arrays = weight_arrays(variables)
     try:
         json.dumps(metadata or {})
     except TypeError as error:
         raise ValueError(f"save_pretrained: metadata must be JSON-serialisable ({error}).") from None
     card = model_card(model, arrays, metadata or {})
     with atomic_output(path, folder=True, replace=overwrite) as staging:
-        # One metadata key: safetensors writes several in a random order, and the same weights must
-        # give the same file (and digest). Written with open() (safetensors' save_file makes 0o600
-        # files, not the user's umask).
-        (staging / WEIGHTS_FILE).write_bytes(save(arrays, metadata={"format": "flax"}))
         document = {"library_name": LIBRARY_NAME, "format_version": FORMAT_VERSION,
                     "model": registry.model_config(model), "metadata": metadata or {},
-                    DIGEST_KEY: _sha256(staging / WEIGHTS_FILE)}
+                    DIGEST_KEY: write_weights(staging, arrays)}
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         (staging / CARD_FILE).write_text(card)
     return path
@@ -193,6 +188,29 @@ def _read_json(config_file: Path) -> Any:
         return json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidInput(f"{config_file} is corrupt (not valid JSON): {error}") from None
+
+
+def weight_arrays(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The 'params' and 'batch_stats' of `variables` as flat NumPy arrays keyed by their Flax paths."""
+    tree = {c: unfreeze(variables[c]) for c in COLLECTIONS if c in variables}
+    # np.array, not np.ascontiguousarray: the latter turns 0-d arrays (scalar parameters) into shape (1,)
+    return {key: np.array(value, order="C") for key, value in flatten_dict(tree, sep="/").items()}
+
+
+def write_weights(folder: Path, arrays: Mapping[str, np.ndarray]) -> str:
+    """Write `arrays` (`weight_arrays`) as folder/model.safetensors; returns its SHA-256 for config.json.
+
+    One metadata key: safetensors writes several in a random order, and the same weights must give
+    the same file (and digest). Written with open() (safetensors' save_file makes 0o600 files, not
+    the user's umask)."""
+    (folder / WEIGHTS_FILE).write_bytes(save(dict(arrays), metadata={"format": "flax"}))
+    return _sha256(folder / WEIGHTS_FILE)
+
+
+def read_weights(path: Path, document: dict[str, Any]) -> dict[str, Any]:
+    """The variables in path/model.safetensors, checked against the SHA-256 that `document` (the
+    folder's config.json) recorded; DamagedWeights or InvalidInput (one line) otherwise."""
+    return _read_variables(path, document)
 
 
 def _read_variables(path: Path, document: dict[str, Any]) -> dict[str, Any]:

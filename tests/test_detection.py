@@ -254,3 +254,31 @@ def test_detector_rejects_bad_backbones_and_options():
         create_detector("resnet18", 2, **{**TINY, "head_norm_groups": 5})
     with pytest.raises(InvalidInput, match="size_boundaries"):
         create_detector("resnet18", 2, **{**TINY, "size_boundaries": (8.0, 16.0)})
+
+
+def test_a_saved_detector_is_one_pretrained_folder_read_from_a_relative_path(tmp_path, monkeypatch):
+    """save_detector writes the one pretrained format (model.safetensors + config.json with its digest);
+    load_detector reads it back bit for bit, also from a relative path, and refuses a flipped bit."""
+    import json
+
+    from cbam_jax.detection.weights import load_detector, save_detector
+    from cbam_jax.pretrained import DamagedWeights
+    from tests.helpers import random_variables
+
+    detector = create_detector("resnet18", 3, **TINY)
+    variables = random_variables(detector, (1, 64, 64, 3))
+    save_detector(tmp_path / "det", detector, variables, {"class_names": ["a", "b", "c"]})
+    assert sorted(p.name for p in (tmp_path / "det").iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "det" / "config.json").read_text())["weights_sha256"]
+    monkeypatch.chdir(tmp_path)
+    loaded, restored, metadata = load_detector("det")
+    assert loaded == detector and metadata == {"class_names": ["a", "b", "c"]}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves({k: variables[k] for k in restored})):
+        assert np.shape(got) == np.shape(want)  # scalar parameters (the head's scales) stay scalars
+        np.testing.assert_array_equal(got, want)
+    weights = tmp_path / "det" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DamagedWeights):
+        load_detector("det")

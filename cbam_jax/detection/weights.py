@@ -1,11 +1,12 @@
 """Trained detectors on disk: `save_detector(path, detector, variables, metadata)` / `load_detector(path)`.
 
-The layout of a pretrained directory (cbam_jax/pretrained.py), with a 'detector' config instead of
-a 'model' one:
+The layout of a pretrained folder (cbam_jax/pretrained.py), with a 'detector' config instead of a
+'model' one:
 
     path/
-      cbam_jax.json   {"format_version": 1, "detector": detector_config(detector), "metadata": {...}}
-      variables/      an orbax checkpoint of {"params": ..., "batch_stats": ...}
+      model.safetensors  every variable under its Flax path ('params/backbone/conv1/kernel')
+      config.json        {"format_version": 1, "detector": detector_config(detector), "metadata": {...},
+                          "weights_sha256": SHA-256 of model.safetensors, checked on every load}
 
 Metadata: "class_names", "preprocessing" {"image_size", "mean", "std"}, "decoding" (score_threshold,
 pre_nms_top_k, iou_threshold, max_detections), "source".
@@ -18,12 +19,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax.core import unfreeze
 
 from cbam_jax.atomic import atomic_output
 from cbam_jax.detection.detector import FCOS, detector_config, detector_from_config
 from cbam_jax.errors import InvalidInput, MissingInput
-from cbam_jax.pretrained import CONFIG_FILE, FORMAT_VERSION, VARIABLES_DIR, check_finite, process_local_checkpointer
+from cbam_jax.pretrained import (CONFIG_FILE, DIGEST_KEY, FORMAT_VERSION, LIBRARY_NAME, check_finite, read_weights,
+                                 weight_arrays, write_weights)
 
 EXPORT_DIR = "detector"  # the folder a finished training run exports into its workdir
 
@@ -31,13 +32,11 @@ EXPORT_DIR = "detector"  # the folder a finished training run exports into its w
 def save_detector(path: str | os.PathLike, detector: FCOS, variables: dict, metadata: dict[str, Any],
                   overwrite: bool = False) -> Path:
     """Write the directory `path` atomically (whole or not at all)."""
-    tree = {name: jax.tree.map(np.asarray, unfreeze(variables[name])) for name in ("params", "batch_stats")
-            if name in variables}
-    text = json.dumps({"format_version": FORMAT_VERSION, "detector": detector_config(detector), "metadata": metadata},
-                      indent=2, sort_keys=True)
+    arrays = weight_arrays(variables)
     with atomic_output(path, folder=True, replace=overwrite) as staging:
-        process_local_checkpointer().save(staging / VARIABLES_DIR, tree)
-        (staging / CONFIG_FILE).write_text(text + "\n")
+        document = {"library_name": LIBRARY_NAME, "format_version": FORMAT_VERSION,
+                    "detector": detector_config(detector), "metadata": metadata, DIGEST_KEY: write_weights(staging, arrays)}
+        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     return Path(path).absolute()
 
 
@@ -62,12 +61,8 @@ def load_detector(path: str | os.PathLike) -> tuple[FCOS, dict, dict[str, Any]]:
         detector = detector_from_config(document["detector"])
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidInput(f"{directory / CONFIG_FILE}: not a detector description ({error}).") from None
-    try:
-        restored = process_local_checkpointer().restore(directory / VARIABLES_DIR)
-    except Exception as error:  # orbax raises many kinds of errors for damaged files
-        raise InvalidInput(f"{directory / VARIABLES_DIR}: cannot read the weights (corrupt or incomplete?): "
-                           f"{type(error).__name__}") from None
-    variables = {name: jax.tree.map(jax.numpy.asarray, unfreeze(restored[name])) for name in ("params", "batch_stats")
+    restored = read_weights(directory, document)
+    variables = {name: jax.tree.map(jax.numpy.asarray, restored[name]) for name in ("params", "batch_stats")
                  if name in restored}
     check_finite(variables, str(directory))
     return detector, variables, document.get("metadata", {})

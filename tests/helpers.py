@@ -1,5 +1,7 @@
 """Helpers shared by the tests (import them with `from tests.helpers import ...`)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,3 +40,16 @@ def random_variables(model, input_shape=(1, 32, 32, 3), seed=0):
     """`randomize`d params and batch_stats of `model`, from their shapes (`jax.eval_shape` of its init)."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))
     return randomize({c: shapes[c] for c in ("params", "batch_stats") if c in shapes}, seed)
+
+
+def private_cache(path: Path) -> Path:
+    """A cache root for one test (`$CBAM_JAX_CACHE`) that shares the compiled native kernels of the
+    environment's own cache root (`kernels/`, a symlink): each test's weights stay its own, and no
+    test process compiles the oneDNN shim again (~10 s each)."""
+    from cbam_jax.cache import cache_root
+
+    shared = cache_root() / "kernels"
+    shared.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "kernels").symlink_to(shared, target_is_directory=True)
+    return path

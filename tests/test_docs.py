@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import private_cache
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINKED_FROM = [*PAGES, ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "RESULTS.md"]
@@ -76,7 +78,7 @@ def checkout(tmp_path, monkeypatch) -> Path:
         target = Path(sys.executable).with_name(name)
         (bin_dir / name).symlink_to(target if target.exists() else sys.executable)
     (bin_dir / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
-    for key, value in {**OFFLINE, "CBAM_JAX_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT),
+    for key, value in {**OFFLINE, "CBAM_JAX_CACHE": str(private_cache(tmp_path / "cache")), "PYTHONPATH": str(ROOT),
                        "MPLBACKEND": "Agg"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import private_cache
+
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
 
 
 def run_example(name: str, tmp_path: Path) -> str:
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "CBAM_JAX_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "CBAM_JAX_CACHE": str(private_cache(tmp_path / "cache"))}
     done = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / name)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

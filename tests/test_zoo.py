@@ -374,7 +374,7 @@ def test_wrong_checksum(server, cache, registered, checkpoint):
     entry = plain_entry(server, registered, checkpoint, checksum="sha256:" + "0" * 64)
     with pytest.raises(zoo.DownloadError) as error:
         zoo.load_entry(entry)
-    assert_one_line_failure(error, cache, entry.url, "SHA256", "0" * 64, str(zoo.pickup_path(entry)),
+    assert_one_line_failure(error, cache, entry.url, "has SHA256 ", "0" * 64, str(zoo.pickup_path(entry)),
                             "(nothing was kept)")
 
 

@@ -171,6 +171,7 @@ def test_the_lazy_import_points_name_their_extra(monkeypatch, tmp_path):
     from cbam_jax.training.metrics_log import MetricLog
 
     monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # another test may have imported it already
     with pytest.raises(MissingExtra, match=r"cbam-jax\[train\]"):
         sources.digits_source("train")
     monkeypatch.setitem(sys.modules, "tensorboardX", None)

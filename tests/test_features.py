@@ -247,5 +247,8 @@ def test_features_match_pytorch(variant, prefix, depth, stem, torch_one_thread):
         error64, torch_error64 = (float(np.max(np.abs(a - want64))) for a in (np.asarray(got, np.float64), want))
         print(f"{info.module}: float64 {error_in_float64 / scale:.1e} relative; float32 {error:.2e} vs torch f32, "
               f"{error / scale:.1e} relative; vs float64: jax {error64:.2e}, torch {torch_error64:.2e}")
-        assert error <= RTOL * scale or error64 <= 2 * torch_error64, \
+        # float32: within RTOL of the scale, or no further from float64 than a few times PyTorch's own
+        # float32 error (the structure is checked in float64 above; float32 rounding differs by CPU: 2.3x
+        # PyTorch's on an AVX-512 EPYC without AMX, common-cbam_-50-cifar layer4). A wrong layer is O(scale).
+        assert error <= RTOL * scale or error64 <= 4 * torch_error64, \
             f"{info.module}: max abs diff {error:.2e} at scale {scale:.1f} (float64: jax {error64:.2e}, torch {torch_error64:.2e})"

@@ -144,7 +144,7 @@ def load_pretrained(path: str | os.PathLike, *, allow_nonfinite: bool = False) -
     if document.get("legacy"):
         variables = _read_legacy_variables(path)
     else:
-        variables = _read_variables(path, document)
+        variables = read_weights(path, document)
     check_matches_model(f"load_pretrained: {path}", model, variables)
     if not allow_nonfinite:
         check_finite(variables, str(path))
@@ -210,10 +210,6 @@ def write_weights(folder: Path, arrays: Mapping[str, np.ndarray]) -> str:
 def read_weights(path: Path, document: dict[str, Any]) -> dict[str, Any]:
     """The variables in path/model.safetensors, checked against the SHA-256 that `document` (the
     folder's config.json) recorded; DamagedWeights or InvalidInput (one line) otherwise."""
-    return _read_variables(path, document)
-
-
-def _read_variables(path: Path, document: dict[str, Any]) -> dict[str, Any]:
     weights = path / WEIGHTS_FILE
     recorded = document.get(DIGEST_KEY)
     if recorded is not None and _sha256(weights) != recorded:

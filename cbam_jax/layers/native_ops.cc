@@ -159,7 +159,7 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, 
       padding.size() != 4) {
     return ffi::Error::InvalidArgument("onednn conv: expected rank-4 NHWC/HWIO operands and 2-D attributes");
   }
-  if (k[2] < 1 || x[3] % k[2] != 0 || k[3] % (x[3] / k[2]) != 0 || y[3] != k[3]) {
+  if (k[2] < 1 || x[3] < k[2] || x[3] % k[2] != 0 || k[3] % (x[3] / k[2]) != 0 || y[3] != k[3]) {
     return ffi::Error::InvalidArgument("onednn conv: the input channels must be G x the kernel's and the output "
                                        "channels a multiple of G (feature groups)");
   }

@@ -314,3 +314,22 @@ def test_scaling_benchmark_runs(tmp_path):
                          "--repeats", "1", "--json", str(out)]) == 0
     row, = json.loads(out.read_text())["sweeps"]["depth"]
     assert row["model"] == "cbam_resnet18" and row["batch"] == 2 and row["compile_s"] > 0 and len(row["pids"]) == 1
+
+
+@pytest.mark.slow  # six compiled programs
+def test_grouped_convs_benchmark_times_both_sides_of_every_pass(tmp_path):
+    """A MobileNet depthwise layer at batch 1: both sides timed for each pass, one table row from the JSON."""
+    from benchmarks import grouped_convs
+    from cbam_jax.layers import native
+
+    if not native.available():
+        pytest.skip("oneDNN unavailable here")
+    out = tmp_path / "grouped.json"
+    assert grouped_convs.main(["--nets", "mobilenet_w1", "--dtypes", "float32", "--batch", "1", "--layers", "1",
+                               "--repeats", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    row, = report["rows"]
+    assert (row["net"], row["size"], row["groups"], row["stride"], row["batch"]) == ("mobilenet_w1", 112, 32, 1, 1)
+    assert all(row[f"{p}_{side}_ms"] > 0 for p in grouped_convs.PASSES for side in ("xla", "onednn"))
+    table = grouped_convs.table(report)
+    assert "| mobilenet_w1 | 1 | 112, 32->32, g32, s1 | float32 |" in table and report["machine"]["cpu"] in table

@@ -15,6 +15,7 @@ and the export at the end of training.
 import contextlib
 import errno
 import fcntl
+import logging as std_logging
 import os
 import re
 import shutil
@@ -242,6 +243,10 @@ class Checkpoints:
         return f"Training stopped; the last good checkpoint (step {step}) in {self.workdir}/{LATEST_DIR} is intact."
 
     def _save_failed(self, step: int | None, error: BaseException) -> SaveFailed:
+        # The failed save's abandoned writer tasks log "Task exception was never retrieved" (asyncio's
+        # logger, when they are collected: any time later, seen at exit) with this same error, which the
+        # run reports once, as one line; the run stops here, so asyncio's logger stays silent from now on.
+        std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
         for folder in (LATEST_DIR, BEST_DIR):  # what the failed save wrote: free its space
             root = os.path.join(self.workdir, folder)
             for name in os.listdir(root) if os.path.isdir(root) else ():

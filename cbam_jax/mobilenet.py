@@ -14,7 +14,9 @@ repository's issue #19 asks and has no answer), and a guess would not be the pap
 
 The parameter tree: `conv1`, `bn1` (the stem, named as in the ResNets), `stage{S}_{U}/{dw_conv,dw_bn,dw_attention,pw_conv,
 pw_bn,pw_attention}` (S from 1, U from 0), `fc`. As a backbone (`features_only`) feature index 0 is
-the stem's output and s the output of stage s (strides 2, 2, 4, 8, 16, 32).
+the stem's output and s the output of stage s (strides 2, 2, 4, 8, 16, 32). `cbam_jax.visualize` names
+a unit's two attention maps 'stage{S}_{U}/dw' and 'stage{S}_{U}/pw', and its Grad-CAM explains a unit's
+output ('stage5_1' by default).
 """
 
 from collections.abc import Mapping, Sequence

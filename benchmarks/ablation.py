@@ -252,9 +252,10 @@ def timing(report: dict[str, Any]) -> str:
     walls = [run["wall_seconds"] for runs in report["runs"].values() for run in runs if "wall_seconds" in run]
     if not walls:
         return ""
+    load = (f"; the 1-minute load average was {report['load_before'][0]:.1f} before the study and "
+            f"{report['load_after'][0]:.1f} after it" if report.get("trained_now") else "")  # that of a training one
     return (f"{len(walls)} runs, one after another, took {sum(walls) / 60:.1f} min (compilation and evaluation "
-            f"included); the 1-minute load average was {report['load_before'][0]:.1f} before the study and "
-            f"{report['load_after'][0]:.1f} after it.")
+            f"included){load}.")
 
 
 def plot(stats: dict[str, dict[str, Any]], path: str, title: str) -> None:

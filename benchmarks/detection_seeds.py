@@ -147,12 +147,14 @@ def caption(report: dict[str, Any]) -> str:
     train = [run["train_seconds"] for run in runs]
     first = [run["first_step_seconds"] for run in runs]
     overrides = f" with {' '.join(report['overrides'])}" if report["overrides"] else ""
+    # the load of the invocation that trained the runs (wall_seconds: runs trained by this invocation)
+    load = (f"; the 1-minute load average was {report['load_before'][0]:.1f} before the study and "
+            f"{report['load_after'][0]:.1f} after it" if any("wall_seconds" in run for run in runs) else "")
     return (f"`{report['recipe']}`{overrides}: {report['steps']} steps of batch {report['batch_size']} on "
             f"{report['train_images']} generated training images, COCO figures on {report['eval_images']} held-out "
             f"images; seeds {', '.join(map(str, report['seeds']))}; {machine_line(report['machine'])}. Each run trained "
             f"for {min(train):.0f}-{max(train):.0f} s after a first (compiling) step of "
-            f"{min(first):.0f}-{max(first):.0f} s; the 1-minute load average was {report['load_before'][0]:.1f} before "
-            f"the study and {report['load_after'][0]:.1f} after it.")
+            f"{min(first):.0f}-{max(first):.0f} s{load}.")
 
 
 def write_text(path: str, text: str) -> None:
@@ -195,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 absolute = command(model, seed, os.path.abspath(workdir), args.overrides)  # from any folder
                 absolute[0], absolute[2] = os.path.join(ROOT, "train.py"), os.path.join(ROOT, RECIPE)
                 try:
-                    done = subprocess.run([sys.executable, *absolute], env={
+                    done = subprocess.run([sys.executable, *absolute], stdout=sys.stderr, env={  # stdout: the table
                         **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
                 except KeyboardInterrupt:
                     print(f"{PROGRAM}: interrupted; run the same command again to resume (finished runs are kept, "

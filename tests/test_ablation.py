@@ -148,9 +148,11 @@ def test_findings_name_the_range_of_the_attention_rows_and_of_the_spread():
 
 def test_timing_sums_the_runs_that_recorded_their_time():
     report = {"runs": {"cbam": [{"wall_seconds": 30.0}, {"wall_seconds": 60.0}], "resnet": [{}]},
-              "load_before": [1.25, 1.0, 1.0], "load_after": [2.0, 1.5, 1.0]}
+              "load_before": [1.25, 1.0, 1.0], "load_after": [2.0, 1.5, 1.0], "trained_now": 1}
     assert ablation.timing(report) == ("2 runs, one after another, took 1.5 min (compilation and evaluation included); "
                                        "the 1-minute load average was 1.2 before the study and 2.0 after it.")
+    report["trained_now"] = 0  # an invocation that read finished runs only: its load says nothing about them
+    assert ablation.timing(report) == "2 runs, one after another, took 1.5 min (compilation and evaluation included)."
     assert ablation.timing({"runs": {"cbam": [{}]}}) == ""  # runs of an older study: no time recorded
 
 

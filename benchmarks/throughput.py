@@ -3,6 +3,7 @@
     python -m benchmarks.throughput --quick            # ~15 min on 2 idle CPU cores (estimate)
     python -m benchmarks.throughput --plot bench.png   # the full preset (torch.compile, bf16, XLA baseline)
     python -m benchmarks.throughput --quick --in-process   # the old way: every variant in one process
+    python -m benchmarks.throughput --preset families --modes train   # CBAM-ResNeXt-50 and CBAM-MobileNet
 
 For every case (model, input size, batch) it times inference and a full training step (forward,
 softmax cross-entropy, backward, SGD with momentum, BatchNorm in training mode) of the CBAM-ResNet
@@ -96,7 +97,7 @@ class Case:
 
     @classmethod
     def parse(cls, text: str) -> "Case":
-        """'cbam_resnet50:224:8' or 'cbam_resnet18:32:64:cifar'."""
+        """'cbam_resnet50:224:8', 'cbam_resnet18:32:64:cifar' or 'cbam_mobilenet_w1:224:32' (a registered CBAM name)."""
         parts = text.split(":")
         if len(parts) not in (3, 4) or not parts[1].isdigit() or not parts[2].isdigit():
             raise argparse.ArgumentTypeError(f"case must be MODEL:SIZE:BATCH[:STEM], e.g. cbam_resnet18:32:64:cifar; "
@@ -116,6 +117,10 @@ PRESETS = {
               "dtypes": ["float32"], "repeats": 3, "warmup": 1, "rounds": 3},
     "full": {"cases": ["cbam_resnet50:224:32", "cbam_resnet18:32:64:cifar"], "impls": list(IMPLS),
              "dtypes": ["float32", "bfloat16"], "repeats": 5, "warmup": 2, "rounds": 3},
+    # The grouped and depthwise families on the CPU (oneDNN's grouped kernels), train steps against
+    # PyTorch channels-last: CBAM-ResNeXt-50 32x4d at ResNet-50's batch, CBAM-MobileNet w1 (7x fewer FLOPs) at 32.
+    "families": {"cases": ["cbam_resnext50_32x4d:224:8", "cbam_mobilenet_w1:224:32"], "impls": ["jax", "torch-cl"],
+                 "dtypes": ["float32"], "repeats": 3, "warmup": 1, "rounds": 3},
     # Batches that fill a data-centre GPU (ResNet-50 at 256 in both frameworks at once overflowed an
     # 80 GB H100); jax-xla equals jax there (the CPU path is off).
     "gpu": {"cases": ["cbam_resnet50:224:128", "cbam_resnet18:32:512:cifar"], "impls": ["jax", "torch", "torch-cl"],
@@ -279,8 +284,9 @@ def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
     implementation, use_native, _, remat = JAX_IMPLS[variant.impl]
+    options = {"remat": remat} if remat != "none" else {}  # a ResNet option (the MobileNets have none)
     model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
-                         dtype=jnp.dtype(variant.dtype), implementation=implementation, remat=remat)
+                         dtype=jnp.dtype(variant.dtype), implementation=implementation, **options)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))
@@ -346,13 +352,12 @@ def setup_torch(variant: Variant) -> None:
     import torch
     from torch.nn import functional as F
 
-    from benchmarks.torch_models import ResNet
+    from benchmarks.torch_models import twin
 
     case = variant.case
     device = torch_device()
-    _, depth = parse_name(case.model)
     torch.manual_seed(0)
-    model = ResNet(depth, NUM_CLASSES[case.stem], case.stem, attention=variant.arch == "cbam").to(device)
+    model = twin(variant.model_name, NUM_CLASSES[case.stem], case.stem).to(device)
     images = torch.randn(case.batch, 3, case.size, case.size, device=device)
     labels = torch.randint(0, NUM_CLASSES[case.stem], (case.batch,), device=device)
     if variant.impl in ("torch-cl", "torch-compile"):
@@ -739,7 +744,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the quick preset (~15 min on 2 idle cores (estimate)): "
                         + ", ".join(PRESETS["quick"]["cases"]) + "; float32; jax, torch, torch-cl")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="cases, impls, dtypes, rounds: 'full' (default), 'quick' (= --quick), 'gpu' (large batches)")
+                        help="cases, impls, dtypes, rounds: 'full' (default), 'quick' (= --quick), 'families' "
+                        "(CBAM-ResNeXt-50 and CBAM-MobileNet on the CPU), 'gpu' (large batches)")
     parser.add_argument("--cases", nargs="+", type=Case.parse, help="MODEL:SIZE:BATCH[:STEM] (overrides the preset)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (overrides the preset)")
     parser.add_argument("--nets", nargs="+", choices=("cbam", "plain"), default=["cbam", "plain"])

@@ -228,3 +228,36 @@ def test_elementwise_table_entry_computes_its_primitive(primitive):
     assert primitive in {e.primitive.name for e in jax.make_jaxpr(apply)(x).eqns}
     proto = onnx_graph.export_onnx(apply, jax.ShapeDtypeStruct(cbam_jax.artifacts.input_shape(3, 4, 2), jnp.float32))
     np.testing.assert_allclose(onnx_graph.run_onnx(proto, x), np.asarray(apply(x)), rtol=1e-6, atol=1e-6)
+
+
+# ---- the other families: grouped (ResNeXt) and depthwise (MobileNet) convolutions ---------------------------
+
+@pytest.mark.slow  # exports (and self-checks) twice per format, then compiles the artifacts: 10-30 s each
+@pytest.mark.parametrize("name, overrides, config, groups", [
+    # A CBAM-ResNeXt-50 shortened to two stages of one block: 3x3 convs of 32 and 64 channels in 32 groups.
+    ("cbam_resnext50_32x4d", {"num_classes": 4, "width": 16, "stage_sizes": (1, 1)}, {"groups": 32}, {32}),
+    # A headless CBAM-MobileNet (pooled features out): every unit's 3x3 conv is depthwise (8 to 256 channels).
+    ("cbam_mobilenet_w1", {"num_classes": 0, "width": 8}, {"family": "mobilenet"}, {8, 16, 32, 64, 128, 256}),
+])
+def test_each_family_exports_its_grouped_convolutions(tmp_path, name, overrides, config, groups):
+    import onnx
+
+    stage_sizes = overrides.pop("stage_sizes", None)
+    model = cbam_jax.create_model(name, reduction=4, **overrides)
+    model = model.clone(stage_sizes=stage_sizes) if stage_sizes else model
+    variables = random_variables(model, (1, 16, 16, 3))
+    path = save_pretrained(tmp_path / "model", model, variables, metadata={"preprocessing": PREPROCESSING})
+    out = tmp_path / "artifacts"
+    assert cli.main(["export", str(path), str(out)]) == 0
+    document = json.loads((out / "artifact.json").read_text())
+    assert config.items() <= document["model"].items()
+    exported = jax.export.deserialize(bytearray((out / "model.jax_export").read_bytes()))
+    proto = (out / "model.onnx").read_bytes()
+    convs = [n for n in onnx.load_from_string(proto).graph.node if n.op_type == "Conv"]
+    assert {a.i for n in convs for a in n.attribute if a.name == "group" and a.i > 1} == groups
+    for batch in (1, 3):
+        images = _images(batch, 16, 16, seed=batch)
+        expected = np.asarray(jax.jit(model.apply)(variables, images))
+        assert document["output"]["shape"] == ["batch", expected.shape[-1]]
+        assert _relative_error(exported.call(images), expected) <= 1e-5
+        assert _relative_error(onnx_graph.run_onnx(proto, images), expected) <= 1e-4

@@ -1,6 +1,7 @@
 """The benchmark's PyTorch twins are the same networks as cbam-jax's; its report arithmetic."""
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -35,30 +36,32 @@ def _jax_param_count(name: str, stem: str, num_classes: int, size: int) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
 
 
-def _twin_variables(twin) -> dict:
-    """The twin's weights as the Flax variables of the cbam-jax model of the same name: modules in order
-    (stem conv and BN, then per block its convolutions and BNs, the CBAM MLP and spatial conv/BN, the
-    shortcut), PyTorch layouts transposed to Flax's."""
-    from flax.traverse_util import unflatten_dict
-
+def _put_torch_module(flat: dict, module, path: list[str]) -> None:
+    """A Conv2d, BatchNorm2d or Linear's weights into `flat` as Flax variables under `path`, transposed
+    to Flax's layouts (conv OIHW -> HWIO, grouped ones too: (O, I/G, H, W) -> (H, W, I/G, O))."""
     def array(tensor):
         return tensor.detach().numpy().copy()
 
-    flat = {}
-
-    def conv(module, path):
+    kind = type(module).__name__
+    if kind == "Conv2d":
         flat[("params", *path, "kernel")] = array(module.weight).transpose(2, 3, 1, 0)
-
-    def norm(module, path):
+    elif kind == "BatchNorm2d":
         flat[("params", *path, "scale")], flat[("params", *path, "bias")] = array(module.weight), array(module.bias)
         flat[("batch_stats", *path, "mean")] = array(module.running_mean)
         flat[("batch_stats", *path, "var")] = array(module.running_var)
-
-    def linear(module, path):
+    elif kind == "Linear":
         flat[("params", *path, "kernel")], flat[("params", *path, "bias")] = array(module.weight).T, array(module.bias)
 
-    conv(twin.stem[0], ["conv1"])
-    norm(twin.stem[1], ["bn1"])
+
+def _twin_variables(twin) -> dict:
+    """The ResNet twin's weights as the Flax variables of the cbam-jax model of the same name: modules in
+    order (stem conv and BN, then per block its convolutions and BNs, the CBAM MLP and spatial conv/BN,
+    the shortcut), PyTorch layouts transposed to Flax's."""
+    from flax.traverse_util import unflatten_dict
+
+    flat = {}
+    _put_torch_module(flat, twin.stem[0], ["conv1"])
+    _put_torch_module(flat, twin.stem[1], ["bn1"])
     stage, index, channels = 0, 0, None
     for block in twin.blocks:
         convs = [m for m in block.residual if type(m).__name__ == "Conv2d"]
@@ -68,44 +71,81 @@ def _twin_variables(twin) -> dict:
         name = f"layer{stage}_{index}"
         index += 1
         for number, (c, n) in enumerate(zip(convs, norms), 1):
-            conv(c, [name, f"conv{number}"])
-            norm(n, [name, f"bn{number}"])
+            _put_torch_module(flat, c, [name, f"conv{number}"])
+            _put_torch_module(flat, n, [name, f"bn{number}"])
         if type(block.residual[-1]).__name__ == "CBAM":
             channel, spatial = block.residual[-1]
-            linear(channel.mlp[0], [name, "attention", "channel", "fc1"])
-            linear(channel.mlp[2], [name, "attention", "channel", "fc2"])
-            conv(spatial.conv, [name, "attention", "spatial", "conv"])
-            norm(spatial.bn, [name, "attention", "spatial", "bn"])
+            _put_torch_module(flat, channel.mlp[0], [name, "attention", "channel", "fc1"])
+            _put_torch_module(flat, channel.mlp[2], [name, "attention", "channel", "fc2"])
+            _put_torch_module(flat, spatial.conv, [name, "attention", "spatial", "conv"])
+            _put_torch_module(flat, spatial.bn, [name, "attention", "spatial", "bn"])
         if type(block.shortcut).__name__ == "Sequential":
-            conv(block.shortcut[0], [name, "downsample_conv"])
-            norm(block.shortcut[1], [name, "downsample_bn"])
-    linear(twin.fc, ["fc"])
+            _put_torch_module(flat, block.shortcut[0], [name, "downsample_conv"])
+            _put_torch_module(flat, block.shortcut[1], [name, "downsample_bn"])
+    _put_torch_module(flat, twin.fc, ["fc"])
+    return unflatten_dict(flat)
+
+
+def _mobilenet_twin_variables(twin) -> dict:
+    """The MobileNet twin's weights as Flax variables: its module names are cbam-jax's parameter names
+    but for `units.` and the CBAM's positions (0: channel gate with its MLP's Linears 0 and 2 = fc1, fc2;
+    1: spatial gate)."""
+    from flax.traverse_util import unflatten_dict
+
+    flat = {}
+    for name, module in twin.named_modules():
+        parts, path = [p for p in name.split(".") if p != "units"], []
+        for before, part in zip(["", *parts], parts):
+            if before.endswith("attention"):
+                path.append({"0": "channel", "1": "spatial"}[part])
+            elif before == "mlp":
+                path.append({"0": "fc1", "2": "fc2"}.get(part, part))  # 1: the ReLU
+            elif part != "mlp":
+                path.append(part)
+        _put_torch_module(flat, module, path)
     return unflatten_dict(flat)
 
 
 @pytest.mark.parametrize("name, stem, num_classes, size", [("cbam_resnet18", "cifar", 10, 32),
                                                            ("resnet18", "cifar", 10, 32),
-                                                           ("cbam_resnet50", "imagenet", 1000, 64)])
+                                                           ("cbam_resnet50", "imagenet", 1000, 64),
+                                                           ("cbam_resnext50_32x4d", "imagenet", 1000, 64),
+                                                           ("cbam_mobilenet_w1", "imagenet", 1000, 64),
+                                                           ("mobilenet_w1", "imagenet", 1000, 64)])
 def test_torch_twin_is_the_same_network(name, stem, num_classes, size):
     """The same parameters, and the same logits from the same weights (random BatchNorm parameters and
-    statistics, so every layer counts)."""
+    statistics), in eval mode and in train mode (batch statistics: in eval mode the deep MobileNet's
+    random running statistics shrink the input's share of the logits to nothing, so that only the
+    train-mode logits depend on every layer)."""
     torch = pytest.importorskip("torch")
-    from benchmarks.torch_models import ResNet
+    from benchmarks.torch_models import twin as torch_twin
     from tests.torch_refs.harness import prepare
 
-    depth = int(name.rsplit("resnet", 1)[1])
     torch.manual_seed(0)
-    twin = prepare(ResNet(depth, num_classes, stem, attention=name.startswith("cbam_")), (2, 3, size, size))
+    twin = prepare(torch_twin(name, num_classes, stem), (2, 3, size, size))
     assert sum(p.numel() for p in twin.parameters()) == _jax_param_count(name, stem, num_classes, size)
     model = create_model(name, stem=stem, num_classes=num_classes)
-    variables = _twin_variables(twin)
+    variables = (_mobilenet_twin_variables if "mobilenet" in name else _twin_variables)(twin)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
     assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, dict(shapes))
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = twin(x).numpy()
-    logits = np.asarray(jax.jit(model.apply)(variables, x.numpy().transpose(0, 2, 3, 1)))
-    assert np.max(np.abs(logits - expected)) <= 1e-4 * max(1.0, np.max(np.abs(expected)))
+    for train in (False, True):
+        with torch.no_grad():
+            expected = twin.train(train)(x).numpy()
+        apply = functools.partial(model.apply, train=train, mutable=["batch_stats"] if train else False)
+        logits = jax.jit(apply)(variables, x.numpy().transpose(0, 2, 3, 1))
+        logits = np.asarray(logits[0] if train else logits)
+        assert np.max(np.abs(logits - expected)) <= 1e-4 * max(1.0, np.max(np.abs(expected))), f"train={train}"
+    assert np.max(np.abs(expected[0] - expected[1])) > 0.1 * np.max(np.abs(expected))  # the input counts
+
+
+def test_torch_twin_of_a_name_without_one_is_refused():
+    pytest.importorskip("torch")
+    from benchmarks.torch_models import twin
+
+    for name in ("se_resnet50", "bam_resnet50", "cbam_wide_resnet18_2"):
+        with pytest.raises(ValueError, match="no PyTorch twin"):
+            twin(name)
 
 
 def test_case_parsing():
@@ -131,9 +171,12 @@ def test_ratios_compare_jax_with_torch_and_cbam_with_plain():
     assert ("plain", "torch") not in by_impl
 
 
-@pytest.mark.parametrize("model, giga_macs", [("resnet18", 1.814), ("resnet50", 4.089)])
+@pytest.mark.parametrize("model, giga_macs", [("resnet18", 1.814), ("resnet50", 4.089), ("resnext50_32x4d", 4.23),
+                                              ("mobilenet_w1", 0.569)])
 def test_model_flops_match_published_counts(model, giga_macs):
-    """torchvision's model table: 1.81 / 4.09 GFLOPS (multiply-adds) per 224px image; a train step is 3x."""
+    """torchvision's model table: 1.81 / 4.09 / 4.23 GFLOPS (multiply-adds) per 224px image for ResNet-18 /
+    ResNet-50 / ResNeXt-50 32x4d (grouped convs count 1/32 of a dense one), the MobileNet paper's 569 M
+    multiply-adds (depthwise convs); a train step is 3x."""
     case = Case("cbam_" + model, 224, 2)
     assert model_flops(case, "plain", "infer") == pytest.approx(2 * 2 * giga_macs * 1e9, rel=2e-3)
     assert model_flops(case, "plain", "train") == pytest.approx(3 * model_flops(case, "plain", "infer"))
@@ -275,6 +318,25 @@ def test_scaling_benchmark_runs(tmp_path):
                          "--repeats", "1", "--json", str(out)]) == 0
     row, = json.loads(out.read_text())["sweeps"]["depth"]
     assert row["model"] == "cbam_resnet18" and row["batch"] == 2 and row["compile_s"] > 0 and len(row["pids"]) == 1
+
+
+@pytest.mark.slow  # six compiled programs
+def test_grouped_convs_benchmark_times_both_sides_of_every_pass(tmp_path):
+    """A MobileNet depthwise layer at batch 1: both sides timed for each pass, one table row from the JSON."""
+    from benchmarks import grouped_convs
+    from cbam_jax.layers import native
+
+    if not native.available():
+        pytest.skip("oneDNN unavailable here")
+    out = tmp_path / "grouped.json"
+    assert grouped_convs.main(["--nets", "mobilenet_w1", "--dtypes", "float32", "--batch", "1", "--layers", "1",
+                               "--repeats", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    row, = report["rows"]
+    assert (row["net"], row["size"], row["groups"], row["stride"], row["batch"]) == ("mobilenet_w1", 112, 32, 1, 1)
+    assert all(row[f"{p}_{side}_ms"] > 0 for p in grouped_convs.PASSES for side in ("xla", "onednn"))
+    table = grouped_convs.table(report)
+    assert "| mobilenet_w1 | 1 | 112, 32->32, g32, s1 | float32 |" in table and report["machine"]["cpu"] in table
 
 
 # ----------------------------------------------------------------------------- benchmarks.detection_seeds

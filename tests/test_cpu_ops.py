@@ -2,6 +2,7 @@
 
 import functools
 import platform
+import re
 import sys
 
 import jax
@@ -13,6 +14,7 @@ from jax import lax
 
 from cbam_jax.layers import cpu_ops, native
 from cbam_jax.layers.common import max_over
+from cbam_jax.mobilenet import MobileNet
 from cbam_jax.registry import create_model, model_config, model_from_config
 from cbam_jax.resnet import ResNet
 
@@ -70,9 +72,10 @@ ONEDNN_CASES = [
 ]
 
 
-def _conv_loss_and_grads(conv, x, kernel, strides, padding, dilation):
+def _conv_loss_and_grads(conv, x, kernel, strides, padding, dilation, groups=1):
     def loss(x, kernel):
-        y = conv(x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+        y = conv(x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC,
+                 feature_group_count=groups)
         y32 = y.astype(jnp.float32)
         return jnp.sum(y32 * jnp.cos(y32)), y  # a non-linear loss: the cotangent varies per element
 
@@ -105,20 +108,54 @@ def test_onednn_conv_matches_xla_values_and_gradients(kernel_shape, strides, pad
     _assert_trees_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_shape, strides, padding, dilation", ONEDNN_CASES[:3])
-def test_onednn_bfloat16_conv_matches_float32_within_bfloat16_rounding(kernel_shape, strides, padding, dilation):
-    """bfloat16 in and out (AMX where the CPU has it), float32 accumulation: within a few bfloat16
-    ulps (2^-8 relative) of the float32 result from the same bfloat16 inputs."""
-    if not native.bfloat16_convolutions():
-        pytest.skip("no oneDNN bfloat16 convolutions on this CPU")
-    x, kernel = _random((4, 9, 9, kernel_shape[2]), 0, jnp.bfloat16), _random(kernel_shape, 1, jnp.bfloat16)
-    out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
-                                                                dimension_numbers=NHWC)).shape
+# Grouped (ResNeXt) and depthwise (MobileNet) convolutions as the models use them: 3x3, padding 1,
+# strides 1 and 2. (kernel shape (KH, KW, Cin / G, Cout), strides, padding, G); G = Cin is depthwise.
+GROUPED_CASES = [
+    ((3, 3, 1, 16), (1, 1), ((1, 1), (1, 1)), 16),   # MobileNet depthwise
+    ((3, 3, 1, 16), (2, 2), ((1, 1), (1, 1)), 16),   # MobileNet strided depthwise
+    ((3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), 4),     # ResNeXt: 4 groups of 4 -> 2
+    ((3, 3, 2, 24), (2, 2), ((1, 1), (1, 1)), 8),    # strided: 8 groups of 2 -> 3 (in and out per group differ)
+    ((1, 1, 4, 18), (1, 1), ((0, 0), (0, 0)), 3),    # 1x1: 3 groups of 4 -> 6
+    ((3, 3, 1, 32), (1, 1), ((1, 1), (1, 1)), 16),   # depthwise with channel multiplier 2
+]
+
+
+def _conv_uses(groups, x, kernel, strides, padding):
+    """The custom calls and convolutions in the jaxpr of `cpu_ops.conv_general_dilated` and its gradient."""
+    conv = lambda x, k: cpu_ops.conv_general_dilated(x, k, strides, padding, dimension_numbers=NHWC,
+                                                     feature_group_count=groups)
+    return str(jax.make_jaxpr(jax.value_and_grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1)))(x, kernel))
+
+
+@pytest.mark.parametrize("kernel_shape, strides, padding, groups", GROUPED_CASES)
+def test_onednn_grouped_conv_matches_xla_values_and_gradients(kernel_shape, strides, padding, groups):
+    """oneDNN's grouped weights (G, Cout/G, Cin/G, KH, KW) in the hwigo layout are JAX's HWIO kernel:
+    the same values and input and kernel gradients as XLA's grouped convolution."""
+    if not native.available():
+        pytest.skip("oneDNN unavailable here (test_onednn_is_available_on_linux_x86_64 says why)")
+    x, kernel = _random((3, 11, 10, kernel_shape[2] * groups), 0), _random(kernel_shape, 1)
+    (_, y_fast), grads_fast = _conv_loss_and_grads(cpu_ops.conv_general_dilated, x, kernel, strides, padding, (1, 1),
+                                                   groups)
+    (_, y_ref), grads_ref = _conv_loss_and_grads(lax.conv_general_dilated, x, kernel, strides, padding, (1, 1), groups)
+    used = _conv_uses(groups, x, kernel, strides, padding)
+    assert all(f"cbam_onednn_conv_{p}" in used for p in ("forward", "input_grad", "kernel_grad"))
+    assert "conv_general_dilated" not in used  # no pass left to XLA
+    np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+def _bfloat16_values_and_grads(kernel_shape, strides, padding, dilation, groups=1):
+    """(fast, reference): output, input and kernel gradient of `cpu_ops.conv_general_dilated` on bfloat16
+    data, and XLA's float32 ones from the same bfloat16 inputs and output cotangent."""
+    x = _random((4, 9, 9, kernel_shape[2] * groups), 0, jnp.bfloat16)
+    kernel = _random(kernel_shape, 1, jnp.bfloat16)
+    args = dict(rhs_dilation=dilation, dimension_numbers=NHWC, feature_group_count=groups)
+    out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(x, kernel, strides, padding, **args)).shape
     weights = _random(out_shape, 2, jnp.bfloat16)  # the output's cotangent, exact in bfloat16
 
     def value_and_grads(conv, x, kernel):
         def loss(x, kernel):
-            y = conv(x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+            y = conv(x, kernel, strides, padding, **args)
             return jnp.sum(y.astype(jnp.float32) * weights.astype(jnp.float32)), y
 
         (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
@@ -127,7 +164,30 @@ def test_onednn_bfloat16_conv_matches_float32_within_bfloat16_rounding(kernel_sh
     fast = value_and_grads(cpu_ops.conv_general_dilated, x, kernel)
     ref = value_and_grads(lax.conv_general_dilated, x.astype(jnp.float32), kernel.astype(jnp.float32))
     assert all(a.dtype == jnp.bfloat16 for a in fast)
-    _assert_trees_close(tuple(a.astype(jnp.float32) for a in fast), ref, rtol=1e-2, atol=1e-2)
+    return tuple(a.astype(jnp.float32) for a in fast), ref
+
+
+@pytest.mark.parametrize("kernel_shape, strides, padding, dilation", ONEDNN_CASES[:3])
+def test_onednn_bfloat16_conv_matches_float32_within_bfloat16_rounding(kernel_shape, strides, padding, dilation):
+    """bfloat16 in and out (AMX where the CPU has it), float32 accumulation: within a few bfloat16
+    ulps (2^-8 relative) of the float32 result from the same bfloat16 inputs."""
+    if not native.bfloat16_convolutions():
+        pytest.skip("no oneDNN bfloat16 convolutions on this CPU")
+    fast, ref = _bfloat16_values_and_grads(kernel_shape, strides, padding, dilation)
+    _assert_trees_close(fast, ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kernel_shape, strides, padding, groups", GROUPED_CASES)
+def test_onednn_bfloat16_grouped_conv_matches_float32_within_bfloat16_rounding(kernel_shape, strides, padding,
+                                                                               groups):
+    """As the ungrouped case: grouped and depthwise bfloat16 convolutions (oneDNN's depthwise kernel
+    also for strided input gradients) within bfloat16 rounding of float32 XLA on the same inputs."""
+    if not native.bfloat16_convolutions():
+        pytest.skip("no oneDNN bfloat16 convolutions on this CPU")
+    x, kernel = _random((2, 6, 6, kernel_shape[2] * groups), 0, jnp.bfloat16), _random(kernel_shape, 1, jnp.bfloat16)
+    assert "cbam_onednn_conv_forward" in _conv_uses(groups, x, kernel, strides, padding)
+    fast, ref = _bfloat16_values_and_grads(kernel_shape, strides, padding, (1, 1), groups)
+    _assert_trees_close(fast, ref, rtol=1e-2, atol=1e-2)
 
 
 def test_onednn_conv_under_vmap():
@@ -174,12 +234,37 @@ def test_native_max_gradient_equals_xla_argmax_gradient(shape, axis, dtype):
     np.testing.assert_array_equal(np.asarray(grad(True), np.float32), np.asarray(grad(False), np.float32))
 
 
-def test_conv_hands_unsupported_settings_to_lax():
-    x, kernel = _random((2, 6, 6, 4), 0), _random((3, 3, 2, 6), 1)  # two feature groups
-    args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC, feature_group_count=2)
-    grad_fast = jax.grad(lambda k: cpu_ops.conv_general_dilated(x, k, **args).sum())(kernel)
-    grad_ref = jax.grad(lambda k: lax.conv_general_dilated(x, k, **args).sum())(kernel)
-    np.testing.assert_allclose(grad_fast, grad_ref, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("args, use_native", [
+    (dict(feature_group_count=2, batch_group_count=1, lhs_dilation=(2, 2)), True),  # input dilation (transposed)
+    (dict(feature_group_count=2, batch_group_count=1, lhs_dilation=(2, 2)), False),
+    (dict(feature_group_count=1, batch_group_count=2, lhs_dilation=None), True),    # batch groups
+    (dict(feature_group_count=1, batch_group_count=2, lhs_dilation=None), False),
+    (dict(feature_group_count=2, batch_group_count=1, lhs_dilation=None), False),   # feature groups, no oneDNN
+], ids=["input-dilation", "input-dilation-no-onednn", "batch-groups", "batch-groups-no-onednn",
+        "feature-groups-no-onednn"])
+def test_conv_hands_unsupported_settings_to_lax(args, use_native, monkeypatch):
+    """Settings no fast path takes run as `lax.conv_general_dilated` itself (grouped convolutions need
+    oneDNN: the matmul kernel gradient has no groups)."""
+    monkeypatch.setattr(native, "ENABLED", use_native)
+    monkeypatch.setattr(cpu_ops, "MAX_MATMUL_TAPS", 9)  # the matmul gradient would take a 3x3 kernel
+    x = _random((2 * args["batch_group_count"], 6, 6, 8), 0)
+    kernel = _random((3, 3, 8 // args["feature_group_count"], 8), 1)
+    args = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=NHWC, **args)
+    grad = lambda conv: jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, **args))), argnums=(0, 1))
+    jaxpr = str(jax.make_jaxpr(grad(cpu_ops.conv_general_dilated))(x, kernel))
+    assert "cbam_onednn" not in jaxpr and "custom_vjp" not in jaxpr
+    _assert_trees_close(grad(cpu_ops.conv_general_dilated)(x, kernel), grad(lax.conv_general_dilated)(x, kernel),
+                        rtol=1e-6, atol=1e-6)
+
+
+def test_onednn_conv_rejects_kernels_that_do_not_divide_the_channels():
+    """The shim reads the feature groups off the shapes; channels that are no multiple of the kernel's
+    input channels are an error of the custom call, not a wrong result."""
+    if not native.available():
+        pytest.skip("oneDNN unavailable here")
+    x, kernel = _random((1, 4, 4, 6), 0), _random((3, 3, 4, 8), 1)
+    with pytest.raises(Exception, match="feature groups"):
+        jax.block_until_ready(native.conv(x, kernel, (1, 1), ((1, 1), (1, 1)), (1, 1)))
 
 
 def test_conv_takes_the_matmul_gradient_only_up_to_max_taps(monkeypatch):
@@ -283,6 +368,22 @@ def test_names_from_before_0_1_are_unknown_options():
         model_from_config(saved)
 
 
+def _train_step(model, x, labels, variables=None):
+    """Initial variables (`variables` or the model's own), then logits, updated BatchNorm statistics and
+    gradients of one training step, and eval-mode logits after it."""
+    if variables is None:
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+
+    def loss(params):
+        logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                      train=True, mutable=["batch_stats"])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]), (logits, updates)
+
+    (_, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    evaluated = jax.jit(model.apply)({"params": variables["params"], **updates}, x)
+    return variables, logits, updates, grads, evaluated
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("block, stem, size", [("basic", "cifar", 8), ("bottleneck", "imagenet", 32)])
 def test_model_fast_path_equals_xla_path(block, stem, size):
@@ -297,20 +398,64 @@ def test_model_fast_path_equals_xla_path(block, stem, size):
     def train_step(implementation):
         model = ResNet(stage_sizes=(1, 1), block=block, stem=stem, width=8, num_classes=10, attention="cbam",
                        attention_options={"reduction": 4, "spatial_bn_zero_init": False}, implementation=implementation)
-        variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-
-        def loss(params):
-            logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                          train=True, mutable=["batch_stats"])
-            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), (logits, updates)
-
-        (_, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-        evaluated = jax.jit(model.apply)({"params": variables["params"], **updates}, x)
-        return variables, logits, updates, grads, evaluated
+        return _train_step(model, x, labels)
 
     fast, ref = train_step("cpu"), train_step("xla")
     _assert_trees_close(fast[0], ref[0], rtol=0, atol=0)
     _assert_trees_close(fast[1:], ref[1:], rtol=1e-4, atol=1e-5)
+
+
+def _feature_groups(jaxpr: str) -> list[int]:
+    """The feature_group_count of every XLA convolution in a jaxpr's text."""
+    return [int(g) for g in re.findall(r"feature_group_count=(\d+)", jaxpr)]
+
+
+def _largest_error(actual, expected) -> float:
+    """The largest difference over all leaves, each relative to its leaf's largest magnitude (at least 1)."""
+    return max(float(np.abs(np.asarray(a, np.float64) - e).max() / max(1.0, np.abs(e).max()))
+               for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["resnext", "mobilenet"])
+def test_grouped_families_fast_path_equals_xla_path(family):
+    """A small CBAM-ResNeXt (4 groups in each bottleneck's 3x3) and a small CBAM-MobileNet (depthwise
+    convs, strides 1 and 2, CBAM after each): every grouped convolution runs in oneDNN, and the logits,
+    BatchNorm statistics and gradients are as close to float64's as XLA's own float32 ones are.
+
+    Judged against float64 rather than directly: in the MobileNet (26 CBAMs, BatchNorm over a few
+    positions in the last stages) float32 rounding alone moves gradients by 0.1% of a leaf's scale
+    (seen: XLA 1.0e-3, oneDNN 0.7e-3; in the ResNeXt 2e-7 and 5e-7); a wrong group layout moves
+    them by O(1).
+    """
+    if not native.available():
+        pytest.skip("oneDNN unavailable here (test_onednn_is_available_on_linux_x86_64 says why)")
+    x = _random((4, 64, 64, 3), 0)
+    labels = jnp.arange(4) % 10
+    options = {"reduction": 4, "spatial_bn_zero_init": False}
+
+    def model(implementation, dtype=jnp.float32):
+        if family == "resnext":
+            return ResNet(stage_sizes=(1, 1), block="bottleneck", width=8, groups=4, base_width=16, num_classes=10,
+                          attention="cbam", attention_options=options, implementation=implementation, dtype=dtype)
+        return MobileNet(width=8, num_classes=10, attention="cbam", attention_options=options,
+                         implementation=implementation, dtype=dtype)
+
+    def grad_jaxpr(implementation):
+        grad = jax.grad(lambda v, x: model(implementation).apply(v, x, train=True, mutable=["batch_stats"])[0].sum())
+        return str(jax.make_jaxpr(grad)(variables, x))
+
+    variables = jax.eval_shape(model("xla").init, jax.random.PRNGKey(0), x)
+    assert max(_feature_groups(grad_jaxpr("xla"))) > 1  # the model has grouped convolutions ...
+    assert set(_feature_groups(grad_jaxpr("cpu"))) == {1}  # ... and the fast path runs none of them in XLA
+    fast, ref = _train_step(model("cpu"), x, labels), _train_step(model("xla"), x, labels)
+    _assert_trees_close(fast[0], ref[0], rtol=0, atol=0)  # the same initial variables
+    with jax.enable_x64(True):  # from the same initial variables, in float64
+        variables64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), fast[0])
+        exact = _train_step(model("xla", jnp.float64), x.astype(jnp.float64), labels, variables64)[1:]
+    exact = jax.tree.map(lambda a: np.asarray(a, np.float64), exact)
+    # within the 1e-5 of the other equality tests, or twice XLA's own error where the network amplifies rounding
+    assert _largest_error(fast[1:], exact) <= max(1e-5, 2 * _largest_error(ref[1:], exact))
 
 
 def _torch_max_pool_grad(x: np.ndarray, grad: np.ndarray, window: int, stride: int, padding: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from cbam_jax import ResNet, create_model, list_models
 from cbam_jax.errors import InvalidInput
 from cbam_jax.mobilenet import MobileNet, mobilenet_channels
 from cbam_jax.registry import model_config, model_from_config, parse_name, split_name
+from tests.helpers import random_variables
 from tests.test_resnet import count_params
 
 # The CBAM paper's Table 4 / Table 5 parameters in M, as printed (rounded to 0.01 M), for the rows
@@ -135,6 +136,33 @@ def test_out_indices_as_an_integer_means_the_last_levels(name):
     hash(create_model(name, features_only=True, out_indices=np.array([1, 2])))  # still a valid jit static argument
     with pytest.raises(ValueError, match="last 7 of"):
         create_model(name, features_only=True, out_indices=levels + 1 if name == "mobilenet_w1" else 7)
+
+
+def _deep_is_slow(name: str):
+    """A parametrize case for `test_every_registered_model_builds`: fast for the MobileNets (where the
+    attention meets the fewest channels), slow for the rest (about 0.1-1.6 s each to trace)."""
+    return pytest.param(name, marks=() if "mobilenet" in name else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("name", [_deep_is_slow(n) for n in list_models()])
+def test_every_registered_model_builds_at_its_defaults(name):
+    """Every name at its published width and the default reduction 16 traces init and forward at a tiny
+    input: 8-channel layers (MobileNet-0.25's first unit) keep one hidden unit in their gate's MLP."""
+    model = create_model(name)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    logits, variables = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x), x)
+    assert logits.shape == (1, 1000) and logits.dtype == jnp.float32
+    if name == "cbam_mobilenet_wd4":  # int(32 * 0.25) = 8 channels, 8 // 16 = 0 hidden units, raised to 1
+        assert variables["params"]["stage1_0"]["dw_attention"]["channel"]["fc1"]["kernel"].shape == (8, 1)
+
+
+@pytest.mark.slow  # compiles two 13-unit MobileNets
+@pytest.mark.parametrize("name", ["cbam_mobilenet_wd4", "se_mobilenet_wd4"])
+def test_quarter_width_mobilenets_run_at_the_default_reduction(name):
+    model = create_model(name, num_classes=10)
+    variables = random_variables(model, (2, 32, 32, 3))
+    logits = jax.jit(model.apply)(variables, jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
+    assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits))) and float(jnp.std(logits)) > 0
 
 
 @pytest.mark.parametrize("make, message", [

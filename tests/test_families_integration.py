@@ -1,5 +1,6 @@
-"""The other families through the generic code paths: train.py (a few steps per family), NNX, weight
-transfer from a plain model (what `init_from` does), export and attention maps."""
+"""The other families through the generic code paths: train.py (a few steps per family), NNX and weight
+transfer from a plain model's folder (`init_from`). Export: tests/test_artifacts.py; attention maps and
+Grad-CAM: tests/test_visualize.py."""
 
 import os
 import subprocess
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbam_jax import create_model
-from cbam_jax.convert.transfer import transfer_variables
+from cbam_jax import create_model, init_from
+from cbam_jax.pretrained import save_pretrained
+from tests.helpers import random_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,32 +31,66 @@ def test_train_py_trains_each_family(tmp_path, name, width):
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
-@pytest.mark.parametrize("name", ["cbam_resnext50_32x4d", "se_mobilenet_wd2"])
-def test_nnx_module_equals_linen(name):
+def _short_resnext(name, **overrides):
+    """A registered ResNeXt-50 at width 16 (3x3 convs of 32 and 64 channels in 32 groups), cut to two
+    stages of one block: the grouped convolutions and their attention at a fraction of the compile time."""
+    return create_model(name, num_classes=5, width=16, **overrides).clone(stage_sizes=(1, 1))
+
+
+def _nnx_equals_linen(module, linen):
+    """The NNX module's eval-mode logits are the Linen model's on the NNX module's own variables."""
     from flax import nnx
 
+    x = jax.random.normal(jax.random.key(1), (2, 32, 24, 3))
+    logits = nnx.jit(lambda module, x: module(x))(module, x)
+    expected = jax.jit(linen.apply)(module.linen_variables(), x)
+    assert logits.shape == (2, 5) and float(jnp.std(expected)) > 0
+    np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_nnx_runs_a_grouped_convolution_model_as_linen():
     import cbam_jax.nnx
 
-    overrides = dict(num_classes=5, reduction=4, width=16 if "resnext" in name else 8)
-    module = cbam_jax.nnx.create_model(name, rngs=nnx.Rngs(0), **overrides)
-    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    logits = module(x)
-    assert logits.shape == (2, 5) and bool(jnp.all(jnp.isfinite(logits)))
-    linen = create_model(name, **overrides)
-    linen_params = jax.eval_shape(linen.init, jax.random.key(0), x)["params"]
-    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
-    assert count == sum(int(np.prod(p.shape)) for p in jax.tree.leaves(linen_params))
+    linen = _short_resnext("cbam_resnext50_32x4d", reduction=4)
+    _nnx_equals_linen(cbam_jax.nnx.from_linen(linen, random_variables(linen)), linen)
+
+
+@pytest.mark.slow  # compiles a 13-unit MobileNet twice (NNX and Linen)
+def test_nnx_runs_a_depthwise_convolution_model_as_linen():
+    import cbam_jax.nnx
+
+    linen = create_model("cbam_mobilenet_wd2", num_classes=5, width=8, reduction=4)
+    _nnx_equals_linen(cbam_jax.nnx.from_linen(linen, random_variables(linen)), linen)
+
+
+def _flat(variables):
+    """{'params/layer1_0/conv1/kernel': array, ...}"""
+    return {"/".join(str(key.key) for key in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
 
 
 @pytest.mark.parametrize("plain, target", [("resnext50_32x4d", "cbam_resnext50_32x4d"),
-                                           ("mobilenet_wd2", "cbam_mobilenet_wd2")])
-def test_plain_weights_start_an_attention_model(plain, target):
-    overrides = dict(num_classes=5, width=16 if "resnext" in plain else 8)
-    x = jnp.zeros((1, 32, 32, 3))
-    source = create_model(plain, **overrides).init(jax.random.key(0), x)
-    model = create_model(target, reduction=4, **overrides)
-    variables, report = transfer_variables(source, model)
-    assert not report.dropped and report.new
-    assert all("attention" in path for path in report.new), report.new[:3]
-    np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"], source["params"]["conv1"]["kernel"])
-    assert model.apply(variables, x).shape == (1, 5)
+                                           ("mobilenet_wd2", "cbam_mobilenet_wd2"),
+                                           ("mobilenet_wd4", "se_mobilenet_wd4")])
+def test_init_from_a_plain_folder_starts_an_attention_model(tmp_path, plain, target):
+    """`init_from` reads a plain model's pretrained folder (its family from config.json), keeps every
+    backbone tensor and reports exactly the attention tensors as new (taken from `initial`)."""
+    def build(name, **overrides):
+        if "resnext" in name:
+            return _short_resnext(name, **overrides)
+        return create_model(name, num_classes=5, width=8, **overrides)
+
+    source_model = build(plain)
+    source = random_variables(source_model, seed=1)
+    save_pretrained(tmp_path / "plain", source_model, source)
+    model = build(target, reduction=4)
+    initial = random_variables(model, seed=2)
+    variables, report = init_from(tmp_path / "plain", model, initial=initial)
+
+    flat, source_flat, initial_flat = _flat(variables), _flat(source), _flat(initial)
+    attention = {path for path in flat if any(part.endswith("attention") for part in path.split("/"))}
+    assert attention and set(report.new) == attention and not report.dropped
+    assert set(report.loaded) == set(flat) - attention
+    for path, leaf in flat.items():
+        np.testing.assert_array_equal(leaf, (initial_flat if path in attention else source_flat)[path], err_msg=path)
+    logits = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    assert logits.shape == (1, 5)

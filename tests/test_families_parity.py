@@ -182,20 +182,26 @@ TRAIN_CASES = {
     "mobilenet_wd4_pytorchcv": (lambda: pytorchcv_model("mobilenet_wd4"), (4, 3, 64, 64), "pytorchcv_mobilenet",
                                 lambda: create_model("mobilenet_wd4", num_classes=NUM_CLASSES)),
 }
+# SGD-momentum steps compared per case. The plain 28-layer MobileNet with PyTorch's initialisation and
+# BN scales up to 1.5 has first-step gradients up to 90x its weights' size: after its first step at lr
+# 0.1 (also 0.01, 0.001; batch 4-16, 64-128 px) the second step's float32 parameters of PyTorch itself
+# differ from float64 by 1-45% per tensor, so a second step there compares rounding noise, not code.
+STEPS = {"mobilenet_wd4_pytorchcv": 1}
 
 
 @pytest.mark.parametrize("name", TRAIN_CASES)
 def test_training_matches(name):
     factory, shape, layout, flax_factory = TRAIN_CASES[name]
+    steps = STEPS.get(name, 2)
     torch.manual_seed(0)
     torch_model = prepare(factory(), shape)
     model = flax_factory()
     variables = load_variables(read_state_dict(torch_model.state_dict()), model, get_layout(layout))
     x, y = batch(shape, NUM_CLASSES)
     buffers = {k: v.numpy() for k, v in torch_model.state_dict().items() if "running" in k}
-    exact_steps, _ = train_torch(copy.deepcopy(torch_model).double(), x, y)
-    torch_steps, bn_info = train_torch(torch_model, x, y)
-    flax_steps = train_flax(model, variables, nhwc(x), y.numpy())
+    exact_steps, _ = train_torch(copy.deepcopy(torch_model).double(), x, y, steps)
+    torch_steps, bn_info = train_torch(torch_model, x, y, steps)
+    flax_steps = train_flax(model, variables, nhwc(x), y.numpy(), steps)
 
     def as_flax(params, stats):
         return load_variables(read_state_dict({**params, **stats}), model, get_layout(layout))
@@ -212,9 +218,9 @@ def test_training_matches(name):
     stats_error = assert_close_per_tensor(flax_steps.stats, expected_stats, rtol=1e-4, label="running stat")
     step_error = assert_matches_float64(flax_steps.params, as_flax(torch_steps.params, buffers)["params"],
                                         as_flax(exact_steps.params, buffers)["params"], rtol=GRAD_RTOL,
-                                        label="parameter after 2 SGD-momentum steps")
+                                        label=f"parameter after {steps} SGD-momentum step(s)")
     print(f"\n{name}: train logits {train_diff:.2e} (scale {scale:.2f}), worst relative: grads {grad_error:.2e}, "
-          f"BN stats {stats_error:.2e}, params after 2 SGD-momentum steps {step_error:.2e}")
+          f"BN stats {stats_error:.2e}, params after {steps} SGD-momentum step(s) {step_error:.2e}")
 
 
 @pytest.mark.parametrize("name", ["cbam_resnext50_32x4d", "se_mobilenet_wd4"])

@@ -140,8 +140,18 @@ def test_numpy_integers_are_valid_sizes():
     assert variables["params"]["fc1"]["kernel"].shape == (16, 4)
 
 
+@pytest.mark.parametrize("layer, channels, hidden", [
+    (ChannelGate(reduction=16), 32, 2), (ChannelGate(reduction=16), 44, 2),  # floored, as the official code
+    (ChannelGate(reduction=64), 32, 1), (SE(reduction=16), 8, 1), (BAM(), 8, 1),  # at least one unit, as timm
+])
+def test_hidden_width_is_channels_over_reduction_but_at_least_one(layer, channels, hidden):
+    params = jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((2, 8, 8, channels)))["params"]
+    first = params["channel_fc1"] if isinstance(layer, BAM) else params["fc1"]
+    assert first["kernel"].shape == (channels, hidden)
+
+
 @pytest.mark.parametrize("layer, shape, message", [
-    (ChannelGate(reduction=64), (2, 4, 4, 32), "reduction 64 is larger than the number of channels 32"),
+    (ChannelGate(reduction=0), (2, 4, 4, 32), "reduction must be a positive integer"),
     (ChannelGate(), (4, 4, 32), "NHWC"),
     (ChannelGate(reduction=4.0), (2, 4, 4, 32), "reduction must be a positive integer"),
     (ChannelGate(pool_types=("avg", "median")), (2, 4, 4, 32), "unknown pool type"),
@@ -151,7 +161,7 @@ def test_numpy_integers_are_valid_sizes():
     (SpatialGate(), (2, 8, 8, 4, 1), "NHWC"),
     (CBAM(kernel_size=0), (2, 8, 8, 32), "kernel_size"),
     (BAM(combine="mean"), (2, 8, 8, 32), "combine must be one of"),
-    (BAM(), (2, 8, 8, 8), "larger than the number of channels"),
+    (BAM(reduction=-2), (2, 8, 8, 8), "reduction must be a positive integer"),
 ])
 def test_bad_input_is_a_clear_value_error(layer, shape, message):
     with pytest.raises(ValueError, match=message):

@@ -92,3 +92,16 @@ def test_a_cache_root_that_is_a_file_falls_back_in_one_warning(tmp_path):
     assert done.returncode == 0 and "AVAILABLE False" in done.stdout, done.stderr[-3000:]
     (line,) = [line for line in warnings_of(done)]
     assert "is not a directory" in line and "CBAM_JAX_CACHE" in line
+
+
+def test_a_changed_source_is_built_into_a_library_of_its_own(built, tmp_path, monkeypatch):
+    """The library's name carries a digest of native_ops.cc (and of the jax version, the oneDNN paths and
+    the compiler): an edited shim (e.g. grouped convolutions added) never loads the old library."""
+    cache, library = fresh_copy(built, tmp_path)
+    source = tmp_path / "native_ops.cc"
+    source.write_text(native.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    monkeypatch.setenv("CBAM_JAX_CACHE", str(cache))
+    rebuilt = native.build()  # compiles only; nothing is loaded into this process
+    assert rebuilt != library and sorted(libraries(cache)) == sorted([library, rebuilt])
+    assert native._verified(rebuilt) and native._verified(library)

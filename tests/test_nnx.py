@@ -115,7 +115,7 @@ def test_create_model_passes_every_linen_option():
     assert "bn" not in model.linen.layer1_0["attention"]["spatial"]  # spatial_use_bn=False reached the layer
     assert model.linen.conv1["kernel"].shape == (3, 3, 1, 8) and model.linen.fc["kernel"].shape == (64, 3)
     with pytest.raises(ValueError, match="reduction"):
-        cbam_jax.nnx.create_model("cbam_resnet18", rngs=nnx.Rngs(0), width=8)
+        cbam_jax.nnx.create_model("cbam_resnet18", rngs=nnx.Rngs(0), width=8, reduction=0)
 
 
 def test_bad_layer_name_and_variables_are_refused():

@@ -231,7 +231,7 @@ def test_bad_configuration_is_a_clear_value_error(call, message):
 
 @pytest.mark.parametrize("name, overrides, shape, message", [
     ("cbam_resnet18", {"kernel_size": 4}, (1, 32, 32, 3), "kernel_size must be an odd"),
-    ("cbam_resnet18", {"width": 2}, (1, 32, 32, 3), "reduction 16 is larger than the number of channels 2"),
+    ("cbam_resnet18", {"reduction": 0}, (1, 32, 32, 3), "reduction must be a positive integer"),
     ("cbam_resnet18", {}, (1, 3, 32, 32), "looks like NCHW"),
     ("cbam_resnet18", {}, (32, 32, 3), "NHWC"),
 ])

@@ -1,5 +1,7 @@
 """Attention maps, Grad-CAM, figures and `cbam-jax attention`."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +9,12 @@ import pytest
 from flax import linen as nn
 from PIL import Image
 
+from cbam_jax import create_model
 from cbam_jax.cli import main
 from cbam_jax.pretrained import save_pretrained
 from cbam_jax.resnet import ResNet
-from cbam_jax.visualize import attention_figure, attention_maps, colorize, grad_cam, last_block_name
+from cbam_jax.visualize import (attention_figure, attention_maps, block_names, colorize, grad_cam, last_block_name,
+                                module_order, stage_of)
 from tests import numpy_reference as ref
 from tests.helpers import randomize, to_numpy
 
@@ -182,6 +186,107 @@ def test_grad_cam_rejects_a_bad_class_or_layer():
         grad_cam(headless, {}, images)
 
 
+# ---- the other families: ResNeXt and Wide ResNet (options of ResNet), MobileNet -----------------------
+
+# MobileNet v1's units per stage (Howard et al., Table 1): 1, 2, 2, 6, 2; each has an attention module
+# after its depthwise conv ('/dw') and one after its pointwise conv ('/pw').
+MOBILENET_UNITS = (1, 2, 2, 6, 2)
+MOBILENET_MAPS = [f"stage{s}_{u}/{site}" for s, n in enumerate(MOBILENET_UNITS, 1) for u in range(n)
+                  for site in ("dw", "pw")]
+
+
+def test_map_names_order_and_grad_cam_blocks_of_every_family():
+    mobilenet = create_model("cbam_mobilenet_w7d10")
+    assert block_names(mobilenet) == [f"stage{s}_{u}" for s, n in enumerate(MOBILENET_UNITS, 1) for u in range(n)]
+    assert last_block_name(mobilenet) == "stage5_1"
+    assert last_block_name(create_model("resnext101_32x8d")) == "layer4_2"
+    wide = create_model("cbam_wide_resnet18_2")
+    assert block_names(wide) == [f"layer{s}_{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
+    shuffled = list(np.random.default_rng(0).permutation(MOBILENET_MAPS))
+    assert sorted(shuffled, key=module_order) == MOBILENET_MAPS  # dw before pw, units and stages in order
+    assert sorted(["bam2", "layer3_0", "layer2_1", "bam1", "layer1_0"], key=module_order) == [
+        "layer1_0", "bam1", "layer2_1", "bam2", "layer3_0"]
+    assert [stage_of(n) for n in ("stage4_5/pw", "stage1_0/dw", "layer2_1", "bam3")] == [4, 1, 2, 3]
+    with pytest.raises(ValueError, match="ResNet or MobileNet"):
+        block_names(nn.Dense(3))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward_capturing(model, variables, images, block):
+    """Logits, {path of each attention module: the input it receives} and the output of `block`, from
+    one eval-mode forward pass (method interception; independent of cbam_jax.visualize)."""
+    inputs = {}
+
+    def record(call, args, kwargs, context):
+        path = context.module.scope.path if context.module.scope is not None else ()
+        if context.method_name == "__call__" and path[-1:] in (("attention",), ("dw_attention",), ("pw_attention",)):
+            inputs["/".join(path)] = args[0]
+        return call(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        logits, state = model.apply(variables, images, mutable=["intermediates"], capture_intermediates=(
+            lambda module, method: method == "__call__" and module.scope.path == (block,)))
+    return logits, inputs, state["intermediates"][block]["__call__"][0]
+
+
+def official_cbam_maps(x, params, stats):
+    """The official CBAM's channel map (B, C) and spatial map (B, H, W) for its input x (NumPy,
+    tests/numpy_reference.py): the spatial gate sees the channel-gated input."""
+    channel = ref.sigmoid(ref.channel_logits(x, params["channel"]["fc1"]["kernel"], params["channel"]["fc2"]["kernel"],
+                                             params["channel"]["fc1"]["bias"], params["channel"]["fc2"]["bias"]))
+    bn = (params["spatial"]["bn"]["scale"], params["spatial"]["bn"]["bias"], stats["spatial"]["bn"]["mean"],
+          stats["spatial"]["bn"]["var"])
+    spatial = ref.sigmoid(ref.spatial_logits(x * channel, params["spatial"]["conv"]["kernel"], "max_mean", bn))
+    return channel[:, 0, 0, :], spatial[..., 0]
+
+
+def _attention_path(name):
+    """'stage2_0/dw' -> 'stage2_0/dw_attention' (a MobileNet unit's modules); 'layer1_0' -> 'layer1_0/attention'."""
+    return f"{name}_attention" if "/" in name else f"{name}/attention"
+
+
+def _check_maps_and_grad_cam(model, expected_maps, expected_last):
+    """Every attention map against NumPy from the input its module receives, and Grad-CAM at the last
+    block against ReLU(A . w_c) / max (a pooled linear head: Zhou et al.'s CAM, as the ResNet test)."""
+    images = jax.random.normal(jax.random.key(0), (2, 20, 28, 3))  # non-square
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(1), images))
+    assert last_block_name(model) == expected_last
+    logits, inputs, features = _forward_capturing(model, variables, images, expected_last)
+    maps = attention_maps(model, variables, images, resize=False)
+    assert list(maps) == expected_maps
+    params, stats = to_numpy(variables["params"]), to_numpy(variables["batch_stats"])
+    contrast = []
+    for name, entry in maps.items():
+        path = _attention_path(name).split("/")
+        channel, spatial = official_cbam_maps(np.asarray(inputs["/".join(path)], np.float64),
+                                              functools.reduce(dict.get, path, params),
+                                              functools.reduce(dict.get, path, stats))
+        np.testing.assert_allclose(entry["channel"], channel, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(entry["spatial"], spatial, atol=1e-5, err_msg=name)
+        contrast.append(np.ptp(spatial))
+    assert np.median(contrast) > 0.1  # maps with contrast, not saturated constants
+
+    cam = grad_cam(model, variables, images, class_index=[1, 3], resize=False)
+    np.testing.assert_allclose(cam.logits, logits, atol=1e-5)
+    kernel = np.asarray(variables["params"]["fc"]["kernel"], np.float64)
+    for i, target in enumerate([1, 3]):
+        expected = np.maximum(np.asarray(features[i], np.float64) @ kernel[:, target], 0)
+        np.testing.assert_allclose(cam.maps[i], expected / expected.max(), atol=1e-5)
+
+
+def test_resnext_maps_and_grad_cam_against_a_direct_computation():
+    """A CBAM-ResNeXt-50 (grouped 3x3 convs) shortened to two stages of one block."""
+    model = create_model("cbam_resnext50_32x4d", num_classes=4, stem="cifar", width=16, reduction=4)
+    _check_maps_and_grad_cam(model.clone(stage_sizes=(1, 1)), ["layer1_0", "layer2_0"], "layer2_0")
+
+
+@pytest.mark.slow  # three compilations of the 13-unit MobileNet (about 12 s on two busy cores)
+def test_mobilenet_maps_and_grad_cam_against_a_direct_computation():
+    """Both attention modules of every unit (after the depthwise and after the pointwise conv), each under
+    its own name, and Grad-CAM at the last unit's output, the feature map the global pool averages."""
+    model = create_model("cbam_mobilenet_w1", num_classes=4, stem="cifar", width=8, reduction=4)
+    _check_maps_and_grad_cam(model, MOBILENET_MAPS, "stage5_1")
+
 def test_color_scale_and_figure():
     scale = colorize(np.linspace(0, 1, 50))
     assert scale.shape == (50, 3) and scale.dtype == np.uint8
@@ -198,13 +303,15 @@ def test_color_scale_and_figure():
 
 # ---- the command ------------------------------------------------------------------------------
 
+METADATA = {"class_names": ["a", "b", "c", "d"],
+            "preprocessing": {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     model = ResNet(**TINY, attention="cbam", attention_options=ATTENTION["cbam"])
     variables = randomize(jax.eval_shape(model.init, jax.random.key(3), jnp.zeros((1, 32, 32, 3))))
-    metadata = {"class_names": ["a", "b", "c", "d"],
-                "preprocessing": {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}
-    return save_pretrained(tmp_path_factory.mktemp("models") / "tiny_cbam", model, variables, metadata=metadata)
+    return save_pretrained(tmp_path_factory.mktemp("models") / "tiny_cbam", model, variables, metadata=METADATA)
 
 
 def write_photo(path, height=40, width=50, seed=0):
@@ -254,3 +361,20 @@ def test_attention_cli_reports_bad_input_and_still_processes_the_rest(pretrained
     assert main(["attention", "--pretrained", str(pretrained), "--out", str(tmp_path / "early"),
                  "--grad-cam-block", "layer1_0", good]) == 0
     assert "Grad-CAM class:" in capsys.readouterr().out and (tmp_path / "early" / "good_attention.png").exists()
+
+
+@pytest.mark.slow  # compiles a 13-unit MobileNet's maps and Grad-CAM (twice: two Grad-CAM blocks)
+def test_attention_cli_takes_a_mobilenet(tmp_path, capsys):
+    model = create_model("cbam_mobilenet_w1", num_classes=4, stem="cifar", width=8, reduction=4)
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(3), jnp.zeros((1, 32, 32, 3))))
+    path = str(save_pretrained(tmp_path / "mobilenet", model, variables, metadata=METADATA))
+    photo = write_photo(tmp_path / "photo.png")
+    out = tmp_path / "figures"
+    assert main(["attention", "--pretrained", path, "--out", str(out), "--all-blocks", photo]) == 0
+    assert "Grad-CAM class:" in capsys.readouterr().out
+    with Image.open(out / "photo_attention.png") as figure:
+        # The widest row is stage 4's: six units, a panel for each of their two attention modules.
+        assert figure.width > 12 * 224 and figure.height > 6 * 224
+    assert main(["attention", "--pretrained", path, "--out", str(out), "--grad-cam-block", "layer4_1", photo]) == 2
+    assert "this model's blocks (stage1_0 ... stage5_1); got 'layer4_1'" in capsys.readouterr().err
+    assert main(["attention", "--pretrained", path, "--out", str(out), "--grad-cam-block", "stage4_5", photo]) == 0

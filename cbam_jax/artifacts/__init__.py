@@ -166,7 +166,8 @@ def _fixed_size(height: int | None, width: int | None, preprocessing: dict | Non
 
 def _document(model, metadata: dict, channels: int, height: int | None, width: int | None,
               formats: Sequence[str]) -> dict[str, Any]:
-    outputs = model.num_classes or model.width * 8 * (4 if model.block == "bottleneck" else 1)
+    # Headless: the pooled output of the last stage, whatever the family and its widths.
+    outputs = model.num_classes or model.clone(out_indices=None).feature_info[-1].channels
     files = {"stablehlo": STABLEHLO_FILE, "onnx": ONNX_FILE}
     return {
         "format_version": FORMAT_VERSION,

@@ -36,7 +36,7 @@ class BAM(nn.Module):
     for inspection; the applied gate is sigmoid of their `combine`.
 
     Attributes:
-      reduction: hidden width C // reduction of both branches (16).
+      reduction: hidden width max(1, C // reduction) of both branches (16).
       dilation: dilation (and padding) of the two 3x3 convs of the spatial branch (4).
       combine: 'product' (official code) or 'sum' (BAM paper).
       bn_momentum, bn_epsilon: BatchNorm settings (Flax momentum 0.9 = PyTorch 0.1).

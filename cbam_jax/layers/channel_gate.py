@@ -52,7 +52,7 @@ class ChannelGate(nn.Module):
     Sows `intermediates/channel_attention` of shape (B, C) with values in (0, 1).
 
     Attributes:
-      reduction: hidden width of the shared MLP is `C // reduction` (16 in the paper).
+      reduction: hidden width of the shared MLP is `max(1, C // reduction)` (16 in the paper; at least one unit, as timm).
       pool_types: global pools whose MLP outputs are summed: any of 'avg', 'max', 'lp', 'lse'.
       mlp_bias: whether the MLP layers have biases (official: yes; timm and the common variant: no).
       kernel_init: MLP weight initialiser (default: PyTorch's nn.Linear default, as the official code).

@@ -39,15 +39,18 @@ def check_nhwc(x: jax.Array, layer: str, train: bool = False) -> None:
 
 
 def hidden_width(channels: int, reduction: int, layer: str) -> int:
-    """The bottleneck width `channels // reduction` of a gate MLP, checked to be at least 1."""
+    """The bottleneck width of a gate MLP: `channels // reduction`, but at least 1.
+
+    The floor is the official CBAM/BAM code's (and Hu et al.'s) `channels // reduction`, so every
+    parameter count of the papers stays as it is; the lower bound of 1 is timm's for its attention
+    layers (`make_divisible`'s result never falls below its divisor, 1 for CBAM), so that a gate on
+    fewer channels than the reduction (the 8-channel first layers of MobileNet-0.25, a width-8 test
+    ResNet) has one hidden unit instead of none. timm rounds C / reduction to the nearest integer
+    instead of down: the same width whenever the reduction divides the channels.
+    """
     if not is_int(reduction) or reduction < 1:
         raise ValueError(f"{layer}: reduction must be a positive integer, got {reduction!r}.")
-    if reduction > channels:
-        raise ValueError(
-            f"{layer}: reduction {reduction} is larger than the number of channels {channels}; "
-            f"the hidden width channels // reduction would be 0. Use a reduction <= {channels}."
-        )
-    return channels // reduction
+    return max(1, channels // reduction)
 
 
 def is_int(value: Any) -> bool:

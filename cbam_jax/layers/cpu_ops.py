@@ -48,6 +48,13 @@ MAX_MATMUL_TAPS = 1
 # 240 -> 9; bfloat16 (AMX) 5-15x faster than XLA's in every pass.
 # Convolutions with fewer output channels keep XLA's kernels: the CBAM spatial gate's 7x7 2->1
 # conv took 4-8 ms for its kernel gradient in oneDNN against 0.2 ms in XLA.
+# Grouped (ResNeXt) and depthwise (MobileNet) convolutions take oneDNN too: XLA:CPU has no grouped
+# kernel of its own (it runs a grouped conv as a dense one over a block-diagonal kernel), so
+# oneDNN was faster in every pass for every shape of CBAM-ResNeXt-50 (b8) and MobileNet w1 (b32,
+# 224px), float32 and bfloat16 (AMD EPYC, AVX-512 bf16, 2 cores, jax 0.10.2, ms XLA -> oneDNN):
+# depthwise forward 16-306 -> 0.3-16, input gradient 31-1022 -> 0.3-25, kernel gradient 34-429
+# -> 0.3-8; the ResNeXt 32-group 3x3 kernel gradient 604-5322 -> 0.9-6.5 (forward and input
+# gradient 4-101 -> 0.5-5). No grouped shape keeps XLA's kernels (the table: docs/performance.md).
 ONEDNN_MIN_OUT_CHANNELS = 8
 
 
@@ -74,11 +81,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     """`lax.conv_general_dilated` by oneDNN or with the matmul kernel gradient (pass as `nn.Conv(conv_general_dilated=...)`).
 
     The fast paths cover 2-D NHWC/HWIO convolutions with any stride, kernel dilation and
-    non-negative padding, no input dilation and no feature groups: oneDNN's (float32, or bfloat16
-    where the CPU has oneDNN's bfloat16 kernels,
-    at least `ONEDNN_MIN_OUT_CHANNELS` outputs, on the CPU backend, where `native.enabled()`),
-    else the matmul kernel gradient for at most `MAX_MATMUL_TAPS` taps; anything else is handed to
-    `lax.conv_general_dilated` unchanged. lhs (B, H, W, Cin), rhs (kh, kw, Cin, Cout) -> (B, Ho, Wo, Cout).
+    non-negative padding and no input dilation: oneDNN's (float32, or bfloat16 where the CPU has
+    oneDNN's bfloat16 kernels, at least `ONEDNN_MIN_OUT_CHANNELS` outputs, on the CPU backend,
+    where `native.enabled()`; also grouped and depthwise, `feature_group_count` > 1), else, without
+    feature groups, the matmul kernel gradient for at most `MAX_MATMUL_TAPS` taps; anything else is
+    handed to `lax.conv_general_dilated` unchanged. lhs (B, H, W, Cin), rhs (kh, kw, Cin / G, Cout)
+    -> (B, Ho, Wo, Cout) with G = `feature_group_count`.
     """
     plain = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding,
                               lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -94,18 +102,19 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         padding = lax.padtype_to_pads(lhs.shape[1:3], dilated_window, window_strides, padding)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     supported = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
-                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
-                 and feature_group_count == 1 and batch_group_count == 1
+                 and all(d == 1 for d in (lhs_dilation or (1, 1))) and batch_group_count == 1
                  and preferred_element_type is None and min(min(p) for p in padding) >= 0)
-    if supported and _use_onednn(lhs, rhs):
+    if supported and _use_onednn(lhs, rhs, feature_group_count):
         return native.conv(lhs, rhs, tuple(window_strides), padding, dilation)
-    if not supported or rhs.shape[0] * rhs.shape[1] > MAX_MATMUL_TAPS:
+    if not supported or feature_group_count != 1 or rhs.shape[0] * rhs.shape[1] > MAX_MATMUL_TAPS:
         return plain()
     return _conv(lhs, rhs, tuple(window_strides), padding, dilation, precision)
 
 
-def _use_onednn(lhs: jax.Array, rhs: jax.Array) -> bool:
+def _use_onednn(lhs: jax.Array, rhs: jax.Array, feature_group_count: int) -> bool:
     return (lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
+            # shapes lax would reject go to lax, for its error message
+            and lhs.shape[3] == feature_group_count * rhs.shape[2] and rhs.shape[3] % feature_group_count == 0
             and rhs.shape[3] >= ONEDNN_MIN_OUT_CHANNELS and jax.default_backend() == "cpu" and native.enabled()
             and (lhs.dtype == jnp.float32 or native.bfloat16_convolutions()))
 

@@ -11,8 +11,9 @@ calls. A cached library is loaded only if its bytes match that digest: a damaged
 replaced file there is rebuilt, never loaded (loading it could crash the interpreter or run
 someone else's code):
 
-    conv(x, kernel, strides, padding, dilation)  x (B, H, W, Cin), kernel (KH, KW, Cin, Cout) -> (B, Ho, Wo, Cout)
-        differentiable (`jax.custom_vjp`: oneDNN's forward, input gradient and kernel gradient);
+    conv(x, kernel, strides, padding, dilation)  x (B, H, W, Cin), kernel (KH, KW, Cin / G, Cout) -> (B, Ho, Wo, Cout)
+        differentiable (`jax.custom_vjp`: oneDNN's forward, input gradient and kernel gradient); G
+        feature groups (grouped, depthwise) as in `lax.conv_general_dilated`, read off the shapes;
     max_grad(x, grad)  x (P, N, Q), grad (P, Q) -> (P, N, Q): grad at the first maximum along N.
 
 Where anything is missing (no oneDNN package, no C++ compiler, another OS, or
@@ -205,10 +206,12 @@ def _call(name: str, shape, dtype, *operands, strides, padding, dilation):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
          dilation: tuple[int, int]) -> jax.Array:
-    """NHWC x HWIO convolution by oneDNN: x (B, H, W, Cin), kernel (KH, KW, Cin, Cout) -> (B, Ho, Wo, Cout).
+    """NHWC x HWIO convolution by oneDNN: x (B, H, W, Cin), kernel (KH, KW, Cin / G, Cout) -> (B, Ho, Wo, Cout).
 
-    float32 or bfloat16 (both operands alike), non-negative padding ((top, bottom), (left, right)).
-    Call only where `available()` is True.
+    G = Cin / kernel.shape[2] feature groups (`feature_group_count` of `lax.conv_general_dilated`:
+    1, grouped as in ResNeXt, or depthwise, G = Cin); Cout a multiple of G. float32 or bfloat16
+    (both operands alike), non-negative padding ((top, bottom), (left, right)). Call only where
+    `available()` is True.
     """
     shape = _output_shape(x.shape, kernel.shape, strides, padding, dilation)
     return _call("forward", shape, x.dtype, x, kernel, strides=strides, padding=padding, dilation=dilation)
@@ -237,7 +240,8 @@ def reference_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pa
                    dilation: tuple[int, int]) -> jax.Array:
     """What `conv` computes, by XLA."""
     return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=x.shape[3] // kernel.shape[2])
 
 
 def max_grad(x: jax.Array, grad: jax.Array) -> jax.Array:

@@ -5,7 +5,12 @@
 // Layouts are JAX's: activations NHWC, kernels HWIO. Activations stay NHWC (oneDNN's JIT kernels
 // run channels-last directly, as PyTorch's channels-last path does); the kernel is reordered into
 // the layout oneDNN prefers for the shape (a few KB to MB, cheap). float32 and bfloat16 (AMX or
-// AVX-512 bf16 where the CPU has them), float32 accumulation. Built by cbam_jax/layers/onednn.py.
+// AVX-512 bf16 where the CPU has them), float32 accumulation. Built by cbam_jax/layers/native.py.
+//
+// Grouped convolutions (XLA's feature_group_count G, read off the shapes: G = Cin / kernel's I):
+// JAX's kernel (KH, KW, Cin/G, Cout) splits its output axis group-major, Cout = G x Cout/G, so in
+// memory it is (KH, KW, Cin/G, G, Cout/G): oneDNN's grouped weights (G, Cout/G, Cin/G, KH, KW) in
+// the format tag hwigo (= decab). Depthwise convolutions are G = Cin (oneDNN's own kernels for them).
 
 #include <cstdint>
 #include <cstring>
@@ -53,7 +58,7 @@ struct Entry {
 enum class Kind { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
 
 struct Geometry {
-  memory::dims src, kernel, dst;  // oneDNN logical dims: NCHW, OIHW, NCHW
+  memory::dims src, kernel, dst;  // oneDNN logical dims: NCHW, OIHW (grouped: GOIHW), NCHW
   memory::dims strides, dilates, pad_lo, pad_hi;
   memory::data_type src_type, kernel_type, dst_type;
 };
@@ -74,7 +79,8 @@ std::shared_ptr<Entry> MakeEntry(Kind kind, const Geometry& g) {
   auto entry = std::make_shared<Entry>();
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  entry->user_kernel_md = memory::desc(g.kernel, g.kernel_type, tag::hwio);
+  const tag user_kernel_tag = g.kernel.size() == 5 ? tag::hwigo : tag::hwio;  // JAX's HWIO, grouped or not
+  entry->user_kernel_md = memory::desc(g.kernel, g.kernel_type, user_kernel_tag);
   // The kernel gradient's output may be float32 for bfloat16 data; its forward hint has the data's type.
   memory::desc any_kernel(g.kernel, kind == Kind::kKernelGrad ? g.src_type : g.kernel_type, tag::any);
   // The forward primitive descriptor: the forward itself, or the backward ones' hint.
@@ -89,9 +95,22 @@ std::shared_ptr<Entry> MakeEntry(Kind kind, const Geometry& g) {
     entry->kernel_md = fwd.weights_desc();
     entry->scratchpad_md = fwd.scratchpad_desc();
   } else if (kind == Kind::kInputGrad) {
-    dnnl::convolution_backward_data::primitive_desc pd(
-        engine, dnnl::algorithm::convolution_direct, fwd_src, any_kernel, fwd_dst, g.strides, g.dilates, g.pad_lo,
-        g.pad_hi, fwd, attr);
+    auto make_pd = [&] {
+      return dnnl::convolution_backward_data::primitive_desc(engine, dnnl::algorithm::convolution_direct, fwd_src,
+                                                             any_kernel, fwd_dst, g.strides, g.dilates, g.pad_lo,
+                                                             g.pad_hi, fwd, attr);
+    };
+    auto pd = make_pd();
+    // Depthwise: oneDNN 3.2 lists a general grouped kernel (brgconv_strided) before its depthwise
+    // one for strided bfloat16 input gradients, 5-100x slower than the depthwise kernel
+    // (docs/performance.md); take the depthwise kernel where it is on the list.
+    const bool depthwise = g.kernel.size() == 5 && g.kernel[1] == 1 && g.kernel[2] == 1;
+    auto is_depthwise_kernel = [&] { return std::string(pd.impl_info_str()).rfind("jit_dw", 0) == 0; };
+    if (depthwise && !is_depthwise_kernel()) {
+      bool found = false;
+      while (!found && pd.next_impl()) found = is_depthwise_kernel();
+      if (!found) pd = make_pd();  // none: oneDNN's first choice
+    }
     entry->conv = dnnl::convolution_backward_data(pd);
     entry->kernel_md = pd.weights_desc();
     entry->scratchpad_md = pd.scratchpad_desc();
@@ -130,7 +149,8 @@ std::shared_ptr<Entry> GetEntry(Kind kind, const Geometry& g) {
 
 memory::dims ToDims(ffi::Span<const int64_t> span) { return memory::dims(span.begin(), span.end()); }
 
-// Geometry from the three NHWC/HWIO shapes: x (N, H, W, Cin), kernel (KH, KW, Cin, Cout), y (N, Ho, Wo, Cout).
+// Geometry from the three NHWC/HWIO shapes: x (N, H, W, Cin), kernel (KH, KW, Cin/G, Cout), y (N, Ho, Wo, Cout),
+// with G = Cin / (the kernel's input channels) feature groups.
 ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
                         ffi::DataType x_type, ffi::DataType k_type, ffi::DataType y_type,
                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
@@ -139,8 +159,17 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, 
       padding.size() != 4) {
     return ffi::Error::InvalidArgument("onednn conv: expected rank-4 NHWC/HWIO operands and 2-D attributes");
   }
+  if (k[2] < 1 || x[3] < k[2] || x[3] % k[2] != 0 || k[3] % (x[3] / k[2]) != 0 || y[3] != k[3]) {
+    return ffi::Error::InvalidArgument("onednn conv: the input channels must be G x the kernel's and the output "
+                                       "channels a multiple of G (feature groups)");
+  }
+  const int64_t groups = x[3] / k[2];
   g->src = {x[0], x[3], x[1], x[2]};
-  g->kernel = {k[3], k[2], k[0], k[1]};
+  if (groups == 1) {
+    g->kernel = {k[3], k[2], k[0], k[1]};
+  } else {
+    g->kernel = {groups, k[3] / groups, k[2], k[0], k[1]};
+  }
   g->dst = {y[0], y[3], y[1], y[2]};
   g->strides = ToDims(strides);
   g->dilates = {dilation[0] - 1, dilation[1] - 1};

@@ -8,7 +8,8 @@
 """
 
 from cbam_jax.visualize.figures import attention_figure, channel_chart, color_bar, colorize, overlay, stretch
-from cbam_jax.visualize.maps import GradCAM, attention_maps, grad_cam, last_block_name, module_order, stage_of, upsample
+from cbam_jax.visualize.maps import (GradCAM, attention_maps, block_names, grad_cam, last_block_name, module_order,
+                                    stage_of, upsample)
 
-__all__ = ["GradCAM", "attention_figure", "attention_maps", "channel_chart", "color_bar", "colorize", "grad_cam",
-           "last_block_name", "module_order", "overlay", "stage_of", "stretch", "upsample"]
+__all__ = ["GradCAM", "attention_figure", "attention_maps", "block_names", "channel_chart", "color_bar", "colorize",
+           "grad_cam", "last_block_name", "module_order", "overlay", "stage_of", "stretch", "upsample"]

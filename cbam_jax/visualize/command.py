@@ -14,7 +14,7 @@ from cbam_jax.images import load_images, normalize, same_shape_batches
 from cbam_jax.predict import (add_preprocessing_arguments, check_positive, image_arguments, load_for_command,
                               report_failures)
 from cbam_jax.visualize.figures import FIGURE_KEY, attention_figure
-from cbam_jax.visualize.maps import attention_maps, grad_cam, last_block_name
+from cbam_jax.visualize.maps import attention_maps, block_names, grad_cam
 
 
 def output_names(paths: Sequence[str]) -> dict[str, str]:
@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="explain class K with Grad-CAM (default: each image's top class)")
     parser.add_argument("--all-blocks", action="store_true", help="also show every block's maps, one row per stage")
     parser.add_argument("--grad-cam-block", metavar="NAME",
-                        help="block whose output Grad-CAM explains, e.g. layer2_1 (default: the last block)")
+                        help="block whose output Grad-CAM explains, e.g. layer2_1 (a ResNet) or stage4_5 "
+                             "(a MobileNet unit); default: the last block")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (%(default)s)")
     add_preprocessing_arguments(parser)
 
@@ -62,9 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.class_index is not None and not 0 <= args.class_index < len(loaded.class_names):
         raise UsageError(f"--class-index must be in [0, {len(loaded.class_names)}) for this model; "
                          f"got {args.class_index}.")
-    blocks = [f"layer{stage + 1}_{block}" for stage, size in enumerate(loaded.model.stage_sizes)
-              for block in range(size)]
-    cam_block = args.grad_cam_block or last_block_name(loaded.model)
+    blocks = block_names(loaded.model)
+    cam_block = args.grad_cam_block or blocks[-1]
     if cam_block not in blocks:
         raise UsageError(f"--grad-cam-block must be one of this model's blocks ({blocks[0]} ... {blocks[-1]}); "
                          f"got {cam_block!r}.")

@@ -228,6 +228,77 @@ def test_detection_page_states_the_slow_tests_threshold_under_the_measured_seed_
     assert f"requires mAP@.5 >= {E2E_MIN_MAP50}" in (ROOT / "docs" / "detection.md").read_text()
 
 
+
+def _prose(page: str) -> str:
+    """The page with every run of whitespace as one space (prose is reflowed freely)."""
+    return " ".join((ROOT / page).read_text().split())
+
+
+def _assert_readings(page: str, record: str, readings: dict[str, bool]) -> None:
+    """Each reading is said on `page` and holds for the record it reads."""
+    text = _prose(page)
+    for reading, holds in readings.items():
+        assert reading in text, f"{page} no longer says {reading!r}: update this test with the page"
+        assert holds, f"{page} says {reading!r}; {record} does not bear it out"
+
+
+def test_ablation_page_reading_holds_for_the_record():
+    """What docs/ablation.md reads off its rendered figures holds for benchmarks/results/ablation.json."""
+    report = json.loads((ROOT / "benchmarks" / "results" / "ablation.json").read_text())
+    final = {row: stats["final"] for row, stats in report["rows"].items()}
+    plain, plain_std = final["resnet"]
+    gains = sorted(mean - plain for row, (mean, _) in final.items() if row != "resnet")
+    stds = [std for _, std in final.values()]
+    _assert_readings("docs/ablation.md", "benchmarks/results/ablation.json", {
+        "every attention row's mean is above the plain ResNet's": gains[0] > 0,
+        "the smallest of those gains is less than the plain ResNet's seed standard deviation and the largest "
+        "about twice it": gains[0] < plain_std and 1.5 <= gains[-1] / plain_std <= 2.5,
+        "with these few seeds": report["seeds"] <= 5,
+        "The attention rows' means lie about as close together as the seeds of one row spread":
+            min(stds) <= gains[-1] - gains[0] <= max(stds),
+        "in this run other jobs loaded the machine": report["load_before"][0] > report["machine"]["cores"],
+    })
+
+
+def test_ablation_page_quotes_the_resnet50_parameter_counts_by_hand():
+    from tests.test_layer_options import R50_DESIGNS, r50_parameters
+    from tests.test_resnet import PARAM_COUNTS
+
+    n = {row: r50_parameters(row) for row in R50_DESIGNS}
+    assert {n["channel_avg"], n["channel_max"], n["channel_avgmax"]} == {PARAM_COUNTS["se_resnet50"]}
+    assert {n["cbam"], n["spatial_first"], n["parallel"]} == {PARAM_COUNTS["cbam_resnet50"]}
+    sentence = (f"these designs have {PARAM_COUNTS['resnet50']:,} (`resnet`), {n['channel_avg']:,} (channel rows, = "
+                f"SE-ResNet-50), {n['conv1x1_k3']:,} / {n['conv1x1_k7']:,} (`conv1x1_k3` / `_k7`), {n['pool_k3']:,} "
+                f"(`pool_k3`) and {n['cbam']:,} parameters (`cbam`, `spatial_first`, `parallel`; the paper's "
+                f"{n['cbam'] / 1e6:.2f}M)")
+    assert sentence in _prose("docs/ablation.md"), f"docs/ablation.md lacks: {sentence}"
+
+
+def test_detection_page_reading_holds_for_the_record():
+    """What docs/detection.md says of the shapes recipe and reads off its rendered table holds for
+    benchmarks/results/detection_seeds.json."""
+    from benchmarks.detection_seeds import METRICS
+
+    report = json.loads((ROOT / "benchmarks" / "results" / "detection_seeds.json").read_text())
+    stats, difference = report["stats"], report["stats"]["difference"]
+    cbam, _ = difference["models"]
+    metrics = [key for key, _ in METRICS]
+    assert (report["recipe"], report["overrides"], cbam) == ("configs/detection_shapes.py", [], "cbam_resnet18")
+    few = len(report["seeds"]) <= 5
+    _assert_readings("docs/detection.md", "benchmarks/results/detection_seeds.json", {
+        f"One run trains a width-{report['width'][cbam]} CBAM-ResNet-18 FCOS for {report['steps']} steps at batch "
+        f"{report['batch_size']} and evaluates it on {report['eval_images']} held-out images": True,
+        "scored higher than the plain one on every seed, in each figure":
+            all(d > 0 for m in metrics for d in difference["per_seed"][m]),
+        "The pairs are too few to credit attention with it": few,
+        "the difference changes from seed to seed by a good part of its size":
+            all(difference[m][1] >= 0.3 * difference[m][0] for m in metrics),
+        "the CBAM runs' own seed spread is about as large as the mean gap":
+            all(2 / 3 <= stats[cbam][m][1] / difference[m][0] <= 3 / 2 for m in metrics),
+        "a few seeds of a short run": few,
+    })
+
+
 def test_gpu_tables_are_the_ones_the_gpu_runs_wrote():
     written = "\n".join(path.read_text() for path in sorted((ROOT / "benchmarks" / "gpu").glob("*.md")))
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()

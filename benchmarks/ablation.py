@@ -2,6 +2,7 @@
 trained for several seeds and tabulated beside the paper's ImageNet ResNet-50 numbers.
 
     python -m benchmarks.ablation --quick                     # digits, 10 rows x 3 seeds, < 15 min on 2 cores
+    python -m benchmarks.ablation --quick --json benchmarks/results/ablation.json   # the record docs/ablation.md quotes
     python -m benchmarks.ablation --seeds 5                   # digits, the full default recipe (30 epochs)
     python -m benchmarks.ablation --base cifar10 --seeds 3 --study-dir runs/ablation_cifar10
     python -m benchmarks.ablation --rows cbam parallel --config.num_epochs=5   # any train.py override
@@ -9,8 +10,10 @@ trained for several seeds and tabulated beside the paper's ImageNet ResNet-50 nu
 Each (row, seed) trains in its own workdir, STUDY_DIR/ROW/seedS, with train.py's trainer, in this
 process. A finished run leaves `result.json` there and is skipped when the command runs again; an
 interrupted one (Ctrl-C, SIGTERM, a crash) resumes from its last checkpoint, exactly, as train.py
-does. The study writes STUDY_DIR/results.md (the tables), results.json (every run) and, where
-matplotlib is installed (`pip install 'cbam-jax[bench]'`), results.png; the tables are also printed.
+does. The study writes STUDY_DIR/results.md (the tables), results.json (the report: every run, the
+per-row statistics, the machine with lscpu's model name and flags, the command, the date; also to
+--json PATH) and, where matplotlib is installed (`pip install 'cbam-jax[bench]'`), results.png; the
+tables are also printed.
 
 Columns: final and best test accuracy (mean +- sample standard deviation over the seeds), the
 model's parameters, training time per step (mean over seeds, compilation excluded; runs are
@@ -41,7 +44,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "Table 2: spatial descriptor and kernel": ("conv1x1_k3", "conv1x1_k7", "pool_k3", "cbam"),
     "Table 3: arrangement": ("cbam", "spatial_first", "parallel"),
 }
-# row -> (what it is, the paper's ImageNet ResNet-50 top-1 / top-5 error in %, Woo et al. 2018 Tables 1-3).
+# row -> (what it is, the paper's ImageNet ResNet-50 top-1 / top-5 error in %): Woo et al., "CBAM:
+# Convolutional Block Attention Module", ECCV 2018, Tables 1-3 (single-crop, one run each).
 PAPER: dict[str, tuple[str, float, float]] = {
     "resnet": ("ResNet, no attention", 24.56, 7.50),
     "channel_avg": ("channel gate, average pool (= SE)", 23.14, 6.70),
@@ -86,6 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--study-dir", help="one workdir per run below it (default runs/ablation[_quick], or "
                         "runs/ablation_BASE[_quick] for another base)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw results.png")
+    parser.add_argument("--json", help="also write the report (STUDY_DIR/results.json) to this file")
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if not a.startswith("--config.")]
     if bad:
@@ -106,6 +111,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.study_dir = os.path.join("runs", "ablation" + ("" if args.base == "default" else f"_{args.base}")
                                       + ("_quick" if args.quick else ""))
     args.plot = not args.no_plot
+    if args.json is not None and (not args.json or os.path.isdir(args.json)):
+        parser.error(f"--json {args.json!r} is not a file name; give e.g. --json benchmarks/results/ablation.json")
     return args
 
 
@@ -168,6 +175,7 @@ def train_run(config, workdir: str, parameters: int) -> dict[str, Any]:
     """Train (or resume) one run; its result, also written to WORKDIR/result.json."""
     from cbam_jax.training.trainer import train_and_evaluate
 
+    start = time.perf_counter()
     summary = train_and_evaluate(config, workdir)
     if summary["status"] != "finished":
         raise InterruptedError(f"{workdir}: stopped at step {summary['step']}/{summary['total_steps']} "
@@ -177,6 +185,8 @@ def train_run(config, workdir: str, parameters: int) -> dict[str, Any]:
               # None when this session trained no step (the run had finished before result.json was written)
               "step_ms": 1000.0 * config.batch_size / summary["images_per_second"] if summary["images_per_second"] else None,
               "train_seconds": summary["train_seconds"], "first_step_seconds": summary["first_step_seconds"],
+              # this session's time, compilation and evaluation included (a resumed run: the part after resuming)
+              "wall_seconds": round(time.perf_counter() - start, 1),
               "parameters": parameters, "model": config.model.name,
               "attention_options": config.model.attention_options.to_dict(), "seed": config.seed}
     write_text(os.path.join(workdir, "result.json"), json.dumps(result, indent=1))
@@ -216,6 +226,36 @@ def markdown(stats: dict[str, dict[str, Any]], title: str) -> str:
                          f"{s['best'][0]:.2f} ± {s['best'][1]:.2f} | {step_ms} | {s['seeds']} | {top1:.2f} / {top5:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def findings(stats: dict[str, dict[str, Any]]) -> str:
+    """One sentence of the figures the tables' reading rests on: the plain ResNet's final accuracy, the
+    range of the attention rows' (and their gains over it), the range of the rows' seed spreads."""
+    final = {row: s["final"] for row, s in stats.items()}
+    attention = sorted((row for row in final if row != "resnet"), key=lambda row: final[row][0])
+    if not attention:
+        return ""
+    low, high = attention[0], attention[-1]
+    stds = [final[row][1] for row in final]
+    text = "Final accuracy, mean ± standard deviation over the seeds: "
+    if "resnet" in final:
+        text += f"`resnet` {final['resnet'][0]:.2f} ± {final['resnet'][1]:.2f}%; "
+    text += (f"the attention rows from {final[low][0]:.2f}% (`{low}`) to {final[high][0]:.2f}% (`{high}`)")
+    if "resnet" in final:
+        text += (f", {final[low][0] - final['resnet'][0]:+.2f} to {final[high][0] - final['resnet'][0]:+.2f} points "
+                 "against `resnet`")
+    return text + f"; the rows' standard deviations {min(stds):.2f} to {max(stds):.2f} points."
+
+
+def timing(report: dict[str, Any]) -> str:
+    """One sentence of how long the report's runs took (those that recorded it) and the machine's load."""
+    walls = [run["wall_seconds"] for runs in report["runs"].values() for run in runs if "wall_seconds" in run]
+    if not walls:
+        return ""
+    load = (f"; the 1-minute load average was {report['load_before'][0]:.1f} before the study and "
+            f"{report['load_after'][0]:.1f} after it" if report.get("trained_now") else "")  # that of a training one
+    return (f"{len(walls)} runs, one after another, took {sum(walls) / 60:.1f} min (compilation and evaluation "
+            f"included){load}.")
 
 
 def plot(stats: dict[str, dict[str, Any]], path: str, title: str) -> None:
@@ -263,17 +303,24 @@ def write_text(path: str, text: str) -> None:
         temporary.write_text(text)
 
 
-def machine() -> str:
+def machine() -> dict[str, Any]:
+    """What a study ran on: lscpu's model name and flags (benchmarks.throughput reads them), cores,
+    Python, jax and its backend. (benchmarks.throughput.machine() adds PyTorch's, which this does not run.)"""
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
-            f"jax {jax.__version__} ({jax.default_backend()})")
+    from benchmarks.throughput import cpu_description
+
+    cpu = cpu_description()
+    return {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cpu_shown_flags": cpu["shown_flags"],
+            "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), "jax": jax.__version__,
+            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
+
+
+def machine_line(facts: dict[str, Any]) -> str:
+    """One line of `machine()`'s facts, for the tables' title."""
+    flags = " ".join(facts.get("cpu_shown_flags", [])) or "none of interest"
+    return (f"{facts['cpu']} (lscpu flags: {flags}), {facts['cores']} cores, Python {facts['python']}, "
+            f"jax {facts['jax']} ({facts['backend']})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -294,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ValueError as error:  # an option value the layer refuses when built
                 raise UsageError(f"row {row}: {error}") from None
         check_study_dir(args)
+        if args.json:
+            from cbam_jax.atomic import check_destination
+
+            check_destination(args.json, replace=True, option="--json")
         first = next(iter(configs.values()))
         from cbam_jax.data import make_source
 
@@ -303,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(PROGRAM, error, exit_code=2)
 
     write_text(os.path.join(args.study_dir, "study.json"), json.dumps(settings(args)))
+    load_before, trained = os.getloadavg(), 0
     results: dict[str, list[dict[str, Any]]] = {row: [] for row in args.rows}
     try:
         for (row, seed), config in configs.items():
@@ -315,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_start = time.perf_counter()
             result = train_run(config, workdir, parameters[row])
             results[row].append(result)
+            trained += 1
             step_ms = "" if result["step_ms"] is None else f", {result['step_ms']:.1f} ms/step"
             log(f"{row} seed {seed}: final {100 * result['final_accuracy']:.2f}%, best "
                 f"{100 * result['best_accuracy']:.2f}%{step_ms} ({time.perf_counter() - run_start:.0f} s)")
@@ -329,24 +382,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(PROGRAM, error)
 
     stats = aggregate(results)
+    facts = machine()
     title = (f"CBAM ablation on {first.dataset.name or first.dataset.source} ({first.model.name.split('_')[-1]}, width "
              f"{first.model.width}, {first.num_epochs if first.num_train_steps <= 0 else first.num_train_steps:g} "
-             f"{'epochs' if first.num_train_steps <= 0 else 'steps'}), {args.seeds} seed(s); {machine()}")
-    table = markdown(stats, title)
+             f"{'epochs' if first.num_train_steps <= 0 else 'steps'}), {args.seeds} seed(s); {machine_line(facts)}")
+    table = markdown(stats, title) + "\n" + findings(stats) + "\n"
     print(table)
     write_text(os.path.join(args.study_dir, "results.md"), table)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(["python -m benchmarks.ablation", *(argv if argv is not None else sys.argv[1:])]),
-                "settings": settings(args), "machine": machine(), "rows": stats, "runs": results}
-    write_text(os.path.join(args.study_dir, "results.json"), json.dumps(document, indent=1))
+                "command": " ".join([PROGRAM, *(argv if argv is not None else sys.argv[1:])]),
+                "settings": settings(args), "seeds": args.seeds, "title": title, "machine": facts,
+                "load_before": list(load_before), "load_after": list(os.getloadavg()),
+                # this session: runs trained now (the others were read from their result.json) and its time
+                "trained_now": trained, "seconds": round(time.perf_counter() - start, 1),
+                "paper": "Woo et al., CBAM, ECCV 2018, Tables 1-3: ImageNet ResNet-50 top-1 / top-5 error %",
+                "rows": stats, "runs": results}
+    if timing(document):
+        log(timing(document))
+    text = json.dumps(document, indent=1) + "\n"
+    write_text(os.path.join(args.study_dir, "results.json"), text)
     written = ["results.md", "results.json"]
+    if args.json:
+        write_text(args.json, text)
+        written.append(args.json)
     if args.plot:
         try:
             plot(stats, os.path.join(args.study_dir, "results.png"), title)
             written.append("results.png")
         except ImportError:
             log("no plot: matplotlib is not installed (pip install 'cbam-jax[bench]')")
-    log(f"wrote {', '.join(os.path.join(args.study_dir, w) for w in written)}")
+    log(f"wrote {', '.join(w if w == args.json else os.path.join(args.study_dir, w) for w in written)}")
     return 0
 
 

@@ -136,6 +136,26 @@ def test_aggregate_and_markdown():
     assert "| 50.00 ± 0.00 | 50.00 ± 0.00 | - | 1 |" in table  # no step time: a run resumed after its last step
 
 
+def test_findings_name_the_range_of_the_attention_rows_and_of_the_spread():
+    stats = {"resnet": {"final": (96.0, 0.5)}, "cbam": {"final": (98.5, 0.25)}, "parallel": {"final": (95.5, 1.5)},
+             "pool_k3": {"final": (97.0, 0.75)}}
+    assert ablation.findings(stats) == (
+        "Final accuracy, mean ± standard deviation over the seeds: `resnet` 96.00 ± 0.50%; the attention rows from "
+        "95.50% (`parallel`) to 98.50% (`cbam`), -0.50 to +2.50 points against `resnet`; the rows' standard "
+        "deviations 0.25 to 1.50 points.")
+    assert ablation.findings({"resnet": {"final": (96.0, 0.5)}}) == ""  # nothing to compare
+
+
+def test_timing_sums_the_runs_that_recorded_their_time():
+    report = {"runs": {"cbam": [{"wall_seconds": 30.0}, {"wall_seconds": 60.0}], "resnet": [{}]},
+              "load_before": [1.25, 1.0, 1.0], "load_after": [2.0, 1.5, 1.0], "trained_now": 1}
+    assert ablation.timing(report) == ("2 runs, one after another, took 1.5 min (compilation and evaluation included); "
+                                       "the 1-minute load average was 1.2 before the study and 2.0 after it.")
+    report["trained_now"] = 0  # an invocation that read finished runs only: its load says nothing about them
+    assert ablation.timing(report) == "2 runs, one after another, took 1.5 min (compilation and evaluation included)."
+    assert ablation.timing({"runs": {"cbam": [{}]}}) == ""  # runs of an older study: no time recorded
+
+
 def test_plot_draws_a_png(tmp_path):
     pytest.importorskip("matplotlib")  # the optional "bench" extra; installed with "test"
     stats = {row: {"final": (90.0 + i, 1.0), "best": (95.0, 0.5), "step_ms": 1.0, "parameters": 1, "seeds": 2}
@@ -155,6 +175,8 @@ def test_plot_draws_a_png(tmp_path):
     (["--config.batchsize=8"], "no field 'batchsize' to override; did you mean 'batch_size'?"),
     (["--config.batch_size=abc"], "invalid literal for int()"),
     (["--config.seed=3"], "use --seeds N"),
+    (["--json", ""], "--json '' is not a file name"),
+    (["--rows", "resnet", "--seeds", "1", "--json", os.path.join(ROOT, "README.md", "report.json")], "is a file, not a folder"),
     (["--rows", "resnet", "--config.model.attention_options.kernel_size=3"], "no field 'kernel_size'"),
     (["--rows", "cbam", "--config.model.attention_options.kernel_size=4"], "kernel_size must be an odd"),
     (["--rows", "resnet", "--seeds", "1", "--config.dataset.source=folder", "--config.dataset.data_dir=/nonexistent"],
@@ -193,6 +215,24 @@ def test_without_matplotlib_the_table_still_comes(monkeypatch, tmp_path, capsys)
     assert "| `resnet` | ResNet, no attention | 10 | 50.00 ± 0.00 | 60.00 ± 0.00 | - | 1 |" in captured.out
     assert "no plot: matplotlib is not installed" in captured.err
     assert sorted(os.listdir(tmp_path / "s")) == ["results.json", "results.md", "study.json"]
+
+
+def test_the_report_names_the_machine_and_the_command_and_goes_to_json_too(monkeypatch, tmp_path, capsys):
+    run = {"final_accuracy": 0.5, "best_accuracy": 0.6, "step_ms": 2.0, "parameters": 10, "best_step": 1, "steps": 1}
+    monkeypatch.setattr(ablation, "train_run", lambda config, workdir, parameters: run)
+    arguments = ["--study-dir", str(tmp_path / "s"), "--rows", "resnet", "cbam", "--seeds", "2", "--no-plot",
+                 "--json", str(tmp_path / "record" / "ablation.json")]
+    assert ablation.main(arguments) == 0
+    out = capsys.readouterr().out
+    written = (tmp_path / "record" / "ablation.json").read_text()
+    assert written == (tmp_path / "s" / "results.json").read_text()
+    report = json.loads(written)
+    assert report["command"] == "python -m benchmarks.ablation " + " ".join(arguments)
+    assert report["machine"]["cpu"] and set(report["machine"]["cpu_shown_flags"]) <= set(report["machine"]["cpu_flags"])
+    assert report["machine"]["jax"] == jax.__version__ and report["trained_now"] == 4 and report["seeds"] == 2
+    # what the page renders from the report is what the command printed
+    assert ablation.markdown(report["rows"], report["title"]) in out and ablation.findings(report["rows"]) in out
+    assert report["machine"]["cpu"] in report["title"]
 
 
 # ----------------------------------------------------------------------------- the study: a tiny run

@@ -4,6 +4,8 @@ import argparse
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,8 @@ from benchmarks.throughput import (
 )
 from benchmarks.throughput import main as throughput_main
 from cbam_jax.registry import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _jax_param_count(name: str, stem: str, num_classes: int, size: int) -> int:
@@ -333,3 +337,110 @@ def test_grouped_convs_benchmark_times_both_sides_of_every_pass(tmp_path):
     assert all(row[f"{p}_{side}_ms"] > 0 for p in grouped_convs.PASSES for side in ("xla", "onednn"))
     table = grouped_convs.table(report)
     assert "| mobilenet_w1 | 1 | 112, 32->32, g32, s1 | float32 |" in table and report["machine"]["cpu"] in table
+
+
+# ----------------------------------------------------------------------------- benchmarks.detection_seeds
+
+
+def _detection_report(values: dict[str, list[tuple[float, float, float]]]) -> dict:
+    from benchmarks import detection_seeds
+
+    seeds = [0, 1, 2]
+    runs = {model: {str(s): {"final": dict(zip(("mAP", "mAP50", "mAP75"), figures))} for s, figures in zip(seeds, rows)}
+            for model, rows in values.items()}
+    return {"seeds": seeds, "runs": runs, "stats": detection_seeds.aggregate(runs, seeds),
+            "width": {model: 8 for model in values}}
+
+
+def test_detection_table_is_mean_std_per_seed_and_the_paired_difference():
+    from benchmarks import detection_seeds
+
+    report = _detection_report({"cbam_resnet18": [(0.4, 0.6, 0.5), (0.5, 0.7, 0.5), (0.6, 0.8, 0.5)],
+                                "resnet18": [(0.3, 0.6, 0.4), (0.3, 0.5, 0.4), (0.3, 0.7, 0.4)]})
+    assert detection_seeds.markdown(report).splitlines() == [
+        "| backbone | mAP@[.5:.95] | mAP@.5 | mAP@.75 | mAP@.5 per seed (0 / 1 / 2) |",
+        "|---|---|---|---|---|",
+        "| cbam_resnet18 (width 8) | 0.500 +/- 0.100 | 0.700 +/- 0.100 | 0.500 +/- 0.000 | 0.600 / 0.700 / 0.800 |",
+        "| resnet18 (width 8) | 0.300 +/- 0.000 | 0.600 +/- 0.100 | 0.400 +/- 0.000 | 0.600 / 0.500 / 0.700 |",
+        # seed by seed: mAP@.5 differences 0.0, +0.2, +0.1 (mean 0.1, sample std 0.1)
+        "| difference, cbam_resnet18 - resnet18 | +0.200 +/- 0.100 | +0.100 +/- 0.100 | +0.100 +/- 0.000 "
+        "| +0.000 / +0.200 / +0.100 |"]
+    one = _detection_report({"resnet18": [(0.3, 0.6, 0.4)] * 3})
+    assert "difference" not in detection_seeds.markdown(one)
+    for model, seconds in (("cbam_resnet18", (50.0, 40.4, 45.0)), ("resnet18", (38.0, 41.0, 39.0))):
+        for seed, train in zip("012", seconds):
+            report["runs"][model][seed].update(train_seconds=train, first_step_seconds=train / 4, wall_seconds=train + 9)
+    report.update(recipe="configs/detection_shapes.py", overrides=[], steps=600, batch_size=16, train_images=512,
+                  eval_images=128, machine={"cpu": "Test CPU", "cpu_shown_flags": ["avx512f"], "cores": 2,
+                                            "python": "3.11.7", "jax": "0.10.2", "backend": "cpu"},
+                  load_before=[1.0, 0.5, 0.5], load_after=[4.25, 3.0, 2.0])
+    assert detection_seeds.caption(report) == (
+        "`configs/detection_shapes.py`: 600 steps of batch 16 on 512 generated training images, COCO figures on 128 "
+        "held-out images; seeds 0, 1, 2; Test CPU (lscpu flags: avx512f), 2 cores, Python 3.11.7, jax 0.10.2 (cpu). "
+        "Each run trained for 38-50 s after a first (compiling) step of 10-12 s; the 1-minute load average was 1.0 "
+        "before the study and 4.2 after it.")
+    for by_seed in report["runs"].values():  # runs an earlier invocation trained: this one's load says nothing
+        for run in by_seed.values():
+            del run["wall_seconds"]
+    assert detection_seeds.caption(report).endswith("Each run trained for 38-50 s after a first (compiling) step of 10-12 s.")
+
+
+def test_detection_study_reads_the_summary_of_a_finished_run_only(tmp_path):
+    from benchmarks.detection_seeds import finished_summary
+
+    assert finished_summary(str(tmp_path / "none")) is None
+    records = [{"step": 2, "split": "summary", "status": "stopped"}, {"step": 4, "split": "eval", "mAP": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert finished_summary(str(tmp_path)) is None  # stopped: train it (train.py resumes it)
+    records.append({"step": 4, "split": "summary", "status": "finished", "final": {"mAP": 0.1}})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert finished_summary(str(tmp_path))["final"] == {"mAP": 0.1}
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--models", "resnet7"], "resnet7 seed 0: config.model.name = 'resnet7' is not a model"),
+    (["--config.seed=1"], "use --seeds"),
+    (["--config.model.name=resnet18"], "use --models"),
+    (["--seeds", "0", "0"], "each value once"),
+    (["--seeds", "x"], "invalid int value: 'x'"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--config.batchsize=8"], "did you mean 'batch_size'?"),
+    (["--json", os.path.join(ROOT, "README.md", "report.json")], "is a file, not a folder"),
+])
+def test_detection_study_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, arguments, message):
+    from benchmarks import detection_seeds
+
+    study = tmp_path / "study"
+    assert detection_seeds.main(["--study-dir", str(study), *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m benchmarks.detection_seeds: error: ") and message in err
+    assert not study.exists()
+
+
+@pytest.mark.slow
+def test_detection_study_runs_train_py_and_skips_finished_runs(tmp_path):
+    """Two tiny runs (2 steps, 8 eval images) through train.py; the second invocation trains nothing."""
+    study, record = tmp_path / "study", tmp_path / "record.json"
+    tiny = ["--models", "resnet18", "--seeds", "0", "1", "--study-dir", str(study), "--json", str(record),
+            "--config.num_train_steps=2", "--config.dataset.num_train_images=32", "--config.dataset.num_eval_images=8",
+            "--config.tensorboard=False", "--config.compilation_cache_dir="]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    first = subprocess.run([sys.executable, "-m", "benchmarks.detection_seeds", *tiny], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads(record.read_text())
+    assert report["command"] == "python -m benchmarks.detection_seeds " + " ".join(tiny)
+    assert set(report["runs"]["resnet18"]) == {"0", "1"} and report["steps"] == 2 and report["eval_images"] == 8
+    for seed in ("0", "1"):
+        workdir = study / f"resnet18_seed{seed}"
+        summary = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][-1]
+        assert report["runs"]["resnet18"][seed]["final"] == summary["final"]
+    assert report["machine"]["cpu"] and "jax" in report["machine"]
+    assert (study / "results.md").read_text() in first.stdout
+    metrics = {p: p.read_text() for p in study.glob("*/metrics.jsonl")}
+    second = subprocess.run([sys.executable, "-m", "benchmarks.detection_seeds", *tiny], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.read_text() for p in study.glob("*/metrics.jsonl")} == metrics
+    table = first.stdout.split("\n\n", 1)[1]
+    assert second.stdout.endswith(table) and "load average" in first.stdout and "load average" not in second.stdout

@@ -197,19 +197,32 @@ R50_GATE_CHANNELS = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
 R50_OFFICIAL = 28_089_624  # the paper's 28.09M; spatial gate per block: 7*7*2 conv + 2 BN = 100
 
 
-@pytest.mark.parametrize("options, change_per_block", [
+# The attention rows of the paper's ablation (configs/ablation.py) in the ResNet-50: row -> (its options
+# against the official CBAM, the parameters that changes in each block's CBAM of C channels).
+# docs/ablation.md quotes these counts (tests/test_docs.py checks it).
+R50_DESIGNS = {
     # a 1x1 conv C -> 1 (C weights) and a k x k conv with one input channel instead of two
-    ({"spatial_descriptor": "conv1x1"}, lambda c: c + 7 * 7 - 7 * 7 * 2),
-    ({"spatial_descriptor": "conv1x1", "kernel_size": 3}, lambda c: c + 3 * 3 - 7 * 7 * 2),
-    ({"kernel_size": 3}, lambda c: 3 * 3 * 2 - 7 * 7 * 2),
-    ({"arrangement": "spatial_first"}, lambda c: 0),
-    ({"arrangement": "parallel"}, lambda c: 0),
-    ({"use_spatial": False}, lambda c: -(7 * 7 * 2 + 2)),
-    ({"use_spatial": False, "pool_types": ("max",)}, lambda c: -(7 * 7 * 2 + 2)),  # one MLP for any pools
-])
-def test_parameter_counts_by_hand(options, change_per_block):
-    expected = R50_OFFICIAL + sum(change_per_block(c) for c in R50_GATE_CHANNELS)
-    assert count_params(create_model("cbam_resnet50", **options), (1, 64, 64, 3)) == expected
+    "conv1x1_k7": ({"spatial_descriptor": "conv1x1"}, lambda c: c + 7 * 7 - 7 * 7 * 2),
+    "conv1x1_k3": ({"spatial_descriptor": "conv1x1", "kernel_size": 3}, lambda c: c + 3 * 3 - 7 * 7 * 2),
+    "pool_k3": ({"kernel_size": 3}, lambda c: 3 * 3 * 2 - 7 * 7 * 2),
+    "cbam": ({}, lambda c: 0),
+    "spatial_first": ({"arrangement": "spatial_first"}, lambda c: 0),
+    "parallel": ({"arrangement": "parallel"}, lambda c: 0),
+    "channel_avgmax": ({"use_spatial": False}, lambda c: -(7 * 7 * 2 + 2)),
+    "channel_max": ({"use_spatial": False, "pool_types": ("max",)}, lambda c: -(7 * 7 * 2 + 2)),  # one MLP for any pools
+    "channel_avg": ({"use_spatial": False, "pool_types": ("avg",)}, lambda c: -(7 * 7 * 2 + 2)),
+}
+
+
+def r50_parameters(row: str) -> int:
+    """The parameters of the ablation row `row` (an attention row of R50_DESIGNS) in CBAM-ResNet-50, by hand."""
+    return R50_OFFICIAL + sum(R50_DESIGNS[row][1](c) for c in R50_GATE_CHANNELS)
+
+
+@pytest.mark.parametrize("row", [row for row in R50_DESIGNS if row != "cbam"])  # cbam: tests/test_resnet.py
+def test_parameter_counts_by_hand(row):
+    options, _ = R50_DESIGNS[row]
+    assert count_params(create_model("cbam_resnet50", **options), (1, 64, 64, 3)) == r50_parameters(row)
 
 
 def test_layer_parameter_counts_by_hand():

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from cbam_jax.atomic import atomic_output, check_destination
 from cbam_jax.data.sources import IMAGE_EXTENSIONS
 from cbam_jax.detection import data
-from cbam_jax.detection.train import predict
+from cbam_jax.detection.evaluate import predict
 from cbam_jax.detection.weights import load_detector
 from cbam_jax.errors import UsageError, UserError, report
 from cbam_jax.images import InputError, load_image

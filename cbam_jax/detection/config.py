@@ -14,7 +14,7 @@ from cbam_jax.training import config as config_lib
 from cbam_jax.training.config import ConfigError
 
 SOURCES = ("shapes", "tfds")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = config_lib.PRECISIONS  # 'float16' with dynamic loss scaling, as classification
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.lr_step_epochs = 8.0
     config.lr_step_factor = 0.1
     config.grad_clip_norm = 10.0
-    config.precision = "float32"
+    config.precision = "float32"  # 'bfloat16' compute (f32 params) or 'float16' with dynamic loss scaling
+    config.parallel = "jit"  # 'jit' (Mesh, sharded batch) or 'pmap' (one program per device), as classification
     config.seed = 0
     config.log_every_steps = 20
     config.eval_every_steps = 0  # 0: at the end only (COCO evaluation is slow)
@@ -99,7 +100,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.model.name = {config.model.name!r} is not a model; choose from {list_models()}.")
     choices = {"model.variant": (config.model.variant, tuple(VARIANTS)), "dataset.source": (config.dataset.source, SOURCES),
                "optimizer": (config.optimizer, config_lib.OPTIMIZERS), "schedule": (config.schedule, config_lib.SCHEDULES),
-               "precision": (config.precision, PRECISIONS)}
+               "precision": (config.precision, PRECISIONS), "parallel": (config.parallel, config_lib.PARALLEL_MODES)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config.{name} = {value!r} is not one of {list(allowed)}.")
@@ -132,3 +133,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config_lib.check_transfer(config)
     config.lock()
     return config
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """The validated detection config saved in a checkpoint (fields added since take their defaults)."""
+    return config_lib.config_from_json(text, base_config, validate)

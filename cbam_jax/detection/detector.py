@@ -145,3 +145,9 @@ def detector_from_config(config: Mapping[str, Any]) -> FCOS:
     backbone = model_from_config(dict(config.pop("backbone")))
     dtype = jnp.dtype(config.pop("dtype", "float32"))
     return FCOS(backbone=backbone, dtype=dtype, **config)
+
+
+def with_bn_axis(detector: FCOS, axis_name: Any) -> FCOS:
+    """The detector whose backbone BatchNorms share their batch statistics over `axis_name` (the
+    pmap axis): the hook `training.parallel.DataParallel` clones models with."""
+    return detector.clone(backbone=detector.backbone.clone(bn_axis_name=axis_name))

@@ -27,7 +27,7 @@ def giou_loss(predicted: jax.Array, target: jax.Array) -> jax.Array:
 
 def fcos_loss(class_logits: jax.Array, distances: jax.Array, centerness_logits: jax.Array, targets: Targets,
               points: jax.Array, strides: jax.Array, num_classes: int, alpha: float = 0.25,
-              gamma: float = 2.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+              gamma: float = 2.0, axis_name: str | tuple[str, ...] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The FCOS loss of a batch.
 
     Args:
@@ -38,15 +38,20 @@ def fcos_loss(class_logits: jax.Array, distances: jax.Array, centerness_logits: 
       (total, {'classification', 'box', 'centerness', 'positives'}): the focal loss summed over points
       and classes / positives; the GIoU loss weighted by the centerness targets / their sum; the
       centerness BCE / positives (FCOS's normalisation; a batch without positives gives 0 box and
-      centerness losses).
+      centerness losses). With `axis_name` (a per-device step under pmap) the normalisers are the
+      means over the devices, as FCOS's all-reduce of the positives: the mean of the devices'
+      gradients is then the gradient of the global batch's loss.
     """
+    def device_mean(x: jax.Array) -> jax.Array:
+        return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
     positive = targets.labels >= 0
-    num_positive = jnp.sum(positive).astype(jnp.float32)
+    num_positive = device_mean(jnp.sum(positive).astype(jnp.float32))
     one_hot = jax.nn.one_hot(targets.labels, num_classes)  # background (-1) -> all zeros
     classification = jnp.sum(sigmoid_focal_loss(class_logits, one_hot, alpha, gamma)) / jnp.maximum(num_positive, 1.0)
     predicted_boxes = box_lib.decode(points, distances, strides)
     weight = targets.centerness * positive
-    box = jnp.sum(giou_loss(predicted_boxes, targets.boxes) * weight) / jnp.maximum(jnp.sum(weight), 1e-6)
+    box = jnp.sum(giou_loss(predicted_boxes, targets.boxes) * weight) / jnp.maximum(device_mean(jnp.sum(weight)), 1e-6)
     bce = optax.sigmoid_binary_cross_entropy(centerness_logits, targets.centerness)
     centerness = jnp.sum(bce * positive) / jnp.maximum(num_positive, 1.0)
     total = classification + box + centerness

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 from absl import flags
@@ -285,12 +285,15 @@ def _recipes_hint() -> str:
     return "recipes: " + ", ".join(f"configs/{name}" for name in sorted(os.listdir(here)) if name.endswith(".py"))
 
 
-def config_from_json(text: str) -> ml_collections.ConfigDict:
+def config_from_json(text: str, base: Callable[[], ml_collections.ConfigDict] | None = None,
+                     check: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None
+                     ) -> ml_collections.ConfigDict:
     """The validated config saved in a checkpoint (`config.to_json()`); fields added to
-    `base_config()` since it was saved take their defaults."""
-    config = base_config()
+    `base_config()` since it was saved take their defaults. `base` and `check`: another task's
+    `base_config` and `validate` (detection's)."""
+    config = (base or base_config)()
     _update(config, json.loads(text), "config")
-    return validate(config)
+    return (check or validate)(config)
 
 
 def _update(config: ml_collections.ConfigDict, values: dict, prefix: str) -> None:

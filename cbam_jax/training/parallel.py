@@ -39,23 +39,33 @@ PREFETCH_BATCHES = 2
 class DataParallel:
     """Compiled train/eval steps of one mode plus the matching placement of state and batches."""
 
-    def __init__(self, mode: str, model: nn.Module, tx, *, num_classes: int, label_smoothing: float,
-                 mean: tuple, std: tuple, dynamic_loss_scale: bool, bn_group_size: int = 0,
-                 frozen_statistics: frozenset[str] = frozenset()):
+    def __init__(self, mode: str, model: nn.Module, tx, *, num_classes: int = 0, label_smoothing: float = 0.0,
+                 mean: tuple = (), std: tuple = (), dynamic_loss_scale: bool = False, bn_group_size: int = 0,
+                 frozen_statistics: frozenset[str] = frozenset(), steps: tuple[Callable, Callable] | None = None,
+                 with_bn_axis: Callable[[nn.Module, Any], nn.Module] | None = None):
+        """`steps`: (train, eval or None) step functions taking `model=` and `axis_name=` keywords,
+        placed instead of the classification steps (detection's); `with_bn_axis(model, axis)`: the model
+        whose BatchNorms share statistics over `axis` (default `model.clone(bn_axis_name=axis)`)."""
         if mode not in ("jit", "pmap"):
             raise ValueError(f"Unknown parallel mode {mode!r}; use 'jit' or 'pmap'.")
         self.check_bn_group_size(bn_group_size, mode)
         self.mode = mode
         self.bn_group_size = bn_group_size
-        common = dict(num_classes=num_classes, mean=tuple(mean), std=tuple(std))
-        train = functools.partial(step_lib.train_step, tx=tx, label_smoothing=label_smoothing,
-                                  dynamic_loss_scale=dynamic_loss_scale, frozen_statistics=frozen_statistics, **common)
-        evaluate = functools.partial(step_lib.eval_step, **common)
+        with_bn_axis = with_bn_axis or (lambda m, axis: m.clone(bn_axis_name=axis))
+        if steps is not None:
+            train, evaluate = steps
+        else:
+            common = dict(num_classes=num_classes, mean=tuple(mean), std=tuple(std))
+            train = functools.partial(step_lib.train_step, tx=tx, label_smoothing=label_smoothing,
+                                      dynamic_loss_scale=dynamic_loss_scale, frozen_statistics=frozen_statistics,
+                                      **common)
+            evaluate = functools.partial(step_lib.eval_step, **common)
         if mode == "pmap":
-            model = model.clone(bn_axis_name=PMAP_AXIS)
+            model = with_bn_axis(model, PMAP_AXIS)
             self._train = jax.pmap(functools.partial(train, model=model, axis_name=PMAP_AXIS),
                                    axis_name=PMAP_AXIS, donate_argnums=0)
-            self._eval = jax.pmap(functools.partial(evaluate, model=model, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS)
+            self._eval = evaluate and jax.pmap(functools.partial(evaluate, model=model, axis_name=PMAP_AXIS),
+                                               axis_name=PMAP_AXIS)
             return
         devices = jax.device_count()
         group = bn_group_size or devices
@@ -68,7 +78,7 @@ class DataParallel:
             # The step is written with pmap's semantics (per-device gradients, explicit pmean), so
             # shard_map's varying-axes typing, which would sum gradients of the replicated
             # parameters itself, is off.
-            grouped = model.clone(bn_axis_name=MESH_AXES[1])
+            grouped = with_bn_axis(model, MESH_AXES[1])
             train = jax.shard_map(functools.partial(train, model=grouped, axis_name=MESH_AXES),
                                   in_specs=(PartitionSpec(), PartitionSpec(MESH_AXES)),
                                   out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
@@ -77,8 +87,9 @@ class DataParallel:
         self._train = jax.jit(train, in_shardings=(self.replicated, self.batch_sharding),
                               out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         # Evaluation uses the running statistics: no BatchNorm communication, any grouping.
-        self._eval = jax.jit(functools.partial(evaluate, model=model),
-                             in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
+        self._eval = evaluate and jax.jit(functools.partial(evaluate, model=model),
+                                          in_shardings=(self.replicated, self.batch_sharding),
+                                          out_shardings=self.replicated)
 
     @staticmethod
     def check_batch_size(batch_size: int, name: str = "batch_size") -> None:

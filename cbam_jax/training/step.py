@@ -90,7 +90,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     if dynamic_loss_scale:
-        new_state = _apply_loss_scaling(state, new_state, _all_finite(grads))
+        new_state = keep_finite_update(state, new_state, grads)
     metrics = {"loss_sum": loss * labels.shape[0],
                "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
                "count": jnp.asarray(labels.shape[0], jnp.float32)}
@@ -105,6 +105,12 @@ def keep_leaves(updated: Any, old: Any, paths: frozenset[str]) -> Any:
     frozen BatchNorm statistics of a training step (classification and detection)."""
     flat, before = flatten_dict(updated, sep="/"), flatten_dict(old, sep="/")
     return unflatten_dict({path: before[path] if path in paths else value for path, value in flat.items()}, sep="/")
+
+
+def keep_finite_update(old: TrainState, new: TrainState, grads: Any) -> TrainState:
+    """float16 dynamic loss scaling after an update from unscaled `grads` (classification and
+    detection): `new` if every gradient is finite, else `old`'s variables; the scale adapts."""
+    return _apply_loss_scaling(old, new, _all_finite(grads))
 
 
 def _apply_loss_scaling(old: TrainState, new: TrainState, finite: jax.Array) -> TrainState:

@@ -60,7 +60,7 @@ def build_model(config: ml_collections.ConfigDict):
                         **({"remat": config.model.remat} if config.model.remat != "none" else {}))  # ResNets only
 
 
-class _Preemption:
+class Preemption:
     """SIGTERM sets a flag; the loop saves a checkpoint and stops cleanly at the next step.
 
     With several processes JAX's own preemption service (started by jax.distributed) catches
@@ -265,7 +265,7 @@ def _train(job: TrainingJob) -> dict:
     window = MetricWindow(parallel.metrics_to_host, schedule, loss_scaled=dynamic_loss_scale)
     status, step, final_eval, compile_seconds = "finished", start_step, None, 0.0
     try:
-        with _Preemption() as preemption:
+        with Preemption() as preemption:
             for step in range(start_step + 1, total_steps + 1):
                 placed, metrics = parallel.train_step(placed, next(batches))
                 if step == start_step + 1:  # the first step compiles: keep it out of the throughput

@@ -1,6 +1,7 @@
 """Portable inference artifacts of a pretrained model: `cbam-jax export MODEL_DIR OUT`.
 
-OUT (a new directory, written completely or not at all) holds:
+OUT (a new directory, written completely or not at all) holds (a trained detector's artifact, its
+decoded detections in StableHLO only, is described in artifacts/detector.py):
 
     artifact.json      input spec, preprocessing, class names, model config, versions, file names
     model.jax_export   `jax.export` serialized StableHLO (weights inside), symbolic batch; runs
@@ -63,7 +64,7 @@ def input_shape(height: int | None, width: int | None, channels: int) -> tuple:
 
 def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, height: int | None = None,
                      width: int | None = None, dynamic_size: bool = False,
-                     formats: Sequence[str] = FORMATS, allow_nonfinite: bool = False) -> dict[str, Any]:
+                     formats: Sequence[str] | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Export the pretrained model in `model_dir` to the new directory `out`; returns the metadata written.
 
     Args:
@@ -72,7 +73,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
       out: the directory to create (must not exist).
       height, width: the fixed input size (default: the metadata's preprocessing crop).
       dynamic_size: symbolic height and width too (StableHLO only).
-      formats: any of 'stablehlo', 'onnx'.
+      formats: any of 'stablehlo', 'onnx' (default: both; a detector: 'stablehlo', see artifacts/detector.py).
       allow_nonfinite: export weights holding NaN or inf (refused by default).
 
     Raises:
@@ -81,11 +82,28 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
       OutputError: `out` cannot be written there (nothing is written).
     """
     out = Path(out).absolute()
-    formats = tuple(dict.fromkeys(formats))
+    from cbam_jax.detection.weights import detector_directory
+
+    detector = detector_directory(model_dir)
+    formats = tuple(dict.fromkeys(formats if formats is not None else ("stablehlo",) if detector else FORMATS))
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; choose from {list(FORMATS)}.")
     check_destination(out)
+    if detector is not None:  # a trained FCOS: decoded detections, StableHLO only
+        from cbam_jax.artifacts.detector import export_detector
+
+        require("flatbuffers", "export")
+        if dynamic_size:
+            raise ExportError("the detector's input size is fixed (its points and decoding); drop --dynamic-size.")
+        with atomic_output(out, folder=True) as staging:
+            document = export_detector(detector, staging, formats=formats, height=height, width=width,
+                                       randomized=_randomized, tolerance=STABLEHLO_CHECK_TOLERANCE,
+                                       files={"stablehlo": STABLEHLO_FILE}, platforms=PLATFORMS,
+                                       format_version=FORMAT_VERSION)
+            (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
+        return document
     if "stablehlo" in formats:
         require("flatbuffers", "export")  # jax.export's serialisation
     if "onnx" in formats:
@@ -223,15 +241,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="input width (default: the preprocessing crop)")
     parser.add_argument("--dynamic-size", action="store_true",
                         help="symbolic height and width as well as batch (StableHLO only)")
-    parser.add_argument("--formats", default=",".join(FORMATS),
-                        help=f"comma-separated, from {', '.join(FORMATS)} (default: both)")
+    parser.add_argument("--formats", help=f"comma-separated, from {', '.join(FORMATS)} (default: both; a detector: "
+                        "stablehlo, its only format)")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="export weights holding NaN or inf (refused by default: such weights are broken)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Export; print the files written, or a UserError (one line, exit code 1, nothing written)."""
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    formats = None if args.formats is None else [f.strip() for f in args.formats.split(",") if f.strip()]
     try:
         document = export_artifacts(args.model_dir, args.out, height=args.height, width=args.width,
                                     dynamic_size=args.dynamic_size, formats=formats,
@@ -241,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
             error = error.for_option("--allow-nonfinite")
         raise UserError(f"{one_line(error)} Nothing was written to {args.out}.", exit_code=error.exit_code) from None
     shape = "x".join(str(d) for d in document["input"]["shape"])
+    returns = " -> decoded detections after NMS" if document.get("task") == "detection" else ""
     print(f"Exported {args.model_dir} -> {args.out}: {', '.join(document['files'].values())} "
-          f"(input {shape} float32 NHWC), {METADATA_FILE}, {SCRIPT_FILE}.")
+          f"(input {shape} float32 NHWC{returns}), {METADATA_FILE}, {SCRIPT_FILE}.")
     return 0

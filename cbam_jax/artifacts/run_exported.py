@@ -3,7 +3,8 @@
 IMAGES.npy holds images already resized and cropped to the model's input size, (B, H, W, C) or
 (H, W, C): uint8 in [0, 255] or floats in [0, 1]. They are normalised with the mean and std of
 artifact.json, then model.jax_export (serialized StableHLO) runs on them. Prints one JSON line per
-image with its top-k classes. Needs only `jax` (which brings numpy): no Flax, no cbam-jax.
+image with its top-k classes (a detector's artifact: its detections, class, score and box in input
+pixels; images fitted into the detector's square input beforehand). Needs only `jax` (which brings numpy): no Flax, no cbam-jax.
 """
 
 import argparse
@@ -48,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if images.ndim == 3:
         images = images[None]
-    logits = np.asarray(exported.call(standardize(images, metadata.get("preprocessing"))))
+    outputs = exported.call(standardize(images, metadata.get("preprocessing")))
     names = metadata.get("class_names")
+    if metadata.get("task") == "detection":  # decoded detections: the valid rows of each image
+        found = {name: np.asarray(value) for name, value in outputs.items()}
+        for boxes, scores, classes, valid in zip(found["boxes"], found["scores"], found["classes"], found["valid"]):
+            print(json.dumps([{"index": int(c), "class": names[c] if names else str(int(c)), "score": float(s),
+                               "box": [float(v) for v in b]} for b, s, c, v in zip(boxes, scores, classes, valid) if v]))
+        return 0
+    logits = np.asarray(outputs)
     probabilities = np.exp(logits - logits.max(-1, keepdims=True))
     probabilities /= probabilities.sum(-1, keepdims=True)
     for row in probabilities:

@@ -53,11 +53,29 @@ def find_detector(path: str | os.PathLike) -> Path:
                        "`python train.py --config configs/detection_shapes.py --workdir runs/NAME`.")
 
 
+def detector_directory(path: str | os.PathLike) -> Path | None:
+    """The detector folder of `path` (itself, or a detection workdir's `detector/`); None when `path`
+    holds no detector (a classifier's folder, a registered name, a missing path, an unreadable
+    config.json: the classifier's loader reports those)."""
+    path = Path(path)
+    if (path / EXPORT_DIR / CONFIG_FILE).is_file():
+        return path / EXPORT_DIR
+    try:
+        document = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return path if isinstance(document, dict) and "detector" in document else None
+
+
 def load_detector(path: str | os.PathLike) -> tuple[FCOS, dict, dict[str, Any]]:
     """(detector, variables, metadata) from a detector directory or a finished training workdir."""
     directory = find_detector(path)
     try:
         document = json.loads((directory / CONFIG_FILE).read_text())
+    except ValueError as error:
+        raise InvalidInput(f"{directory / CONFIG_FILE} is corrupt (not valid JSON: {error}); export the detector "
+                           "again (a finished run writes WORKDIR/detector).") from None
+    try:
         detector = detector_from_config(document["detector"])
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidInput(f"{directory / CONFIG_FILE}: not a detector description ({error}).") from None

@@ -265,8 +265,10 @@ def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Confi
             raise ConfigError(f"{prefix}.{key} must be a string; got {value!r}.")
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-    """Run `get_config()` of a recipe file (e.g. 'configs/cifar10.py') and validate the result."""
+def load_config(path: str, check: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None
+                ) -> ml_collections.ConfigDict:
+    """Run `get_config()` of a recipe file (e.g. 'configs/cifar10.py') and validate the result
+    (with `check`: another task's `validate`, detection's)."""
     if not os.path.isfile(path):
         raise MissingInput(f"No config file {path!r}; {_recipes_hint()}.")
     spec = importlib.util.spec_from_file_location("cbam_jax_recipe", path)
@@ -275,7 +277,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
         spec.loader.exec_module(module)
     except SyntaxError as error:
         raise ConfigError(f"{path}, line {error.lineno}: {error.msg} (the recipe is not valid Python).") from None
-    return validate(module.get_config())
+    return (check or validate)(module.get_config())
 
 
 def _recipes_hint() -> str:

@@ -1,7 +1,8 @@
 """Evaluation over a whole split, and the `cbam-jax eval` subcommand.
 
 `cbam-jax eval --workdir DIR [--split test] [--checkpoint best|latest]` evaluates a training run's
-checkpoint on a split of the dataset it was trained on; `cbam-jax eval --pretrained DIR --config
+checkpoint on a split of the dataset it was trained on (a detection run: its COCO figures, see
+cbam_jax/detection/evaluate.py); `cbam-jax eval --pretrained DIR --config
 configs/NAME.py` evaluates a converted pretrained model on that config's eval split.
 """
 
@@ -73,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> dict:
     if args.workdir:
         variables, meta = restore_variables(args.workdir, args.checkpoint, args.step)
+        if meta.get("task") == "detection":  # a detection run: its COCO figures (cbam_jax/detection/evaluate.py)
+            from cbam_jax.detection import config as detection_config
+            from cbam_jax.detection.evaluate import evaluate_checkpoint
+
+            config = load_config(args.config, detection_config.validate) if args.config else None
+            return evaluate_checkpoint(variables, meta, config=config, split=args.split, batch_size=args.batch_size)
         config = load_config(args.config) if args.config else config_from_json(meta["config"])
         model = model_from_config(meta["model_config"])
         step = meta["step"]

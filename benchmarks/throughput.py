@@ -4,6 +4,7 @@
     python -m benchmarks.throughput --plot bench.png   # the full preset (torch.compile, bf16, XLA baseline)
     python -m benchmarks.throughput --quick --in-process   # the old way: every variant in one process
     python -m benchmarks.throughput --preset families --modes train   # CBAM-ResNeXt-50 and CBAM-MobileNet
+    python -m benchmarks.throughput --cases cbam_resnet50:512:2:fcos --impls jax --modes train  # FCOS detector step
 
 For every case (model, input size, batch) it times inference and a full training step (forward,
 softmax cross-entropy, backward, SGD with momentum, BatchNorm in training mode) of the CBAM-ResNet
@@ -80,6 +81,14 @@ JAX_IMPLS = {"jax": ("auto", True, True, "none"), "jax-glibc": ("auto", True, Fa
 TORCH_IMPLS = ("torch", "torch-cl", "torch-compile")
 IMPLS = (*JAX_IMPLS, *TORCH_IMPLS)
 NUM_CLASSES = {"imagenet": 1000, "cifar": 10}
+# Detector cases (MODEL:SIZE:BATCH:fcos): FCOS with its paper's head (FPN 256, 4 tower convs,
+# GroupNorm 32) on the model as backbone, COCO's 80 classes, DETECTION_BOXES ground-truth boxes per
+# image; a train step is cbam_jax.detection.train.train_step (assignment, FCOS loss, SGD), an
+# inference call the forward pass with decoding and NMS (cbam_jax.detection.evaluate.predict).
+DETECTOR = "fcos"
+DETECTION_CLASSES = 80
+DETECTION_BOXES = 8
+DETECTOR_OPTIONS: dict[str, Any] = {"width": 64, "fpn_channels": 256, "head_convs": 4, "head_norm_groups": 32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,25 +99,31 @@ class Case:
     size: int
     batch: int
     stem: str = "imagenet"
+    detector: bool = False  # the model as the backbone of an FCOS detector (':fcos')
 
     @property
     def name(self) -> str:
-        return f"{self.model}{'-cifar' if self.stem == 'cifar' else ''} {self.size}px b{self.batch}"
+        return (f"{self.model}{'-cifar' if self.stem == 'cifar' else ''}{' fcos' if self.detector else ''} "
+                f"{self.size}px b{self.batch}")
 
     @classmethod
     def parse(cls, text: str) -> "Case":
-        """'cbam_resnet50:224:8', 'cbam_resnet18:32:64:cifar' or 'cbam_mobilenet_w1:224:32' (a registered CBAM name)."""
+        """'cbam_resnet50:224:8', 'cbam_resnet18:32:64:cifar', 'cbam_mobilenet_w1:224:32' (a registered CBAM
+        name) or 'cbam_resnet50:512:2:fcos' (an FCOS detector on that backbone)."""
         parts = text.split(":")
         if len(parts) not in (3, 4) or not parts[1].isdigit() or not parts[2].isdigit():
-            raise argparse.ArgumentTypeError(f"case must be MODEL:SIZE:BATCH[:STEM], e.g. cbam_resnet18:32:64:cifar; "
-                                             f"got {text!r}.")
+            raise argparse.ArgumentTypeError(f"case must be MODEL:SIZE:BATCH[:STEM or :{DETECTOR}], e.g. "
+                                             f"cbam_resnet18:32:64:cifar or cbam_resnet50:512:2:{DETECTOR}; got {text!r}.")
         try:
             parse_name(parts[0])
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
+        if len(parts) == 4 and parts[3] == DETECTOR:  # detectors take the 'imagenet' stem (strides 8-32)
+            return cls(parts[0], int(parts[1]), int(parts[2]), detector=True)
         stem = parts[3] if len(parts) == 4 else "imagenet"
         if stem not in NUM_CLASSES:
-            raise argparse.ArgumentTypeError(f"stem must be one of {sorted(NUM_CLASSES)}; got {stem!r}.")
+            raise argparse.ArgumentTypeError(f"the last field must be a stem ({sorted(NUM_CLASSES)}) or {DETECTOR!r}; "
+                                             f"got {stem!r}.")
         return cls(parts[0], int(parts[1]), int(parts[2]), stem)
 
 
@@ -222,7 +237,10 @@ def model_flops(case: Case, arch: str, mode: str) -> float:
 @functools.lru_cache(maxsize=None)
 def _forward_flops(case: Case, arch: str) -> float:
     name = case.model if arch == "cbam" else case.model.replace("cbam_", "", 1)
-    model = create_model(name, num_classes=NUM_CLASSES[case.stem], stem=case.stem, implementation="xla")
+    if case.detector:
+        model = make_detector(name, jnp.float32, "xla", {})
+    else:
+        model = create_model(name, num_classes=NUM_CLASSES[case.stem], stem=case.stem, implementation="xla")
     images = jax.ShapeDtypeStruct((case.batch, case.size, case.size, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
     return _jaxpr_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images).jaxpr)
@@ -280,11 +298,37 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Call
     return train_step
 
 
+def make_detector(name: str, dtype: Any, implementation: str, options: dict[str, Any]):
+    """The FCOS detector of a ':fcos' case on the backbone `name` (DETECTOR_OPTIONS)."""
+    from cbam_jax.detection.detector import create_detector
+
+    settings = dict(DETECTOR_OPTIONS)
+    return create_detector(name, DETECTION_CLASSES, width=settings.pop("width"), dtype=dtype,
+                           backbone_options={"implementation": implementation, **options}, **settings)
+
+
+def detection_batch(batch: int, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random uint8 images and DETECTION_BOXES random boxes (1/16 to 1/2 of the side) per image, in
+    data.TrainBatches' layout."""
+    corners = rng.uniform(0, size / 2, (batch, DETECTION_BOXES, 2))
+    sides = rng.uniform(size / 16, size / 2, (batch, DETECTION_BOXES, 2))
+    return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            "boxes": np.concatenate([corners, corners + sides], -1).astype(np.float32),
+            "labels": rng.integers(0, DETECTION_CLASSES, (batch, DETECTION_BOXES)).astype(np.int32),
+            "mask": np.ones((batch, DETECTION_BOXES), bool)}
+
+
 def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
     implementation, use_native, _, remat = JAX_IMPLS[variant.impl]
     options = {"remat": remat} if remat != "none" else {}  # a ResNet option (the MobileNets have none)
+    if case.detector:
+        detector = make_detector(variant.model_name, jnp.dtype(variant.dtype), implementation, options)
+        batch = detection_batch(case.batch, case.size, np.random.default_rng(0))
+        with _native_kernels(use_native):
+            _compile_detector(variant, detector, batch)
+        return
     model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
                          dtype=jnp.dtype(variant.dtype), implementation=implementation, **options)
     rng = np.random.default_rng(0)
@@ -322,6 +366,39 @@ def _compile_jax(variant: Variant, model: Any, variables: Any, images: jax.Array
             loss.block_until_ready()
 
         variant.step = step
+    _record_compiled(variant, compiled, start)
+
+
+def _compile_detector(variant: Variant, detector: Any, batch: dict[str, np.ndarray]) -> None:
+    from cbam_jax.detection.evaluate import predict
+    from cbam_jax.detection.train import train_step
+    from cbam_jax.training.step import state_from_variables
+
+    start = time.perf_counter()
+    size, mean, std = variant.case.size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    variables = jax.jit(detector.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    if variant.mode == "infer":
+        decoding = dict(score_threshold=0.05, pre_nms_top_k=1000, iou_threshold=0.6, max_detections=100)
+        infer = functools.partial(predict, detector=detector, mean=mean, std=std, decoding=decoding)
+        compiled = jax.jit(infer).lower(variables, batch["image"]).compile()
+        variant.step = lambda: jax.block_until_ready(compiled(variables, batch["image"]))
+    else:
+        optimizer = optax.sgd(0.01, momentum=0.9)
+        step_fn = functools.partial(train_step, model=detector, tx=optimizer,
+                                    config_values=(mean, std, size, 1.5, 0.25, 2.0))
+        state = [jax.jit(lambda v: state_from_variables(v, optimizer, False))(variables)]
+        compiled = jax.jit(step_fn, donate_argnums=0).lower(state[0], batch).compile()
+
+        def step() -> None:
+            state[0], metrics = compiled(state[0], batch)
+            metrics["loss"].block_until_ready()
+
+        variant.step = step
+    _record_compiled(variant, compiled, start)
+
+
+def _record_compiled(variant: Variant, compiled: Any, start: float) -> None:
+    """The compile time since `start` and XLA's memory figures of the compiled program."""
     variant.compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     if memory is not None:
@@ -746,7 +823,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="cases, impls, dtypes, rounds: 'full' (default), 'quick' (= --quick), 'families' "
                         "(CBAM-ResNeXt-50 and CBAM-MobileNet on the CPU), 'gpu' (large batches)")
-    parser.add_argument("--cases", nargs="+", type=Case.parse, help="MODEL:SIZE:BATCH[:STEM] (overrides the preset)")
+    parser.add_argument("--cases", nargs="+", type=Case.parse, help="MODEL:SIZE:BATCH[:STEM], or MODEL:SIZE:BATCH:fcos "
+                        "for an FCOS detector on that backbone (overrides the preset)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (overrides the preset)")
     parser.add_argument("--nets", nargs="+", choices=("cbam", "plain"), default=["cbam", "plain"])
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
@@ -794,6 +872,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for python in (args.jax_python, args.torch_python):
         if python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
             parser.error(f"no Python interpreter at {python!r}: give the path of an executable python.")
+    if any(case.detector for case in args.cases) and any(i in TORCH_IMPLS for i in args.impls):
+        parser.error(f"the detector cases (:{DETECTOR}) have no PyTorch twin; pass --impls jax (or other jax-* impls).")
     if any(i in TORCH_IMPLS for i in args.impls) and not args.torch_python:
         try:
             import torch  # noqa: F401

@@ -156,6 +156,29 @@ def test_case_parsing():
             Case.parse(bad)
 
 
+def test_detector_case_parsing():
+    import benchmarks.throughput as throughput
+
+    case = Case.parse("cbam_resnet50:512:2:fcos")
+    assert case == Case("cbam_resnet50", 512, 2, "imagenet", detector=True) and case.name == "cbam_resnet50 fcos 512px b2"
+    assert Case.parse("cbam_resnet50:512:2").detector is False
+    with pytest.raises(SystemExit):  # no PyTorch twin of a detector
+        throughput.parse_args(["--cases", "cbam_resnet18:64:2:fcos", "--impls", "jax", "torch"])
+
+
+@pytest.mark.slow  # compiles a detector train step (~70 s cold on 2 loaded cores, 8 s from the cache)
+def test_a_detector_case_times_the_detector_train_step(monkeypatch):
+    """':fcos' cases build an FCOS detector on the backbone and time its train step (a tiny one here)."""
+    import benchmarks.throughput as throughput
+
+    monkeypatch.setattr(throughput, "DETECTOR_OPTIONS",
+                        {"width": 8, "fpn_channels": 8, "head_convs": 1, "head_norm_groups": 4})
+    variant = throughput.Variant(Case.parse("cbam_resnet18:32:2:fcos"), "cbam", "train", "float32", "jax")
+    throughput.run([variant], repeats=2, warmup=1, settle_s=0.0, log=lambda message: None)
+    assert len(variant.times) == 2 and all(t > 0 for t in variant.times) and variant.compile_s > 0
+    assert variant.flops > 0
+
+
 def test_ratios_compare_jax_with_torch_and_cbam_with_plain():
     def row(arch, impl, images_per_s, step_s):
         return {"case": "c", "arch": arch, "mode": "train", "dtype": "float32", "impl": impl,

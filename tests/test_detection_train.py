@@ -1,13 +1,18 @@
-"""Detection training through train.py's machinery: a few-step smoke run with exact resume, the
-export and `cbam-jax detect` on it, user mistakes as one line, and (slow) the offline end-to-end
-run reaching a stated mAP@.5."""
+"""Detection training through train.py's machinery: one tiny run shared by the tests (module fixture)
+that resume it exactly (jit, pmap), stop it with SIGTERM, evaluate it (`cbam-jax eval`), export it
+(`cbam-jax export`) and read it (`cbam-jax detect`); mixed precision; user mistakes as one line;
+and the offline end-to-end run reaching a stated mAP@.5. Every run compiles: they are slow-marked."""
 
 import json
+import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,75 +20,172 @@ from PIL import Image
 from cbam_jax import cli
 from cbam_jax.detection.config import base_config, validate
 from cbam_jax.detection.data import ShapesDataset
+from cbam_jax.detection.evaluate import predict
 from cbam_jax.detection.train import train_and_evaluate
 from cbam_jax.detection.weights import load_detector
 from cbam_jax.errors import InvalidInput
+from cbam_jax.images import normalize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(cache_dir, **changes):
+def tiny_config(**changes):
+    """The cheapest detector run that goes through every part: a width-8 ResNet-18 FCOS with one
+    8-channel tower conv on 32 x 32 images, 3 steps of batch 2, a checkpoint after each step."""
     config = base_config()
     config.model.name = "resnet18"  # the pipeline, not the attention (tests/test_detection.py builds CBAM ones)
     config.dataset.image_size = 32
-    config.dataset.num_train_images = 16
-    config.dataset.num_eval_images = 4
+    config.dataset.num_train_images = 8
+    config.dataset.num_eval_images = 2
     config.dataset.min_object_size, config.dataset.max_object_size = 6, 16
-    config.batch_size, config.eval_batch_size = 4, 4
-    config.num_train_steps = 4
+    config.batch_size, config.eval_batch_size = 2, 2
+    config.num_train_steps = 3
     config.log_every_steps = 1
-    config.detection.pre_nms_top_k, config.detection.max_detections = 20, 10
+    config.checkpoint_every_steps, config.keep_checkpoints = 1, 3
+    config.detection.fpn_channels, config.detection.head_convs, config.detection.head_norm_groups = 8, 1, 4
+    config.detection.pre_nms_top_k, config.detection.max_detections = 10, 5
     config.tensorboard = False
-    config.compilation_cache_dir = str(cache_dir)  # the resumed run reuses the first run's programs
+    config.compilation_cache_dir = ""  # the test session's cache (tests/conftest.py): runs share their programs
     for field, value in changes.items():
         setattr(config, field, value)
     return config
 
 
-def test_smoke_run_resumes_exactly_and_detect_reads_it(tmp_path, capsys):
-    cache = tmp_path / "xla"
-    straight = train_and_evaluate(tiny_config(cache), str(tmp_path / "straight"))
-    assert straight["status"] == "finished" and straight["step"] == 4
-    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+def crashed_copy(workdir, destination, after_step: int):
+    """A copy of a run's workdir as a crash after the checkpoint of `after_step` would leave it: the
+    later checkpoints and the export are gone (the best one is discarded when the run resumes)."""
+    shutil.copytree(workdir, destination)
+    for step in os.listdir(destination / "checkpoints"):
+        if int(step) > after_step:
+            shutil.rmtree(destination / "checkpoints" / step)
+    shutil.rmtree(destination / "detector", ignore_errors=True)
+    return destination
+
+
+def assert_same_detector(a, b):
+    jax.tree.map(np.testing.assert_array_equal, load_detector(a)[1], load_detector(b)[1])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One finished run (jit, float32) that the tests below resume, evaluate, export and read."""
+    workdir = tmp_path_factory.mktemp("detection") / "straight"
+    summary = train_and_evaluate(tiny_config(), str(workdir))
+    assert summary["status"] == "finished" and summary["step"] == 3
+    return workdir, summary
+
+
+@pytest.mark.slow
+def test_a_run_logs_evaluates_and_resumes_exactly_after_a_crash(straight, tmp_path):
+    workdir, summary = straight
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["split"] == "eval"]
     assert len(evals) == 1 and set(evals[0]) >= {"mAP", "mAP50", "mAP75", "mAP_small"}
-    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
+    resumed = train_and_evaluate(tiny_config(), str(crashed_copy(workdir, tmp_path / "resumed", after_step=1)))
+    assert resumed["status"] == "finished" and resumed["final"] == summary["final"]
+    assert_same_detector(workdir, tmp_path / "resumed")  # the same batches and updates, bit for bit
 
-    stopped = train_and_evaluate(tiny_config(cache, stop_at_step=2), str(tmp_path / "resumed"))
-    assert stopped["status"] == "stopped" and not (tmp_path / "resumed" / "detector").exists()
-    resumed = train_and_evaluate(tiny_config(cache), str(tmp_path / "resumed"))
+
+@pytest.mark.slow
+def test_pmap_resumes_a_jit_checkpoint_and_takes_the_same_steps(straight, tmp_path):
+    """parallel='pmap' (a free field: a run may change modes on resume): the per-device step, its
+    device-mean loss normalisers and BatchNorm axis give the jit step's parameters."""
+    workdir, summary = straight
+    resumed = train_and_evaluate(tiny_config(parallel="pmap"),
+                                 str(crashed_copy(workdir, tmp_path / "pmap", after_step=1)))
     assert resumed["status"] == "finished"
-    _, a, _ = load_detector(tmp_path / "straight")
-    _, b, _ = load_detector(tmp_path / "resumed")
-    jax.tree.map(np.testing.assert_array_equal, a, b)  # the same batches and updates, bit for bit
-    assert resumed["final"] == straight["final"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 load_detector(workdir)[1], load_detector(tmp_path / "pmap")[1])
 
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(ShapesDataset(1, 48, split="test")[0]["image"]).save(images / "a.png")
-    (images / "notes.txt").write_text("not an image")
-    code = cli.main(["detect", str(images), "--pretrained", str(tmp_path / "straight"), "--json",
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_runs_resume_exactly(precision, tmp_path):
+    """bfloat16 compute, and float16 with dynamic loss scaling (its scale is part of the checkpoint)."""
+    config = tiny_config(precision=precision, num_train_steps=2)
+    straight_run = train_and_evaluate(config, str(tmp_path / "straight"))
+    assert straight_run["status"] == "finished" and math.isfinite(straight_run["final"]["mAP"])
+    resumed = train_and_evaluate(config, str(crashed_copy(tmp_path / "straight", tmp_path / "resumed", after_step=1)))
+    assert resumed["final"] == straight_run["final"]
+    assert_same_detector(tmp_path / "straight", tmp_path / "resumed")
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    scales = [r.get("loss_scale") for r in records if r["split"] == "train"]
+    assert scales == ([2.0 ** 15] * 2 if precision == "float16" else [None] * 2)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(straight, tmp_path, monkeypatch):
+    """SIGTERM (a preempted machine) during the first resumed step: the step ends, a checkpoint is
+    saved, the run says 'preempted'; the same command finishes it."""
+    from cbam_jax.training import parallel
+
+    workdir, summary = straight
+    copy = crashed_copy(workdir, tmp_path / "preempted", after_step=1)
+    real_next = parallel.DevicePrefetch.__next__
+
+    def next_then_sigterm(self):
+        batch = real_next(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives before the step ends: the handler only sets a flag
+        return batch
+
+    monkeypatch.setattr(parallel.DevicePrefetch, "__next__", next_then_sigterm)
+    stopped = train_and_evaluate(tiny_config(), str(copy))
+    monkeypatch.undo()
+    assert stopped["status"] == "preempted" and stopped["step"] == 2
+    assert sorted(os.listdir(copy / "checkpoints")) == ["1", "2"] and not (copy / "detector").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    finished = train_and_evaluate(tiny_config(), str(copy))
+    assert finished["status"] == "finished" and finished["final"] == summary["final"]
+
+
+@pytest.mark.slow
+def test_eval_export_and_detect_read_a_finished_run(straight, tmp_path, capsys):
+    workdir, summary = straight
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["step"] == 3 and figures["examples"] == 2
+    assert {k: figures[k] for k in summary["final"]} == summary["final"]  # the run's own figures, again
+
+    assert cli.main(["export", str(workdir), str(tmp_path / "artifact")]) == 0
+    assert "decoded detections after NMS" in capsys.readouterr().out
+    document = json.loads((tmp_path / "artifact" / "artifact.json").read_text())
+    assert document["task"] == "detection" and document["files"] == {"stablehlo": "model.jax_export"}
+    detector, variables, metadata = load_detector(workdir)
+    images = ShapesDataset(3, 32, split="test")
+    batch = np.stack([images[i]["image"] for i in range(3)])
+    exported = jax.export.deserialize(bytearray((tmp_path / "artifact" / "model.jax_export").read_bytes()))
+    found = exported.call(normalize(batch, metadata["preprocessing"]["mean"], metadata["preprocessing"]["std"]))
+    expected = predict(variables, batch, detector=detector, mean=tuple(metadata["preprocessing"]["mean"]),
+                       std=tuple(metadata["preprocessing"]["std"]), decoding=metadata["decoding"])
+    np.testing.assert_array_equal(found["valid"], expected.valid)
+    np.testing.assert_allclose(found["boxes"], expected.boxes, rtol=1e-5, atol=1e-4)
+
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    Image.fromarray(ShapesDataset(1, 48, split="test")[0]["image"]).save(images_dir / "a.png")
+    (images_dir / "notes.txt").write_text("not an image")
+    code = cli.main(["detect", str(images_dir), "--pretrained", str(workdir), "--json",
                      "--out", str(tmp_path / "drawn"), "--score-threshold", "0.0"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip())
-    assert result["image"].endswith("a.png") and len(result["detections"]) == 10
+    assert result["image"].endswith("a.png") and len(result["detections"]) == 5
     for row in result["detections"]:
         assert 0 <= row["box"][0] <= row["box"][2] <= 48 and row["class"] in ("rectangle", "ellipse", "triangle")
     assert (tmp_path / "drawn" / "a_detections.png").is_file()
 
 
+@pytest.mark.slow
 def test_init_from_pretrained_backbone_with_frozen_stem(tmp_path):
     """The backbone starts from a pretrained folder (init_from); the frozen stem keeps those values."""
-    import jax.numpy as jnp
-
     from cbam_jax.pretrained import save_pretrained
     from cbam_jax.registry import create_model
+    from tests.helpers import randomize
 
     source = create_model("resnet18", num_classes=5, width=8)
-    variables = source.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))
+    variables = randomize(jax.eval_shape(source.init, jax.random.key(7), jnp.zeros((1, 32, 32, 3))))
     save_pretrained(tmp_path / "source", source, variables)
-    config = tiny_config(tmp_path / "xla", num_train_steps=2, init_from=str(tmp_path / "source"),
-                         freeze="backbone/conv1,backbone/bn1")
+    config = tiny_config(num_train_steps=1, init_from=str(tmp_path / "source"), freeze="backbone/conv1,backbone/bn1")
     summary = train_and_evaluate(config, str(tmp_path / "run"))
     _, trained, _ = load_detector(summary["pretrained"])
     np.testing.assert_array_equal(trained["params"]["backbone"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
@@ -92,9 +194,35 @@ def test_init_from_pretrained_backbone_with_frozen_stem(tmp_path):
     moved = trained["params"]["backbone"]["layer1_0"]["conv1"]["kernel"]
     assert not np.array_equal(moved, variables["params"]["layer1_0"]["conv1"]["kernel"])  # trained from the source
     assert np.abs(moved - variables["params"]["layer1_0"]["conv1"]["kernel"]).max() < 0.05  # ... not re-initialised
-    config = tiny_config(tmp_path / "xla", init_from=str(tmp_path / "nowhere"))
+
+
+def test_init_from_a_missing_source_names_the_field(tmp_path):
     with pytest.raises(InvalidInput, match="config.init_from"):
-        validate(config)
+        validate(tiny_config(init_from=str(tmp_path / "nowhere")))
+
+
+def test_detector_folders_with_a_corrupt_config_are_reported_as_corrupt(tmp_path, capsys):
+    for folder in (tmp_path / "run" / "detector", tmp_path / "folder"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"detector": {')
+        (folder / "model.safetensors").write_bytes(b"")
+    for command in (["export", str(tmp_path / "run"), str(tmp_path / "out")],
+                    ["export", str(tmp_path / "folder"), str(tmp_path / "out")],
+                    ["detect", str(tmp_path / "a.png"), "--pretrained", str(tmp_path / "run")]):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+        assert cli.main(command) != 0
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "corrupt" in error and "Unknown config" not in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_detector_exports_as_stablehlo_only(tmp_path, capsys):
+    folder = tmp_path / "run" / "detector"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"detector": {}}')
+    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--formats", "onnx"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "StableHLO only" in error and not (tmp_path / "out").exists()
 
 
 def test_detect_user_mistakes_are_one_line(tmp_path, capsys):
@@ -125,6 +253,7 @@ def test_config_errors_name_the_field():
         assert module["get_config"]().task == "detection"
 
 
+@pytest.mark.slow  # a train.py subprocess (imports jax and the training stack)
 def test_train_py_detection_mistake_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",

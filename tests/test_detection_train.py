@@ -25,6 +25,7 @@ from cbam_jax.detection.train import train_and_evaluate
 from cbam_jax.detection.weights import load_detector
 from cbam_jax.errors import InvalidInput
 from cbam_jax.images import normalize
+from cbam_jax.training.checkpoint import restore_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,29 +96,45 @@ def test_pmap_resumes_a_jit_checkpoint_and_takes_the_same_steps(straight, tmp_pa
     resumed = train_and_evaluate(tiny_config(parallel="pmap"),
                                  str(crashed_copy(workdir, tmp_path / "pmap", after_step=1)))
     assert resumed["status"] == "finished"
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 load_detector(workdir)[1], load_detector(tmp_path / "pmap")[1])
+    # Not bit for bit (another program, other reduction orders), and AdamW divides by the gradients'
+    # scale, so a near-zero gradient's rounding can move its parameter by up to a step. Compared: the
+    # losses of the two steps, and the distance of the parameters relative to how far the steps moved them.
+    def losses(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if r["split"] == "train" and r["step"] > 1}
+
+    np.testing.assert_allclose(list(losses(tmp_path / "pmap").values()), list(losses(workdir).values()), rtol=1e-5)
+    flat = [np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(params)]) for params in (
+        restore_variables(workdir, step=1)[0]["params"], load_detector(workdir)[1]["params"],
+        load_detector(tmp_path / "pmap")[1]["params"])]
+    start, jit_end, pmap_end = flat
+    assert np.linalg.norm(pmap_end - jit_end) < 1e-2 * np.linalg.norm(jit_end - start)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_runs_resume_exactly(precision, tmp_path):
-    """bfloat16 compute, and float16 with dynamic loss scaling (its scale is part of the checkpoint)."""
-    config = tiny_config(precision=precision, num_train_steps=2)
-    straight_run = train_and_evaluate(config, str(tmp_path / "straight"))
-    assert straight_run["status"] == "finished" and math.isfinite(straight_run["final"]["mAP"])
+    """bfloat16 compute, and float16 with dynamic loss scaling (its scale is part of the checkpoint).
+    The runs stop at step 2 (no evaluation: the eval path does not depend on the precision)."""
+    config = tiny_config(precision=precision, stop_at_step=2)
+    assert train_and_evaluate(config, str(tmp_path / "straight"))["status"] == "stopped"
     resumed = train_and_evaluate(config, str(crashed_copy(tmp_path / "straight", tmp_path / "resumed", after_step=1)))
-    assert resumed["final"] == straight_run["final"]
-    assert_same_detector(tmp_path / "straight", tmp_path / "resumed")
-    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    scales = [r.get("loss_scale") for r in records if r["split"] == "train"]
-    assert scales == ([2.0 ** 15] * 2 if precision == "float16" else [None] * 2)
+    assert resumed["status"] == "stopped" and resumed["step"] == 2
+    straight_state, resumed_state = (restore_variables(tmp_path / run, "latest")[0] for run in ("straight", "resumed"))
+    jax.tree.map(np.testing.assert_array_equal, straight_state, resumed_state)
+    start = restore_variables(tmp_path / "straight", step=1)[0]
+    assert not np.array_equal(start["params"]["head"]["class_logits"]["kernel"],
+                              resumed_state["params"]["head"]["class_logits"]["kernel"])  # it did train
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 2] and all(math.isfinite(r["loss"]) for r in train)
+    assert [r.get("loss_scale") for r in train] == ([2.0 ** 15] * 3 if precision == "float16" else [None] * 3)
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(straight, tmp_path, monkeypatch):
-    """SIGTERM (a preempted machine) during the first resumed step: the step ends, a checkpoint is
-    saved, the run says 'preempted'; the same command finishes it."""
+    """SIGTERM (a preempted machine) during the first resumed step: the step ends, its checkpoint is
+    saved (the straight run's state at that step) and the run says 'preempted'."""
     from cbam_jax.training import parallel
 
     workdir, summary = straight
@@ -131,12 +148,11 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(straight, tmp_path, monkey
 
     monkeypatch.setattr(parallel.DevicePrefetch, "__next__", next_then_sigterm)
     stopped = train_and_evaluate(tiny_config(), str(copy))
-    monkeypatch.undo()
     assert stopped["status"] == "preempted" and stopped["step"] == 2
     assert sorted(os.listdir(copy / "checkpoints")) == ["1", "2"] and not (copy / "detector").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
-    finished = train_and_evaluate(tiny_config(), str(copy))
-    assert finished["status"] == "finished" and finished["final"] == summary["final"]
+    jax.tree.map(np.testing.assert_array_equal, restore_variables(copy, "latest")[0],
+                 restore_variables(workdir, step=2)[0])
 
 
 @pytest.mark.slow
@@ -185,9 +201,9 @@ def test_init_from_pretrained_backbone_with_frozen_stem(tmp_path):
     source = create_model("resnet18", num_classes=5, width=8)
     variables = randomize(jax.eval_shape(source.init, jax.random.key(7), jnp.zeros((1, 32, 32, 3))))
     save_pretrained(tmp_path / "source", source, variables)
-    config = tiny_config(num_train_steps=1, init_from=str(tmp_path / "source"), freeze="backbone/conv1,backbone/bn1")
-    summary = train_and_evaluate(config, str(tmp_path / "run"))
-    _, trained, _ = load_detector(summary["pretrained"])
+    config = tiny_config(stop_at_step=2, init_from=str(tmp_path / "source"), freeze="backbone/conv1,backbone/bn1")
+    assert train_and_evaluate(config, str(tmp_path / "run"))["status"] == "stopped"
+    trained, _ = restore_variables(tmp_path / "run", "latest")
     np.testing.assert_array_equal(trained["params"]["backbone"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
     np.testing.assert_array_equal(trained["batch_stats"]["backbone"]["bn1"]["mean"],
                                   variables["batch_stats"]["bn1"]["mean"])

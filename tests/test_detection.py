@@ -1,6 +1,7 @@
 """The detector's building blocks on hand-computed cases: boxes, points, assignment, losses, NMS,
 decoding, the model and its config."""
 
+import functools
 import math
 
 import jax
@@ -14,6 +15,7 @@ from cbam_jax.detection import decode as decode_lib
 from cbam_jax.detection import losses, points as points_lib
 from cbam_jax.detection.detector import FCOS, create_detector, detector_config, detector_from_config
 from cbam_jax.errors import InvalidInput
+from tests.helpers import randomize
 
 
 # ---- boxes -------------------------------------------------------------------------------------
@@ -201,15 +203,16 @@ def test_detect_decodes_scores_boxes_and_threshold():
     logits = jnp.asarray([[[3.0, -9.0], [-9.0, -9.0]]])  # point 0, class 0 only
     distances = jnp.full((1, 2, 4), 0.5)  # a box of 8 x 8 around each point
     centerness = jnp.asarray([[3.0, 3.0]])
-    out = decode_lib.detect(logits, distances, centerness, xy, strides, (16, 16), score_threshold=0.05,
-                            pre_nms_top_k=4, max_detections=2)
+    # One compiled program for both calls (eagerly, each op and loop body compiles on its own: seconds).
+    detect = jax.jit(functools.partial(decode_lib.detect, image_size=(16, 16), score_threshold=0.05,
+                                       pre_nms_top_k=4, max_detections=2))
+    out = detect(logits, distances, centerness, xy, strides)
     expected = math.sqrt(1 / (1 + math.exp(-3.0)) ** 2)
     np.testing.assert_allclose(out.scores[0], [expected, 0.0], rtol=1e-6)
     np.testing.assert_allclose(out.boxes[0, 0], [0, 0, 8, 8])
     np.testing.assert_array_equal(out.valid[0], [True, False])
     # Boxes are clipped to the image.
-    big = decode_lib.detect(logits, jnp.full((1, 2, 4), 2.0), centerness, xy, strides, (16, 16), pre_nms_top_k=4,
-                            max_detections=1)
+    big = detect(logits, jnp.full((1, 2, 4), 2.0), centerness, xy, strides)
     np.testing.assert_allclose(big.boxes[0, 0], [0, 0, 16, 16])
 
 
@@ -236,11 +239,12 @@ def test_detector_outputs_match_points_and_config_round_trip(backbone):
     assert detector_from_config(detector_config(detector)) == detector
 
 
+@pytest.mark.slow  # two forward passes of a ResNet-18 FCOS in training mode (~13 s on 2 loaded cores)
 def test_frozen_backbone_batch_norm_keeps_statistics():
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     for train_bn in (True, False):
         detector = create_detector("resnet18", 2, train_backbone_bn=train_bn, **TINY)
-        variables = detector.init(jax.random.key(0), images)
+        variables = randomize(jax.eval_shape(detector.init, jax.random.key(0), images))  # no eager init: seconds
         _, updates = detector.apply(variables, images, train=True, mutable=["batch_stats"])
         changed = not np.allclose(updates["batch_stats"]["backbone"]["bn1"]["mean"],
                                   variables["batch_stats"]["backbone"]["bn1"]["mean"])

@@ -39,20 +39,27 @@ def fcos_loss(class_logits: jax.Array, distances: jax.Array, centerness_logits: 
       and classes / positives; the GIoU loss weighted by the centerness targets / their sum; the
       centerness BCE / positives (FCOS's normalisation; a batch without positives gives 0 box and
       centerness losses). With `axis_name` (a per-device step under pmap) the normalisers are the
-      means over the devices, as FCOS's all-reduce of the positives: the mean of the devices'
-      gradients is then the gradient of the global batch's loss.
+      batch's totals over the devices (FCOS's all-reduce of the positives), shared out: the mean of
+      the devices' losses and gradients is the global batch's.
     """
-    def device_mean(x: jax.Array) -> jax.Array:
-        return x if axis_name is None else jax.lax.pmean(x, axis_name)
+    def normaliser(local: jax.Array, floor: float) -> jax.Array:
+        # The batch's total over all devices, floored, then shared out: each device divides its own
+        # sum by total / devices, so the mean of the devices' losses is the global batch's loss.
+        if axis_name is None:
+            return jnp.maximum(local, floor)
+        return jnp.maximum(jax.lax.psum(local, axis_name), floor) / jax.lax.psum(1, axis_name)
 
     positive = targets.labels >= 0
-    num_positive = device_mean(jnp.sum(positive).astype(jnp.float32))
+    num_positive = jnp.sum(positive).astype(jnp.float32)
+    positives = normaliser(num_positive, 1.0)
     one_hot = jax.nn.one_hot(targets.labels, num_classes)  # background (-1) -> all zeros
-    classification = jnp.sum(sigmoid_focal_loss(class_logits, one_hot, alpha, gamma)) / jnp.maximum(num_positive, 1.0)
+    classification = jnp.sum(sigmoid_focal_loss(class_logits, one_hot, alpha, gamma)) / positives
     predicted_boxes = box_lib.decode(points, distances, strides)
     weight = targets.centerness * positive
-    box = jnp.sum(giou_loss(predicted_boxes, targets.boxes) * weight) / jnp.maximum(device_mean(jnp.sum(weight)), 1e-6)
+    box = jnp.sum(giou_loss(predicted_boxes, targets.boxes) * weight) / normaliser(jnp.sum(weight), 1e-6)
     bce = optax.sigmoid_binary_cross_entropy(centerness_logits, targets.centerness)
-    centerness = jnp.sum(bce * positive) / jnp.maximum(num_positive, 1.0)
+    centerness = jnp.sum(bce * positive) / positives
+    if axis_name is not None:  # reported: the batch's count, whatever the devices
+        num_positive = jax.lax.psum(num_positive, axis_name)
     total = classification + box + centerness
     return total, {"classification": classification, "box": box, "centerness": centerness, "positives": num_positive}

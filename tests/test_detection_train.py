@@ -295,3 +295,43 @@ def test_end_to_end_on_shapes_reaches_stated_map50(tmp_path):
     config.compilation_cache_dir = ""
     summary = train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["final"]["mAP50"] >= E2E_MIN_MAP50, summary["final"]
+
+
+TWO_DEVICES = r"""
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import numpy as np
+from tests.test_detection_train import tiny_config
+from cbam_jax.detection.train import train_and_evaluate
+from cbam_jax.detection.weights import load_detector
+from cbam_jax.training.checkpoint import restore_variables
+
+root = sys.argv[1]
+losses, params = {}, {}
+for mode in ("jit", "pmap"):
+    # SGD: its update is linear in the gradient (AdamW's division by the gradient's scale turns
+    # the rounding of near-zero gradients into whole steps, which would hide a real difference).
+    workdir = f"{root}/{mode}"
+    train_and_evaluate(tiny_config(parallel=mode, optimizer="sgd", batch_size=4, num_train_steps=2), workdir)
+    records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+    losses[mode] = [r["loss"] for r in records if r["split"] == "train"]
+    params[mode] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(load_detector(workdir)[1]["params"])])
+start = np.concatenate([np.ravel(x) for x in jax.tree.leaves(restore_variables(f"{root}/jit", step=1)[0]["params"])])
+print(json.dumps({"losses": losses, "distance": float(np.linalg.norm(params["pmap"] - params["jit"])),
+                  "step": float(np.linalg.norm(params["jit"] - start))}))
+"""
+
+
+@pytest.mark.slow
+def test_jit_and_pmap_on_two_devices_take_the_same_steps(tmp_path):
+    """Two CPU devices (a subprocess, so this process keeps one), batch 4 split 2 + 2: the sharded jit
+    step and the per-device pmap step (global BatchNorm statistics, the batch's positives counted over
+    both devices) give the same losses and parameters, to float rounding."""
+    result = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["losses"]["jit"]) == 2
+    np.testing.assert_allclose(report["losses"]["pmap"], report["losses"]["jit"], rtol=1e-5)
+    assert report["distance"] < 1e-3 * report["step"]

@@ -561,6 +561,7 @@ def test_a_file_of_another_model_is_refused(server, cache, registered, checkpoin
     assert not cache.exists()
 
 
+@pytest.mark.slow  # the predict and export CLIs compile the model; the fetch is covered fast
 def test_predict_and_export_take_a_registered_name(tmp_path, server, cache, registered, checkpoint, capsys):
     from PIL import Image
 

@@ -55,7 +55,7 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False, replace: boo
     """
     path = Path(path).absolute()
     try:
-        created_parents = _make_parents(path.parent)
+        created_parents = make_parents(path.parent)
     except OSError as error:
         raise _output_error(path, error) from error
     temporary = retired = None
@@ -127,8 +127,12 @@ def _hidden_name(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """mkdir -p `folder` (umask modes); the folders this call created, outermost first."""
+def make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder` (umask modes); the folders this call created, outermost first: what the
+    caller may remove again. A folder made meanwhile by another process or thread is not counted.
+
+    Raises FileNotFoundError when another process removes a parent between two of its steps
+    (its cleanup after a write): a caller racing such cleanups calls it again."""
     missing = []
     while not folder.exists():
         missing.append(folder)

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO
 import jax
 import numpy as np
 
+from cbam_jax.atomic import make_parents
 from cbam_jax.cache import CACHE_ENV, DEFAULT_CACHE, cache_root
 from cbam_jax.convert import from_torch
 from cbam_jax.convert.detect import variant_of
@@ -396,24 +397,31 @@ def _fetching(entry: Pretrained) -> Iterator[BinaryIO]:
         keep = partial.seek(0, os.SEEK_END) > 0
         raise
     finally:
+        # All cleanup happens while still locked: a waiting process wakes to a finished state (no
+        # file, no folders) and makes its own, never to folders vanishing under it.
         if not keep:
             with contextlib.suppress(OSError):
                 if os.path.samestat(os.fstat(partial.fileno()), os.stat(path)):
-                    path.unlink()  # while still locked: a waiting process then opens a new one
-        partial.close()
+                    path.unlink()  # a waiting process then sees that and opens a new one
         for folder in sorted(set(created), key=lambda folder: len(folder.parts), reverse=True):
             with contextlib.suppress(OSError):  # kept if something else was put there meanwhile
                 folder.rmdir()
+        partial.close()  # unlocks
 
 
 def _locked(path: Path, entry: Pretrained, created: list[Path]) -> BinaryIO:
     """`path` opened 'a+b' (created if absent, and its folders: added to `created`) and locked exclusively;
     waits (saying so) while another process holds it. Tries again when the file it locked was removed
-    meanwhile by the process it waited for."""
+    meanwhile by the process it waited for, or its folder by a process finishing its own fetch (which
+    removes the folders it made, between this one's mkdir and open)."""
     while True:
-        created += [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = open(path, "a+b")  # noqa: SIM115 (closed by _fetching)
+        try:
+            created += make_parents(path.parent)
+            partial = open(path, "a+b")  # noqa: SIM115 (closed by _fetching)
+        except FileNotFoundError:
+            if path.parent.is_dir():
+                raise  # not a vanished folder (e.g. a dangling link at `path`): trying again would not help
+            continue
         if fcntl is None:
             return partial
         try:

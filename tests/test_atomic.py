@@ -140,7 +140,7 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kind", ["file", "folder"])
+@pytest.mark.parametrize("kind", ["file", pytest.param("folder", marks=pytest.mark.slow)])  # a subprocess each
 def test_next_write_removes_the_leftovers_of_a_killed_write(tmp_path, kind):
     target = tmp_path / "out"
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, ROOT, str(target), kind])

@@ -59,6 +59,7 @@ def test_detects_every_layout_and_depth(factory, layout, arch, variant, stem):
     assert found.num_classes == state["fc.weight"].shape[0]
 
 
+@pytest.mark.slow  # builds the full-size official models
 def test_official_release_keys_are_all_accounted_for():
     """The official ResNet-50 + CBAM layout: 411 float tensors (480 with num_batches_tracked), every one
     placed in the Flax model, 28,089,624 parameters as the paper reports."""

@@ -309,7 +309,7 @@ def test_batch_norm_train_gradient_includes_the_statistics():
     _assert_trees_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("axis_name", [None, "devices"])
+@pytest.mark.parametrize("axis_name", [None, pytest.param("devices", marks=pytest.mark.slow)])
 def test_batch_norm_module_matches_linen(axis_name):
     """Same variables, outputs, running statistics and gradients as nn.BatchNorm (also over a mapped axis)."""
     options = dict(momentum=0.9, epsilon=1e-5, use_fast_variance=False, axis_name=axis_name,

@@ -213,7 +213,7 @@ def test_converted_weights_do_not_share_memory_with_the_torch_model():
     from cbam_jax.convert import from_torch, to_torch
 
     model = _tiny("mobilenet_wd4")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = random_variables(model, (1, 32, 32, 3))
     state = {k: v.clone() for k, v in to_torch(variables, arch=model).items()}
     _, converted = from_torch(state)
     before = np.array(converted["params"]["fc"]["bias"])

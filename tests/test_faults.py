@@ -60,8 +60,8 @@ def _start(tmp_path: Path, how: str) -> tuple[list[str], str | None]:
 
 
 @needs_huge_pages
-@pytest.mark.parametrize("how, restarts", [("file", True), ("module", True), ("-c", True), ("stdin -", False),
-                                           ("stdin", False), ("/dev/stdin", False), ("interactive", False)])
+@pytest.mark.parametrize("how, restarts", [("file", True), *(pytest.param(how, restarts, marks=pytest.mark.slow) for how, restarts in  # a subprocess each
+    [("module", True), ("-c", True), ("stdin -", False), ("stdin", False), ("/dev/stdin", False), ("interactive", False)])])
 def test_huge_page_restart_runs_the_program_once_however_it_started(tmp_path, how, restarts):
     command, stdin = _start(tmp_path, how)
     environment = _environment()
@@ -272,6 +272,7 @@ def test_damaged_best_falls_back_to_the_newest_periodic_checkpoint_with_a_warnin
     assert restore_variables(workdir, step=4)[1] == {"step": 4}
 
 
+@pytest.mark.slow  # the eval CLI over real checkpoints
 def test_eval_of_a_workdir_whose_checkpoints_are_all_damaged_is_one_line_naming_the_file(tmp_path):
     workdir = _workdir_with_best_and_latest(tmp_path)
     _damage(workdir / "best" / "8")

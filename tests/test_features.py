@@ -54,8 +54,9 @@ def test_default_indices_truncation_and_config_round_trip():
         create_model("resnet18", features_only="yes")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "cbam_resnet18", "bam_resnet18",
-                                  pytest.param("se_resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow), "cbam_resnet18",
+                                  pytest.param("bam_resnet18", marks=pytest.mark.slow),
+                                  pytest.param("se_resnet50", marks=pytest.mark.slow)])  # CBAM's case fast
 def test_features_are_the_classifiers_stage_outputs(name):
     """The backbone computes exactly what the classifier computes inside, from the classifier's weights."""
     classifier = create_model(name, num_classes=3, stem="cifar", width=8, **({"reduction": 4} if "_" in name else {}))

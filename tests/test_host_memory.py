@@ -53,6 +53,7 @@ needs_huge_pages = pytest.mark.skipif(not host_memory.huge_pages_possible(),
                                       reason="needs Linux, glibc 2.35+ and transparent huge pages (always or madvise)")
 
 
+@pytest.mark.slow  # two subprocesses with 512 MiB of temporaries
 @needs_huge_pages
 def test_restart_with_huge_pages_cuts_page_faults():
     default = _run("--flag", "value with spaces", CBAM_JAX_HUGE_PAGES="0")
@@ -68,10 +69,10 @@ def test_restart_with_huge_pages_cuts_page_faults():
 
 
 @needs_huge_pages
-@pytest.mark.parametrize("env", [
+@pytest.mark.parametrize("env", [  # a subprocess each (~5 s): one case fast
     {"CBAM_JAX_HUGE_PAGES": "0"},                  # the user said no
-    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user chose a hugetlb value already
-    {"JAX_PLATFORMS": "cuda,cpu"},                 # JAX will compute on an accelerator
+    pytest.param({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, marks=pytest.mark.slow),  # a hugetlb value chosen already
+    pytest.param({"JAX_PLATFORMS": "cuda,cpu"}, marks=pytest.mark.slow),                 # JAX will use an accelerator
 ])
 def test_no_restart_where_the_user_or_the_platform_says_no(env):
     result = _run(**env)

@@ -90,6 +90,7 @@ def test_logits_gradients_and_one_sgd_step_equal_the_linen_model():
     assert _max_difference(after["params"], variables["params"]) > 1e-3  # the step moved the weights
 
 
+@pytest.mark.slow  # a full pretrained round trip; the layers are compared fast
 def test_pretrained_weights_load_and_linen_variables_come_back(tmp_path):
     linen = cbam_jax.ResNet(stage_sizes=(1, 1), block="basic", num_classes=5, stem="cifar", attention="cbam",
                             attention_options={"reduction": 4}, width=8)

@@ -92,6 +92,7 @@ def _run(script: str, *args: str, env: dict | None = None, cwd: Path | None = No
                           cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow  # a subprocess in a fresh environment
 def test_the_core_runs_with_only_the_core_dependencies(tmp_path):
     done = _run(CORE_SCRIPT.format(blocked=BLOCKED), str(tmp_path / "folder"),
                 env={"CBAM_JAX_CACHE": str(tmp_path / "cache"), "CBAM_JAX_NATIVE": "0"})

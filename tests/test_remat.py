@@ -32,8 +32,12 @@ def _loss_and_grads(model: ResNet, variables, images, labels):
     return loss, logits, stats, grads
 
 
-@pytest.mark.parametrize("block", ["basic", "bottleneck"])
-@pytest.mark.parametrize("implementation", ["xla", "auto"])
+# One case fast; the others compile three more pairs of training steps.
+@pytest.mark.parametrize("block, implementation", [
+    ("basic", "xla"),
+    pytest.param("bottleneck", "xla", marks=pytest.mark.slow),
+    pytest.param("basic", "auto", marks=pytest.mark.slow),
+    pytest.param("bottleneck", "auto", marks=pytest.mark.slow)])
 def test_remat_blocks_gives_the_same_forward_and_gradients(block, implementation):
     plain = _tiny(block, implementation, "none")
     remat = _tiny(block, implementation, "blocks")
@@ -81,6 +85,7 @@ def test_config_model_remat_reaches_the_trained_model():
         validate(wrong)
 
 
+@pytest.mark.slow  # compiles two full training steps
 def test_remat_blocks_lowers_the_compiled_training_step_memory():
     """XLA's buffer assignment of the jitted step (no timing): the recomputed blocks' activations are
     not kept, so the temporaries shrink (a plain jax.checkpoint does not achieve this on XLA:CPU)."""

@@ -162,6 +162,7 @@ def _tiny_step_setup():
     return model, random_variables(model, (1, 8, 8, 3)), batch
 
 
+@pytest.mark.slow  # compiles a vmapped training step (seconds); the axis is also in test_cpu_ops' BatchNorm
 def test_step_over_a_device_axis_averages_gradients_statistics_and_sums_metrics():
     """With `axis_name`, each shard's gradients and BatchNorm statistics are averaged over the axis
     and the metric sums added up: under `jax.vmap` (an axis in one process), plain SGD after the

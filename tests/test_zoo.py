@@ -341,6 +341,24 @@ def test_loads_of_the_same_entry_take_turns(server, cache, registered, checkpoin
     assert cache_files(cache)[0] == "models"
 
 
+def test_a_folder_removed_by_a_finishing_fetch_is_made_again(server, cache, registered, checkpoint, monkeypatch):
+    # Another process finishing its fetch of the same entry removes the (empty) downloads folder it
+    # made: here, deterministically, right between this process's mkdir and its open.
+    entry = plain_entry(server, registered, checkpoint)
+    opened = []
+
+    def open_after_a_cleanup(file, mode="r", *args, **kwargs):
+        if Path(file) == zoo.partial_path(entry) and mode == "a+b":  # the open that takes the lock
+            if not opened:
+                Path(file).parent.rmdir()
+            opened.append(file)
+        return open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(zoo, "open", open_after_a_cleanup, raising=False)
+    model, _ = zoo.load_entry(entry)
+    assert model.attention == "cbam" and len(opened) == 2 and len(server.requests) == 1
+    assert cache_files(cache)[0] == "models" and not zoo.partial_path(entry).parent.exists()  # its folder removed
+
+
 def wait_for(condition, seconds=120.0):
     deadline = time.monotonic() + seconds
     while not condition():
@@ -543,6 +561,7 @@ def test_a_file_of_another_model_is_refused(server, cache, registered, checkpoin
     assert not cache.exists()
 
 
+@pytest.mark.slow  # the predict and export CLIs compile the model; the fetch is covered fast
 def test_predict_and_export_take_a_registered_name(tmp_path, server, cache, registered, checkpoint, capsys):
     from PIL import Image
 

@@ -1,6 +1,6 @@
 """The Wide ResNets, ResNeXts and MobileNets against the real upstream code in float32 on the CPU:
 eval logits (torchvision, timm with attn_layer 'cbam' and 'se', pytorchcv), conversion both ways,
-feature maps against timm's `features_only`, and training (loss, gradients, two SGD steps) per family.
+feature maps against timm's `features_only`, and training (loss, gradients, one or two SGD steps) per family.
 """
 
 import copy
@@ -186,7 +186,13 @@ TRAIN_CASES = {
 # BN scales up to 1.5 has first-step gradients up to 90x its weights' size: after its first step at lr
 # 0.1 (also 0.01, 0.001; batch 4-16, 64-128 px) the second step's float32 parameters of PyTorch itself
 # differ from float64 by 1-45% per tensor, so a second step there compares rounding noise, not code.
-STEPS = {"mobilenet_wd4_pytorchcv": 1}
+# The short CBAM-ResNeXt's channel gate in its last stage takes a max over 2 x 2 positions per channel
+# (4 x 2048 maxima) after a BatchNorm over 16 values: after the first step one of those maxima (image
+# 3, channel 1417) is a near-tie, 2.9e-6 apart in float64 while float32 rounding moves the values by
+# ~1e-5, so which position receives the second step's gradient is decided by rounding (PyTorch's
+# float32 kept float64's order, cbam-jax's, on an AVX2-only CPU with either implementation, did not:
+# 2.8e-3 off in the stem's kernel, every other tensor within 1.3e-3; the first step agrees to 2e-6).
+STEPS = {"mobilenet_wd4_pytorchcv": 1, "resnext_cbam_timm": 1}
 
 
 @pytest.mark.parametrize("name", TRAIN_CASES)

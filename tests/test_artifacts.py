@@ -261,3 +261,64 @@ def test_each_family_exports_its_grouped_convolutions(tmp_path, name, overrides,
         assert document["output"]["shape"] == ["batch", expected.shape[-1]]
         assert _relative_error(exported.call(images), expected) <= 1e-5
         assert _relative_error(onnx_graph.run_onnx(proto, images), expected) <= 1e-4
+
+
+@pytest.mark.slow  # compiles a CBAM detector and its decoding several times (~20 s)
+def test_a_detector_exports_decoded_detections_and_its_dense_outputs_as_onnx(tmp_path, capsys):
+    """A CBAM-ResNet FCOS: the StableHLO artifact returns the decoded detections, the ONNX graph the
+    head's dense outputs, which onnxruntime computes within 1e-4 of the model and which
+    `detections_from_dense` (artifact.json's points and decoding) turns into the same detections.
+    """
+    from cbam_jax.artifacts.detector import detections_from_dense
+    from cbam_jax.detection.decode import detect
+    from cbam_jax.detection.detector import create_detector
+    from cbam_jax.detection.weights import save_detector
+
+    size = 64
+    detector = create_detector("cbam_resnet18", 3, width=8, fpn_channels=16, head_convs=1, head_norm_groups=8,
+                               size_boundaries=(8.0, 16.0, 32.0, 64.0), backbone_options={"reduction": 4})
+    variables = random_variables(detector, (1, size, size, 3))
+    decoding = {"score_threshold": 0.05, "pre_nms_top_k": 50, "iou_threshold": 0.6, "max_detections": 8}
+    save_detector(tmp_path / "det", detector, variables, {
+        "class_names": ["a", "b", "c"], "decoding": decoding,
+        "preprocessing": {"image_size": size, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}})
+    assert cli.main(["export", str(tmp_path / "det"), str(tmp_path / "out")]) == 0
+    assert "decoded detections after NMS (StableHLO) / dense outputs (ONNX)" in capsys.readouterr().out
+    document = json.loads((tmp_path / "out" / "artifact.json").read_text())
+    assert document["files"] == {"stablehlo": "model.jax_export", "onnx": "model.onnx"}
+    points, strides, _ = detector.points((size, size))
+    assert len(document["points"]["xy"]) == len(document["points"]["strides"]) == points.shape[0] == 86
+    assert document["onnx_outputs"]["class_logits"]["shape"] == ["batch", 86, 3]
+
+    images = _images(3, size, size, seed=4)
+    portable = detector.clone(backbone=detector.backbone.clone(implementation="xla"))
+    dense = jax.jit(portable.apply)(variables, images)
+    found = onnx_graph.run_onnx_outputs((tmp_path / "out" / "model.onnx").read_bytes(), images)
+    for name, got, want in zip(("class_logits", "distances", "centerness_logits"), found, dense):
+        assert got.shape == want.shape, name
+        assert _relative_error(got, want) <= 1e-4, name
+    exported = jax.export.deserialize(bytearray((tmp_path / "out" / "model.jax_export").read_bytes()))
+    decoded = exported.call(images)
+    from_onnx = detections_from_dense(found, tmp_path / "out")
+    expected = detect(*dense, points, strides, (size, size), **decoding)
+    assert int(np.sum(expected.valid)) > 3  # random weights still give detections to compare
+    for result in (decoded, from_onnx._asdict()):
+        np.testing.assert_array_equal(result["valid"], expected.valid)
+        np.testing.assert_array_equal(result["classes"], expected.classes)
+        np.testing.assert_allclose(result["boxes"], expected.boxes, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(result["scores"], expected.scores, rtol=1e-4, atol=1e-6)
+
+
+
+def test_run_exported_on_an_onnx_only_artifact_says_what_to_run_instead(model_dir, tmp_path, capsys):
+    from cbam_jax.artifacts import run_exported
+
+    path, _, _ = model_dir
+    assert cli.main(["export", str(path), str(tmp_path / "onnx_only"), "--formats", "onnx"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "onnx_only").iterdir()) == [
+        "artifact.json", "model.onnx", "run_exported.py"]
+    np.save(tmp_path / "images.npy", _images(1, 16, 16))
+    assert run_exported.main([str(tmp_path / "onnx_only"), str(tmp_path / "images.npy")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no StableHLO file" in error and "onnxruntime" in error, error

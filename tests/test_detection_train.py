@@ -164,9 +164,10 @@ def test_eval_export_and_detect_read_a_finished_run(straight, tmp_path, capsys):
     assert {k: figures[k] for k in summary["final"]} == summary["final"]  # the run's own figures, again
 
     assert cli.main(["export", str(workdir), str(tmp_path / "artifact")]) == 0
-    assert "decoded detections after NMS" in capsys.readouterr().out
+    assert "decoded detections after NMS (StableHLO) / dense outputs (ONNX)" in capsys.readouterr().out
     document = json.loads((tmp_path / "artifact" / "artifact.json").read_text())
-    assert document["task"] == "detection" and document["files"] == {"stablehlo": "model.jax_export"}
+    assert document["task"] == "detection" and document["files"] == {"stablehlo": "model.jax_export",
+                                                                      "onnx": "model.onnx"}
     detector, variables, metadata = load_detector(workdir)
     images = ShapesDataset(3, 32, split="test")
     batch = np.stack([images[i]["image"] for i in range(3)])
@@ -230,15 +231,6 @@ def test_detector_folders_with_a_corrupt_config_are_reported_as_corrupt(tmp_path
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "corrupt" in error and "Unknown config" not in error, error
     assert not (tmp_path / "out").exists()
-
-
-def test_a_detector_exports_as_stablehlo_only(tmp_path, capsys):
-    folder = tmp_path / "run" / "detector"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"detector": {}}')
-    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--formats", "onnx"]) == 1
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "StableHLO only" in error and not (tmp_path / "out").exists()
 
 
 def test_detect_user_mistakes_are_one_line(tmp_path, capsys):

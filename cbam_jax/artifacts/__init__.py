@@ -1,7 +1,8 @@
 """Portable inference artifacts of a pretrained model: `cbam-jax export MODEL_DIR OUT`.
 
-OUT (a new directory, written completely or not at all) holds (a trained detector's artifact, its
-decoded detections in StableHLO only, is described in artifacts/detector.py):
+OUT (a new directory, written completely or not at all) holds (a trained detector's artifacts,
+its decoded detections in StableHLO and its dense outputs in ONNX, are described in
+artifacts/detector.py):
 
     artifact.json      input spec, preprocessing, class names, model config, versions, file names
     model.jax_export   `jax.export` serialized StableHLO (weights inside), symbolic batch; runs
@@ -73,7 +74,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
       out: the directory to create (must not exist).
       height, width: the fixed input size (default: the metadata's preprocessing crop).
       dynamic_size: symbolic height and width too (StableHLO only).
-      formats: any of 'stablehlo', 'onnx' (default: both; a detector: 'stablehlo', see artifacts/detector.py).
+      formats: any of 'stablehlo', 'onnx' (default: both; a detector's, see artifacts/detector.py).
       allow_nonfinite: export weights holding NaN or inf (refused by default).
 
     Raises:
@@ -85,31 +86,32 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     from cbam_jax.detection.weights import detector_directory
 
     detector = detector_directory(model_dir)
-    formats = tuple(dict.fromkeys(formats if formats is not None else ("stablehlo",) if detector else FORMATS))
+    formats = tuple(dict.fromkeys(formats if formats is not None else FORMATS))
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; choose from {list(FORMATS)}.")
     check_destination(out)
-    if detector is not None:  # a trained FCOS: decoded detections, StableHLO only
-        from cbam_jax.artifacts.detector import export_detector
-
-        require("flatbuffers", "export")
-        if dynamic_size:
-            raise ExportError("the detector's input size is fixed (its points and decoding); drop --dynamic-size.")
-        with atomic_output(out, folder=True) as staging:
-            document = export_detector(detector, staging, formats=formats, height=height, width=width,
-                                       randomized=_randomized, tolerance=STABLEHLO_CHECK_TOLERANCE,
-                                       files={"stablehlo": STABLEHLO_FILE}, platforms=PLATFORMS,
-                                       format_version=FORMAT_VERSION)
-            (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
-        return document
     if "stablehlo" in formats:
         require("flatbuffers", "export")  # jax.export's serialisation
     if "onnx" in formats:
         from cbam_jax.artifacts import onnx_graph  # fails early with the install hint when onnx is missing
 
         onnx_graph.require_onnx()
+    if detector is not None:  # a trained FCOS: decoded detections (StableHLO), dense outputs (ONNX)
+        from cbam_jax.artifacts.detector import export_detector
+
+        if dynamic_size:
+            raise ExportError("the detector's input size is fixed (its points and decoding); drop --dynamic-size.")
+        with atomic_output(out, folder=True) as staging:
+            document = export_detector(detector, staging, formats=formats, height=height, width=width,
+                                       randomized=_randomized,
+                                       tolerances={"stablehlo": STABLEHLO_CHECK_TOLERANCE, "onnx": ONNX_CHECK_TOLERANCE},
+                                       files={"stablehlo": STABLEHLO_FILE, "onnx": ONNX_FILE}, platforms=PLATFORMS,
+                                       format_version=FORMAT_VERSION)
+            (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
+        return document
+    if "onnx" in formats:
         if dynamic_size:
             raise ExportError("the ONNX export takes a symbolic batch only, not a symbolic height and width; "
                               "drop --dynamic-size, or export --formats stablehlo.")
@@ -241,8 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="input width (default: the preprocessing crop)")
     parser.add_argument("--dynamic-size", action="store_true",
                         help="symbolic height and width as well as batch (StableHLO only)")
-    parser.add_argument("--formats", help=f"comma-separated, from {', '.join(FORMATS)} (default: both; a detector: "
-                        "stablehlo, its only format)")
+    parser.add_argument("--formats", help=f"comma-separated, from {', '.join(FORMATS)} (default: both; a detector's ONNX "
+                        "graph returns its dense outputs, before decoding)")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="export weights holding NaN or inf (refused by default: such weights are broken)")
 
@@ -259,7 +261,10 @@ def run(args: argparse.Namespace) -> int:
             error = error.for_option("--allow-nonfinite")
         raise UserError(f"{one_line(error)} Nothing was written to {args.out}.", exit_code=error.exit_code) from None
     shape = "x".join(str(d) for d in document["input"]["shape"])
-    returns = " -> decoded detections after NMS" if document.get("task") == "detection" else ""
+    returns = ""
+    if document.get("task") == "detection":
+        returns = " -> " + " / ".join(what for key, what in (("stablehlo", "decoded detections after NMS (StableHLO)"),
+                                                             ("onnx", "dense outputs (ONNX)")) if key in document["files"])
     print(f"Exported {args.model_dir} -> {args.out}: {', '.join(document['files'].values())} "
           f"(input {shape} float32 NHWC{returns}), {METADATA_FILE}, {SCRIPT_FILE}.")
     return 0

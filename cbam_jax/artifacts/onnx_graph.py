@@ -14,7 +14,7 @@ optimiser folds most of them). A primitive or parameter outside what the models 
 """
 
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,23 +33,26 @@ def require_onnx() -> None:
     require("onnxruntime", "onnx")
 
 
-def export_onnx(apply: Callable[[jax.Array], jax.Array], spec: jax.ShapeDtypeStruct, *,
-                metadata: dict[str, str] | None = None) -> bytes:
+def export_onnx(apply: Callable[[jax.Array], Any], spec: jax.ShapeDtypeStruct, *,
+                metadata: dict[str, str] | None = None, output_names: Sequence[str] = ("outputs",)) -> bytes:
     """A serialized ONNX model of `apply` for inputs like `spec` (batch symbolic, the rest fixed);
-    `metadata` goes to its metadata_props."""
+    `metadata` goes to its metadata_props. `apply` returns one array or a tuple of them, named
+    `output_names` in the graph, in order (each output's first dimension is the batch)."""
     import onnx
     from onnx import helper
 
     closed = jax.make_jaxpr(apply)(spec)
+    if len(closed.jaxpr.outvars) != len(output_names):
+        raise ValueError(f"export_onnx: the function returns {len(closed.jaxpr.outvars)} arrays; "
+                         f"{len(output_names)} output names were given ({list(output_names)}).")
     graph = _Graph(batch=spec.shape[0])
     graph.inputs.append(helper.make_tensor_value_info(
         "images", onnx.TensorProto.FLOAT, ["batch", *[int(d) for d in spec.shape[1:]]]))
-    (output,) = graph.inline(closed.jaxpr, closed.consts, [_Value("images")])
-    output = graph.tensor(output, closed.jaxpr.outvars[0].aval.dtype)
-    graph.nodes.append(helper.make_node("Identity", [output], ["outputs"]))
-    out_aval = closed.jaxpr.outvars[0].aval
-    graph.outputs.append(helper.make_tensor_value_info(
-        "outputs", onnx.TensorProto.FLOAT, ["batch", *[int(d) for d in out_aval.shape[1:]]]))
+    outputs = graph.inline(closed.jaxpr, closed.consts, [_Value("images")])
+    for name, output, var in zip(output_names, outputs, closed.jaxpr.outvars):
+        graph.nodes.append(helper.make_node("Identity", [graph.tensor(output, var.aval.dtype)], [name]))
+        graph.outputs.append(helper.make_tensor_value_info(
+            name, _onnx_type(var.aval.dtype), ["batch", *[int(d) for d in var.aval.shape[1:]]]))
     used = {name for node in graph.nodes for name in node.input}  # constants folded away are dropped
     initializers = [tensor for tensor in graph.initializers if tensor.name in used]
     model = helper.make_model(
@@ -62,11 +65,16 @@ def export_onnx(apply: Callable[[jax.Array], jax.Array], spec: jax.ShapeDtypeStr
 
 
 def run_onnx(proto: bytes, images: np.ndarray) -> np.ndarray:
-    """Run a serialized model in onnxruntime (CPU) on `images`."""
+    """Run a serialized model in onnxruntime (CPU) on `images`; its first output."""
+    return run_onnx_outputs(proto, images)[0]
+
+
+def run_onnx_outputs(proto: bytes, images: np.ndarray) -> list[np.ndarray]:
+    """Run a serialized model in onnxruntime (CPU) on `images`; all its outputs, in the graph's order."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(proto, providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": np.asarray(images, np.float32)})[0]
+    return session.run(None, {"images": np.asarray(images, np.float32)})
 
 
 class _Value:

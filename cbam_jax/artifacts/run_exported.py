@@ -20,6 +20,10 @@ def load(artifact_dir: str | Path):
     """(exported function, metadata) of an artifact directory."""
     artifact_dir = Path(artifact_dir)
     metadata = json.loads((artifact_dir / "artifact.json").read_text())
+    if "stablehlo" not in metadata.get("files", {}):
+        raise ValueError(f"{artifact_dir} has no StableHLO file (exported with --formats onnx): run its "
+                         f"{metadata.get('files', {}).get('onnx', 'model.onnx')} with onnxruntime, or export again "
+                         "with --formats stablehlo.")
     exported = jax.export.deserialize(bytearray((artifact_dir / metadata["files"]["stablehlo"]).read_bytes()))
     return exported, metadata
 

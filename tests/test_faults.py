@@ -121,10 +121,10 @@ def test_nonfinite_state_is_never_saved_and_the_message_names_the_last_finite_st
 
 
 @pytest.mark.slow
-def test_diverging_run_saves_nothing_nonfinite_and_leaves_no_workdir(tmp_path):
+def test_diverging_run_saves_nothing_nonfinite_and_leaves_no_workdir(tmp_path, xla_cache):
     # learning_rate 1e4: the loss at step 4 is finite but the BatchNorm variances after it are inf.
     workdir = tmp_path / "run"
-    done = _train(workdir, "--config.learning_rate=1e4")
+    done = _train(workdir, "--config.learning_rate=1e4", cache=xla_cache)
     assert_one_line_error(done, "holds NaN or infinite values", "no checkpoint was written")
     assert not workdir.exists()  # failed before its first checkpoint: nothing left, not even TensorBoard
 
@@ -195,8 +195,17 @@ def test_damaged_latest_step_is_moved_aside_and_the_newest_intact_step_resumes(t
     assert os.listdir(tmp_path / "checkpoints") == ["4"] and (tmp_path / "damaged" / "checkpoints" / "8").is_dir()
 
 
-def _train(workdir: Path, *overrides: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
-    """train.py on configs/tiny.py in `workdir` (a subprocess: what a user runs); with `file_size_limit`,
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    """One compilation cache for this module's train.py runs: they compile the same programs (~20 s
+    of each run's ~33 s on two cores)."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _train(workdir: Path, *overrides: str, cache: Path, file_size_limit: int | None = None
+           ) -> subprocess.CompletedProcess:
+    """train.py on configs/tiny.py in `workdir` (a subprocess: what a user runs) with the compilation
+    cache `cache`; with `file_size_limit`,
     no file may grow past that many bytes (RLIMIT_FSIZE, SIGXFSZ ignored so that write() fails with
     EFBIG): a full disk without root. The limit is set by a small wrapper that then execs train.py."""
     wrapper = []
@@ -205,13 +214,13 @@ def _train(workdir: Path, *overrides: str, file_size_limit: int | None = None) -
                          f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit})); "
                          "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
     return subprocess.run([sys.executable, *wrapper, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
-                           "--workdir", str(workdir), "--config.compilation_cache_dir=", *overrides],
+                           "--workdir", str(workdir), f"--config.compilation_cache_dir={cache}", *overrides],
                           capture_output=True, text=True, env=_environment(CBAM_JAX_HUGE_PAGES="0"), cwd=ROOT,
                           timeout=600)
 
 
 @pytest.mark.slow
-def test_second_train_run_on_a_workdir_stops_at_once_naming_the_first(tmp_path):
+def test_second_train_run_on_a_workdir_stops_at_once_naming_the_first(tmp_path, xla_cache):
     import time
 
     from cbam_jax.training.checkpoint import LOCK_FILE, lock_workdir
@@ -226,7 +235,7 @@ def test_second_train_run_on_a_workdir_stops_at_once_naming_the_first(tmp_path):
         while time.time() < deadline and not (workdir / LOCK_FILE).is_file() or not (workdir / LOCK_FILE).read_text():
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
-        second = _train(workdir)
+        second = _train(workdir, cache=xla_cache)
         assert_one_line_error(second, f"in use by another training run (process {first.pid})")
         assert first.poll() is None  # the first run goes on
     finally:
@@ -236,16 +245,17 @@ def test_second_train_run_on_a_workdir_stops_at_once_naming_the_first(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_during_a_save_stops_in_one_line_and_the_resume_is_exact(tmp_path):
+def test_full_disk_during_a_save_stops_in_one_line_and_the_resume_is_exact(tmp_path, xla_cache):
     from tests.test_train import assert_same_state, final_state
 
     straight, run = tmp_path / "straight", tmp_path / "run"
-    assert _train(straight).returncode == 0
-    assert _train(run, "--config.stop_at_step=4").returncode == 0
-    full = _train(run, file_size_limit=200_000)  # the checkpoint's data files cannot be written
+    assert _train(straight, cache=xla_cache).returncode == 0
+    assert _train(run, "--config.stop_at_step=4", cache=xla_cache).returncode == 0
+    # The checkpoint's data files cannot be written (the programs come from the cache: nothing else is).
+    full = _train(run, cache=xla_cache, file_size_limit=200_000)
     assert_one_line_error(full, "failed: File too large", "last good checkpoint (step 4)", "run the same command again")
     assert os.listdir(run / "checkpoints") == ["4"]  # intact, and nothing half-written left
-    resumed = _train(run)  # space freed
+    resumed = _train(run, cache=xla_cache)  # space freed
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_state(final_state(run)[1], final_state(straight)[1])
 
@@ -441,15 +451,15 @@ def test_a_features_only_model_given_to_a_classifier_command_says_why_not(tmp_pa
 
 
 @pytest.mark.slow
-def test_train_resumes_exactly_from_the_newest_intact_step_when_the_latest_is_damaged(tmp_path):
+def test_train_resumes_exactly_from_the_newest_intact_step_when_the_latest_is_damaged(tmp_path, xla_cache):
     from tests.test_train import assert_same_state, final_state
 
     workdir = tmp_path / "run"
-    assert _train(workdir).returncode == 0
+    assert _train(workdir, cache=xla_cache).returncode == 0
     straight = final_state(workdir)[1]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
     _damage(workdir / "checkpoints" / "8")
-    resumed = _train(workdir)
+    resumed = _train(workdir, cache=xla_cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     warning = [line for line in resumed.stderr.splitlines() if "is damaged" in line]
     assert len(warning) == 1 and "step 8" in warning[0] and "resuming from step 4" in warning[0], resumed.stderr

@@ -32,8 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbam_jax.atomic import atomic_output, check_destination
 from cbam_jax import __version__
+from cbam_jax.artifacts import onnx_graph
+from cbam_jax.artifacts.detector import export_detector
+from cbam_jax.artifacts.stablehlo import export_stablehlo, run_stablehlo
+from cbam_jax.atomic import atomic_output, check_destination
+from cbam_jax.detection.weights import detector_directory
 from cbam_jax.errors import ExportError, UserError, one_line, require
 from cbam_jax.factory import load_with_metadata
 from cbam_jax.registry import model_config
@@ -83,8 +87,6 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
       OutputError: `out` cannot be written there (nothing is written).
     """
     out = Path(out).absolute()
-    from cbam_jax.detection.weights import detector_directory
-
     detector = detector_directory(model_dir)
     formats = tuple(dict.fromkeys(formats if formats is not None else FORMATS))
     unknown = sorted(set(formats) - set(FORMATS))
@@ -94,12 +96,8 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     if "stablehlo" in formats:
         require("flatbuffers", "export")  # jax.export's serialisation
     if "onnx" in formats:
-        from cbam_jax.artifacts import onnx_graph  # fails early with the install hint when onnx is missing
-
-        onnx_graph.require_onnx()
+        onnx_graph.require_onnx()  # fails early with the install hint when onnx is missing
     if detector is not None:  # a trained FCOS: decoded detections (StableHLO), dense outputs (ONNX)
-        from cbam_jax.artifacts.detector import export_detector
-
         if dynamic_size:
             raise ExportError("the detector's input size is fixed (its points and decoding); drop --dynamic-size.")
         with atomic_output(out, folder=True) as staging:
@@ -141,22 +139,18 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
     checks = [(f, np.asarray(jax.jit(f)(check_images))) for f in (apply, applying(_randomized(variables)))]
     with atomic_output(out, folder=True) as staging:  # OUT appears complete or not at all
         if "stablehlo" in formats:
-            from cbam_jax.artifacts.stablehlo import export_stablehlo, run_stablehlo
-
             for index, (f, expected) in enumerate(checks):
                 data = export_stablehlo(f, spec, PLATFORMS)
                 if index == 0:
                     (staging / STABLEHLO_FILE).write_bytes(data)
                 _check("StableHLO", run_stablehlo(data, check_images), expected, STABLEHLO_CHECK_TOLERANCE)
         if "onnx" in formats:
-            from cbam_jax.artifacts.onnx_graph import export_onnx, run_onnx
-
             for index, (f, expected) in enumerate(checks):
-                proto = export_onnx(f, spec, metadata={"cbam_jax": json.dumps(document, sort_keys=True)})
+                proto = onnx_graph.export_onnx(f, spec, metadata={"cbam_jax": json.dumps(document, sort_keys=True)})
                 if index == 0:
                     (staging / ONNX_FILE).write_bytes(proto)
                 try:
-                    outputs = run_onnx(proto, check_images)
+                    outputs = onnx_graph.run_onnx(proto, check_images)
                 except Exception as error:  # onnxruntime reports failures as its own exception types
                     raise ExportError("onnxruntime cannot run the exported graph: "
                                       f"{str(error).splitlines()[0]}") from None

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_jax import __version__
+from cbam_jax.artifacts.onnx_graph import export_onnx, run_onnx_outputs
 from cbam_jax.artifacts.stablehlo import export_stablehlo
 from cbam_jax.detection.decode import Detections, detect
 from cbam_jax.detection.detector import FCOS, DenseOutputs, detector_config
@@ -161,8 +162,6 @@ def export_detector(directory: Path, staging: Path, *, formats: tuple[str, ...],
             check_detections(jax.device_get(jax.export.deserialize(bytearray(data)).call(images)), expected,
                              tolerances["stablehlo"])
         if "onnx" in formats:
-            from cbam_jax.artifacts.onnx_graph import export_onnx, run_onnx_outputs
-
             def dense(x, weights=weights):
                 return tuple(detector.apply(weights, x))
 

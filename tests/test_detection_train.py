@@ -213,6 +213,22 @@ def test_init_from_pretrained_backbone_with_frozen_stem(tmp_path):
     assert np.abs(moved - variables["params"]["layer1_0"]["conv1"]["kernel"]).max() < 0.05  # ... not re-initialised
 
 
+def test_a_second_run_on_a_workdir_stops_at_once_naming_the_first(tmp_path):
+    """As classification's: the workdir's lock, held here as a first run would, stops a second run
+    before it reads or writes anything."""
+    from cbam_jax.errors import OutputError
+    from cbam_jax.training.checkpoint import LOCK_FILE, lock_workdir
+
+    workdir = tmp_path / "run"
+    first = lock_workdir(str(workdir))
+    try:
+        with pytest.raises(OutputError, match=rf"in use by another training run \(process {os.getpid()}\)"):
+            train_and_evaluate(tiny_config(), str(workdir))
+        assert os.listdir(workdir) == [LOCK_FILE]
+    finally:
+        first.close()
+
+
 def test_init_from_a_missing_source_names_the_field(tmp_path):
     with pytest.raises(InvalidInput, match="config.init_from"):
         validate(tiny_config(init_from=str(tmp_path / "nowhere")))

@@ -13,6 +13,7 @@ the eval split is evaluated COCO-style (evaluate.py); the figures go to metrics.
 finished run exports the detector to workdir/detector for `cbam-jax detect` and `cbam-jax export`.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -39,7 +40,7 @@ from cbam_jax.factory import init_from
 from cbam_jax.images import normalize
 from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
-from cbam_jax.training.checkpoint import Checkpoints, check_architecture
+from cbam_jax.training.checkpoint import Checkpoints, check_architecture, lock_workdir
 from cbam_jax.training.config import recipe_changes
 from cbam_jax.training.metrics_log import MetricLog
 from cbam_jax.training.parallel import DataParallel, DevicePrefetch
@@ -102,21 +103,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if len(eval_source) == 0:
         raise InvalidInput("The eval split has no examples; give dataset.num_eval_images > 0 or another eval_split.")
     created = not os.path.exists(workdir)
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    try:
-        saved_meta = checkpoints.meta()
-        if saved_meta is not None:
-            check_architecture(saved_meta, run["model_config"], workdir)
-            changes = recipe_changes(saved_meta["config"], config)  # logging/stopping fields may change
-            if changes:
-                raise InvalidInput(f"The workdir {workdir} holds a detection run trained with another recipe "
-                                   f"({'; '.join(changes)}); resume with the config that wrote it or use a new --workdir.")
-        return _train(config, workdir, detector, run, checkpoints, saved_meta, train_source, eval_source)
-    except UserError:
-        if created and checkpoints.latest_step() is None:
-            checkpoints.close()
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
+    # One run per workdir, as classification's: a second one stops here, before it touches anything.
+    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
+    with contextlib.closing(lock) if lock is not None else contextlib.nullcontext():
+        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+        try:
+            saved_meta = checkpoints.meta()
+            if saved_meta is not None:
+                check_architecture(saved_meta, run["model_config"], workdir)
+                changes = recipe_changes(saved_meta["config"], config)  # logging/stopping fields may change
+                if changes:
+                    raise InvalidInput(f"The workdir {workdir} holds a detection run trained with another recipe "
+                                       f"({'; '.join(changes)}); resume with the config that wrote it or use a new "
+                                       "--workdir.")
+            return _train(config, workdir, detector, run, checkpoints, saved_meta, train_source, eval_source)
+        except UserError:
+            if created and checkpoints.latest_step() is None:
+                checkpoints.close()
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
 
 
 def _train(config, workdir, detector, run, checkpoints, saved_meta, train_source, eval_source) -> dict:

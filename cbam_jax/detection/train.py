@@ -13,7 +13,6 @@ the eval split is evaluated COCO-style (evaluate.py); the figures go to metrics.
 finished run exports the detector to workdir/detector for `cbam-jax detect` and `cbam-jax export`.
 """
 
-import contextlib
 import functools
 import json
 import math
@@ -40,7 +39,7 @@ from cbam_jax.factory import init_from
 from cbam_jax.images import normalize
 from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
-from cbam_jax.training.checkpoint import Checkpoints, check_architecture, lock_workdir
+from cbam_jax.training.checkpoint import Checkpoints, check_architecture, holding_workdir
 from cbam_jax.training.config import recipe_changes
 from cbam_jax.training.metrics_log import MetricLog
 from cbam_jax.training.parallel import DataParallel, DevicePrefetch
@@ -104,8 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise InvalidInput("The eval split has no examples; give dataset.num_eval_images > 0 or another eval_split.")
     created = not os.path.exists(workdir)
     # One run per workdir, as classification's: a second one stops here, before it touches anything.
-    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
-    with contextlib.closing(lock) if lock is not None else contextlib.nullcontext():
+    with holding_workdir(workdir):
         checkpoints = Checkpoints(workdir, config.keep_checkpoints)
         try:
             saved_meta = checkpoints.meta()

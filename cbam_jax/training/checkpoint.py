@@ -108,6 +108,17 @@ def lock_workdir(workdir: str) -> Any:
     return lock
 
 
+@contextlib.contextmanager
+def holding_workdir(workdir: str):
+    """One run per workdir: `lock_workdir` held by process 0 (the one that writes) for the block."""
+    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 def _drop_closed_loop_callbacks(previous_hook):
     """A sys.unraisablehook that drops the 'Event loop is closed' errors tensorstore's writer threads
     raise after a failed save has ended orbax's event loop (hundreds of tracebacks otherwise)."""

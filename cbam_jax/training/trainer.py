@@ -30,7 +30,7 @@ from cbam_jax.registry import create_model, model_config, split_name
 from cbam_jax.training import config as config_lib
 from cbam_jax.training import optim
 from cbam_jax.training import step as step_lib
-from cbam_jax.training.checkpoint import Checkpoints, DIVERGED_FIX, check_architecture, lock_workdir
+from cbam_jax.training.checkpoint import Checkpoints, DIVERGED_FIX, check_architecture, holding_workdir
 from cbam_jax.training.evaluate import evaluate_split
 from cbam_jax.training.export import export_pretrained
 from cbam_jax.training.metrics_log import MetricLog, MetricWindow
@@ -156,8 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     created_workdir = not os.path.exists(workdir)
     # One run per workdir: a second one stops here, before it touches anything (process 0 holds it).
-    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
-    with contextlib.closing(lock) if lock is not None else contextlib.nullcontext():
+    with holding_workdir(workdir):
         checkpoints = Checkpoints(workdir, config.keep_checkpoints)
         with _removed_on_failure(workdir if created_workdir else None, checkpoints):
             job = TrainingJob(config, workdir, model, run, checkpoints, train_source, eval_source,

@@ -15,6 +15,7 @@ from jax import lax
 import cbam_jax
 from cbam_jax import cli
 from cbam_jax.artifacts import ExportError, onnx_graph
+from cbam_jax.artifacts.check import check_close
 from cbam_jax.pretrained import save_pretrained
 from tests.helpers import random_variables
 
@@ -136,6 +137,17 @@ def test_existing_output_and_missing_model_are_refused(model_dir, tmp_path, caps
     assert cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "no existing directory" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_self_check_is_relative_to_the_output_scale_and_refuses_nan():
+    expected = np.array([[100.0, -50.0], [3.0, 0.0]])
+    check_close("ONNX artifact's output", expected + 0.9e-3, expected, 1e-5)  # 0.9e-3 <= 1e-5 x 100
+    with pytest.raises(ExportError, match="ONNX artifact's class_logits differs from the model's by 0.0011"):
+        check_close("ONNX artifact's class_logits", expected + 1.1e-3, expected, 1e-5)
+    with pytest.raises(ExportError, match="by 2e-05"):  # below 1 the scale is 1: an absolute tolerance
+        check_close("output", expected / 1000 + 2e-5, expected / 1000, 1e-5)
+    with pytest.raises(ExportError, match="by nan"):
+        check_close("output", np.where(expected > 50, np.nan, expected), expected, 1e-5)
 
 
 def test_onnx_names_a_primitive_it_cannot_translate():

@@ -34,6 +34,7 @@ import numpy as np
 
 from cbam_jax import __version__
 from cbam_jax.artifacts import onnx_graph
+from cbam_jax.artifacts.check import check_close
 from cbam_jax.artifacts.detector import export_detector
 from cbam_jax.artifacts.stablehlo import export_stablehlo, run_stablehlo
 from cbam_jax.atomic import atomic_output, check_destination
@@ -143,7 +144,8 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
                 data = export_stablehlo(f, spec, PLATFORMS)
                 if index == 0:
                     (staging / STABLEHLO_FILE).write_bytes(data)
-                _check("StableHLO", run_stablehlo(data, check_images), expected, STABLEHLO_CHECK_TOLERANCE)
+                check_close("StableHLO artifact's output", run_stablehlo(data, check_images), expected,
+                            STABLEHLO_CHECK_TOLERANCE)
         if "onnx" in formats:
             for index, (f, expected) in enumerate(checks):
                 proto = onnx_graph.export_onnx(f, spec, metadata={"cbam_jax": json.dumps(document, sort_keys=True)})
@@ -154,7 +156,7 @@ def export_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, *, he
                 except Exception as error:  # onnxruntime reports failures as its own exception types
                     raise ExportError("onnxruntime cannot run the exported graph: "
                                       f"{str(error).splitlines()[0]}") from None
-                _check("ONNX", outputs, expected, ONNX_CHECK_TOLERANCE)
+                check_close("ONNX artifact's output", outputs, expected, ONNX_CHECK_TOLERANCE)
         (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__).with_name(SCRIPT_FILE), staging / SCRIPT_FILE)
     return document
@@ -217,15 +219,6 @@ def _randomized(variables: Any, seed: int = 0) -> Any:
         return jnp.asarray(value, dtype=jnp.asarray(leaf).dtype)
 
     return jax.tree_util.tree_map_with_path(draw, variables)
-
-
-def _check(kind: str, actual: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
-    """`actual` within `tolerance` x the logit scale (max |expected|, at least 1) of `expected`."""
-    scale = max(1.0, float(np.max(np.abs(expected))))
-    error = float(np.max(np.abs(np.asarray(actual) - expected)))
-    if not error <= tolerance * scale:
-        raise ExportError(f"the {kind} artifact's output differs from the model's by {error:.3g} (> {tolerance:g} x "
-                          f"the logit scale {scale:.3g}); this is a bug in the export, please report it.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

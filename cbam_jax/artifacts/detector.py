@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_jax import __version__
+from cbam_jax.artifacts.check import check_close
 from cbam_jax.artifacts.onnx_graph import export_onnx, run_onnx_outputs
 from cbam_jax.artifacts.stablehlo import export_stablehlo
 from cbam_jax.detection.decode import Detections, detect
@@ -62,21 +63,13 @@ def check_detections(actual: dict, expected: dict, tolerance: float) -> None:
         raise ExportError("the StableHLO artifact keeps other detections than the model; this is a bug in the "
                           "export, please report it.")
     for name in ("boxes", "scores"):
-        scale = max(1.0, float(np.max(np.abs(expected[name]))))
-        error = float(np.max(np.abs(np.asarray(actual[name]) - np.asarray(expected[name]))))
-        if not error <= tolerance * scale:
-            raise ExportError(f"the StableHLO artifact's {name} differ from the model's by {error:.3g}; this is a "
-                              "bug in the export, please report it.")
+        check_close(f"StableHLO artifact's {name}", actual[name], expected[name], tolerance)
 
 
 def check_dense(actual: list[np.ndarray], expected: DenseOutputs, tolerance: float) -> None:
     """The ONNX graph's dense outputs against the model's, within `tolerance` x each output's scale."""
     for name, found, want in zip(DENSE_OUTPUTS, actual, expected):
-        scale = max(1.0, float(np.max(np.abs(want))))
-        error = float(np.max(np.abs(np.asarray(found) - np.asarray(want))))
-        if not error <= tolerance * scale:
-            raise ExportError(f"the ONNX artifact's {name} differ from the model's by {error:.3g}; this is a bug in "
-                              "the export, please report it.")
+        check_close(f"ONNX artifact's {name}", found, want, tolerance)
 
 
 def detections_from_dense(outputs: Sequence[Any] | Mapping[str, Any], artifact: Mapping[str, Any] | str | Path

@@ -241,7 +241,7 @@ def test_the_report_names_the_machine_and_the_command_and_goes_to_json_too(monke
 @pytest.mark.slow
 def test_tiny_study_runs_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path):
     study = tmp_path / "study"
-    cache = f"--config.compilation_cache_dir={tmp_path / 'xla'}"  # the resumed run reuses the stopped one's programs
+    cache = "--config.compilation_cache_dir="  # the session's cache (tests/conftest.py): the runs share their programs
     tiny = ["--base", "tiny", "--seeds", "1", "--config.num_train_steps=4", "--config.eval_every_steps=2",
             "--config.checkpoint_every_steps=2", cache, "--no-plot", "--study-dir", str(study)]
 

@@ -196,13 +196,13 @@ def test_damaged_latest_step_is_moved_aside_and_the_newest_intact_step_resumes(t
 
 
 @pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory) -> Path:
-    """One compilation cache for this module's train.py runs: they compile the same programs (~20 s
-    of each run's ~33 s on two cores)."""
-    return tmp_path_factory.mktemp("xla_cache")
+def xla_cache() -> str:
+    """'': train.py keeps JAX's own setting, the test session's compilation cache (tests/conftest.py
+    exports it): the tiny runs compile the same programs (~20 s of a run's ~33 s on two cores)."""
+    return ""
 
 
-def _train(workdir: Path, *overrides: str, cache: Path, file_size_limit: int | None = None
+def _train(workdir: Path, *overrides: str, cache: str, file_size_limit: int | None = None
            ) -> subprocess.CompletedProcess:
     """train.py on configs/tiny.py in `workdir` (a subprocess: what a user runs) with the compilation
     cache `cache`; with `file_size_limit`,

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.slow  # every test runs train.py in a subprocess (or ne
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla_cache"))
+def cache_dir():
+    """'': train.py keeps JAX's own setting, the test session's compilation cache (tests/conftest.py
+    exports it): every tiny run of the session compiles its programs once."""
+    return ""
 
 
 def train_command(workdir, cache_dir, *overrides, config="configs/tiny.py"):

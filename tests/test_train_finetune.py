@@ -134,7 +134,7 @@ def test_train_py_fine_tunes_a_cbam_resnet_from_a_plain_one_with_the_stem_frozen
     command = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"),
                f"--config.init_from={tmp_path / 'plain'}", "--config.freeze=conv1,bn1", "--config.new_lr_factor=10",
                "--config.num_train_steps=4", "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2",
-               f"--config.compilation_cache_dir={tmp_path / 'xla'}"]  # the second run reuses the first one's programs
+               "--config.compilation_cache_dir="]  # the session's cache (tests/conftest.py): the second run reuses programs
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     first = subprocess.run([*command, "--config.stop_at_step=2"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)

@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.allow_config_change = False  # resume a workdir whose checkpoint was trained with other recipe fields (logged)
     config.progress_bar = True  # tqdm on stderr (process 0)
     config.tensorboard = True  # events in workdir/tensorboard (needs tensorboardX)
-    config.compilation_cache_dir = "~/.cache/cbam_jax/xla"  # '' disables the persistent compile cache
+    config.compilation_cache_dir = "~/.cache/cbam_jax/xla"  # '': JAX's own setting (JAX_COMPILATION_CACHE_DIR, else none)
     config.distributed = ml_collections.ConfigDict(dict(
         enabled=False,  # call jax.distributed.initialize()
         coordinator_address="",  # host:port; '' lets JAX detect the cluster (SLURM, TPU, ...)

@@ -96,8 +96,8 @@ class MobileNet(nn.Module):
       stem: 'imagenet' (3x3/2 conv) or 'cifar' (3x3/1 conv, for 32x32 images).
       attention: None, 'se' or 'cbam' after every depthwise and pointwise conv.
       attention_options: keyword arguments of the attention layer (e.g. `reduction`, `pool_order`).
-      implementation: 'auto', 'cpu' or 'xla' as `ResNet`'s; the depthwise convolutions run on XLA's
-        own convolution on every path (the CPU path's oneDNN kernels do not take groups).
+      implementation: 'auto', 'cpu' or 'xla' as `ResNet`'s; on the CPU path the depthwise
+        convolutions run in oneDNN too (where it is available, as every convolution there).
     """
 
     num_classes: int = 1000

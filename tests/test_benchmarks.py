@@ -106,12 +106,16 @@ def _mobilenet_twin_variables(twin) -> dict:
     return unflatten_dict(flat)
 
 
-@pytest.mark.parametrize("name, stem, num_classes, size", [("cbam_resnet18", "cifar", 10, 32),
-                                                           ("resnet18", "cifar", 10, 32),
-                                                           ("cbam_resnet50", "imagenet", 1000, 64),
-                                                           ("cbam_resnext50_32x4d", "imagenet", 1000, 64),
-                                                           ("cbam_mobilenet_w1", "imagenet", 1000, 64),
-                                                           ("mobilenet_w1", "imagenet", 1000, 64)])
+FULL_SIZE = pytest.mark.slow  # 1-6 s each; the CIFAR CBAM-ResNet-18 is the fast case
+
+
+@pytest.mark.parametrize("name, stem, num_classes, size", [
+    ("cbam_resnet18", "cifar", 10, 32),
+    pytest.param("resnet18", "cifar", 10, 32, marks=FULL_SIZE),
+    pytest.param("cbam_resnet50", "imagenet", 1000, 64, marks=FULL_SIZE),
+    pytest.param("cbam_resnext50_32x4d", "imagenet", 1000, 64, marks=FULL_SIZE),
+    pytest.param("cbam_mobilenet_w1", "imagenet", 1000, 64, marks=FULL_SIZE),
+    pytest.param("mobilenet_w1", "imagenet", 1000, 64, marks=FULL_SIZE)])
 def test_torch_twin_is_the_same_network(name, stem, num_classes, size):
     """The same parameters, and the same logits from the same weights (random BatchNorm parameters and
     statistics), in eval mode and in train mode (batch statistics: in eval mode the deep MobileNet's
@@ -194,8 +198,9 @@ def test_ratios_compare_jax_with_torch_and_cbam_with_plain():
     assert ("plain", "torch") not in by_impl
 
 
-@pytest.mark.parametrize("model, giga_macs", [("resnet18", 1.814), ("resnet50", 4.089), ("resnext50_32x4d", 4.23),
-                                              ("mobilenet_w1", 0.569)])
+@pytest.mark.parametrize("model, giga_macs", [("resnet18", 1.814), pytest.param("resnet50", 4.089, marks=FULL_SIZE),
+                                              pytest.param("resnext50_32x4d", 4.23, marks=FULL_SIZE),
+                                              pytest.param("mobilenet_w1", 0.569, marks=FULL_SIZE)])
 def test_model_flops_match_published_counts(model, giga_macs):
     """torchvision's model table: 1.81 / 4.09 / 4.23 GFLOPS (multiply-adds) per 224px image for ResNet-18 /
     ResNet-50 / ResNeXt-50 32x4d (grouped convs count 1/32 of a dense one), the MobileNet paper's 569 M

@@ -194,7 +194,8 @@ def _detection_tables(report: dict) -> list[str]:
 # and for the studies their one-line findings, as the benchmark renders them).
 RENDERED = {
     **{name: ("benchmarks/RESULTS.md", _throughput_tables)
-       for name in ("cpu_train", "cpu_quick", "cpu_avx2", "memory_remat_speed", "cpu_families", "cpu_fcos")},
+       for name in ("cpu_train", "cpu_quick", "cpu_avx2", "memory_remat_speed", "cpu_families", "cpu_fcos",
+                    "cpu_bf16_avx512")},
     **{name: ("benchmarks/RESULTS.md", _scaling_tables) for name in ("cpu_scaling", "memory")},
     "ablation": ("docs/ablation.md", _ablation_tables),
     "detection_seeds": ("docs/detection.md", _detection_tables),

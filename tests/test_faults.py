@@ -196,13 +196,15 @@ def test_damaged_latest_step_is_moved_aside_and_the_newest_intact_step_resumes(t
 
 
 @pytest.fixture(scope="module")
-def xla_cache() -> str:
-    """'': train.py keeps JAX's own setting, the test session's compilation cache (tests/conftest.py
-    exports it): the tiny runs compile the same programs (~20 s of a run's ~33 s on two cores)."""
-    return ""
+def xla_cache(tmp_path_factory) -> Path:
+    """One compilation cache for this module's train.py runs: they compile the same programs (~20 s
+    of each run's ~33 s on two cores). Not the session's shared one: these runs demand exactly one
+    line on stderr, and JAX warns when it reads an entry another process is still writing (its cache
+    writes are not atomic) or cannot write one (the full-disk run)."""
+    return tmp_path_factory.mktemp("xla_cache")
 
 
-def _train(workdir: Path, *overrides: str, cache: str, file_size_limit: int | None = None
+def _train(workdir: Path, *overrides: str, cache: Path, file_size_limit: int | None = None
            ) -> subprocess.CompletedProcess:
     """train.py on configs/tiny.py in `workdir` (a subprocess: what a user runs) with the compilation
     cache `cache`; with `file_size_limit`,

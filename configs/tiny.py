@@ -17,5 +17,5 @@ def get_config():
     config.dataset.num_threads = 1
     config.progress_bar = False
     config.tensorboard = False
-    config.compilation_cache_dir = ""
+    config.compilation_cache_dir = ""  # JAX's own setting (under pytest: the session's cache, tests/conftest.py)
     return validate(config)

@@ -421,12 +421,13 @@ class _ShortMobileNet(nn.Module):
     stride 1 and 2, CBAM after each conv) with a linear head: (B, H, W, 3) -> (B, 10) logits. The
     later stages repeat the same unit; all 13 cost ~100 s of compilation on two cores."""
 
+    attention_options: dict
     implementation: str
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train=False):
-        features, = MobileNet(width=8, attention="cbam", attention_options={"reduction": 4, "spatial_bn_zero_init": False},
+        features, = MobileNet(width=8, attention="cbam", attention_options=self.attention_options,
                               implementation=self.implementation, dtype=self.dtype, features_only=True,
                               out_indices=(3,), name="mobilenet")(x, train)
         return nn.Dense(10, dtype=self.dtype, name="head")(jnp.mean(features, axis=(1, 2)))
@@ -454,7 +455,7 @@ def test_grouped_families_fast_path_equals_xla_path(family):
         if family == "resnext":
             return ResNet(stage_sizes=(1, 1), block="bottleneck", width=8, groups=4, base_width=16, num_classes=10,
                           attention="cbam", attention_options=options, implementation=implementation, dtype=dtype)
-        return _ShortMobileNet(implementation, dtype)
+        return _ShortMobileNet(options, implementation, dtype)
 
     def grad_jaxpr(implementation):
         grad = jax.grad(lambda v, x: model(implementation).apply(v, x, train=True, mutable=["batch_stats"])[0].sum())

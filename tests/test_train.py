@@ -16,24 +16,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # every test runs train.py in a subprocess (or needs such a run)
 
 
-@pytest.fixture(scope="module")
-def cache_dir():
-    """'': train.py keeps JAX's own setting, the test session's compilation cache (tests/conftest.py
-    exports it): every tiny run of the session compiles its programs once."""
-    return ""
-
-
-def train_command(workdir, cache_dir, *overrides, config="configs/tiny.py"):
+def train_command(workdir, *overrides, config="configs/tiny.py"):
     return [sys.executable, "train.py", "--config", config, "--workdir", str(workdir),
-            f"--config.compilation_cache_dir={cache_dir}", *overrides]
+            "--config.compilation_cache_dir=", *overrides]  # the session's cache (tests/conftest.py), configs/default.py too
 
 
 def train_env():
     return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def run_train(workdir, cache_dir, *overrides, config="configs/tiny.py"):
-    return subprocess.run(train_command(workdir, cache_dir, *overrides, config=config), cwd=ROOT, env=train_env(),
+def run_train(workdir, *overrides, config="configs/tiny.py"):
+    return subprocess.run(train_command(workdir, *overrides, config=config), cwd=ROOT, env=train_env(),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -41,9 +34,9 @@ def run_train(workdir, cache_dir, *overrides, config="configs/tiny.py"):
 SLOW_OVERRIDES = ("--config.checkpoint_every_steps=2", "--config.eval_every_steps=1")
 
 
-def start_train_until(workdir, cache_dir, ready, stdout=subprocess.DEVNULL):
+def start_train_until(workdir, ready, stdout=subprocess.DEVNULL):
     """Start a slowed-down tiny run in the background and return it once `ready()` holds."""
-    process = subprocess.Popen(train_command(workdir, cache_dir, *SLOW_OVERRIDES), cwd=ROOT, env=train_env(),
+    process = subprocess.Popen(train_command(workdir, *SLOW_OVERRIDES), cwd=ROOT, env=train_env(),
                                stdout=stdout, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None and not ready():
@@ -77,9 +70,9 @@ def assert_same_state(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache_dir):
+def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    result = run_train(workdir, cache_dir)
+    result = run_train(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Final test accuracy" in result.stdout
     return workdir, final_state(workdir)
@@ -99,29 +92,29 @@ def test_straight_run_writes_logs_and_checkpoints(straight):
     assert len(os.listdir(workdir / "best")) == 1
 
 
-def test_stop_and_resume_is_exact(straight, tmp_path, cache_dir):
-    first = run_train(tmp_path, cache_dir, "--config.stop_at_step=4")
+def test_stop_and_resume_is_exact(straight, tmp_path):
+    first = run_train(tmp_path, "--config.stop_at_step=4")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Stopped at step 4" in first.stdout
     assert final_state(tmp_path)[0] == 4
-    second = run_train(tmp_path, cache_dir)
+    second = run_train(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     step, state = final_state(tmp_path)
     assert step == 8
     assert_same_state(state, straight[1][1])
 
 
-def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path, cache_dir):
+def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     # A finished checkpoint (orbax renames STEP.orbax-checkpoint-tmp-* to STEP when done): the resume
     # below must start from it, not from scratch, for the test to show that resuming is exact.
-    process = start_train_until(tmp_path, cache_dir, lambda: checkpoints.is_dir() and any(
+    process = start_train_until(tmp_path, lambda: checkpoints.is_dir() and any(
         name.isdigit() for name in os.listdir(checkpoints)))
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = final_state(tmp_path)[0]
     assert killed_at is not None and killed_at < 8
-    resumed = run_train(tmp_path, cache_dir, *SLOW_OVERRIDES)
+    resumed = run_train(tmp_path, *SLOW_OVERRIDES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     step, state = final_state(tmp_path)
     assert step == 8
@@ -133,8 +126,8 @@ def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path, cache_dir):
     assert before_kill and len(before_kill) == len(set(before_kill))
 
 
-def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, cache_dir):
-    process = start_train_until(tmp_path, cache_dir, lambda: (tmp_path / "metrics.jsonl").exists(),
+def test_sigterm_saves_and_exits_cleanly(straight, tmp_path):
+    process = start_train_until(tmp_path, lambda: (tmp_path / "metrics.jsonl").exists(),
                                 stdout=subprocess.PIPE)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=300)
@@ -142,15 +135,15 @@ def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, cache_dir):
     assert "(preempted)" in out
     stopped_at = int(out.split("Stopped at step ")[1].split("/")[0])
     assert final_state(tmp_path)[0] == stopped_at < 8
-    resumed = run_train(tmp_path, cache_dir, *SLOW_OVERRIDES)
+    resumed = run_train(tmp_path, *SLOW_OVERRIDES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_state(final_state(tmp_path)[1], straight[1][1])
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
-    assert run_train(tmp_path, cache_dir, "--config.stop_at_step=4").returncode == 0
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    assert run_train(tmp_path, "--config.stop_at_step=4").returncode == 0
     _, good = final_state(tmp_path)
-    result = run_train(tmp_path, cache_dir, "--config.learning_rate=1e30", "--config.allow_config_change=True")
+    result = run_train(tmp_path, "--config.learning_rate=1e30", "--config.allow_config_change=True")
     assert result.returncode == 1
     assert "training loss became" in result.stderr and "last good checkpoint (step 4)" in result.stderr
     step, state = final_state(tmp_path)
@@ -158,8 +151,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
     assert_same_state(state, good)
 
 
-def test_workdir_of_another_architecture_fails_early(straight, cache_dir):
-    result = run_train(straight[0], cache_dir, "--config.model.name=cbam_resnet34")
+def test_workdir_of_another_architecture_fails_early(straight):
+    result = run_train(straight[0], "--config.model.name=cbam_resnet34")
     assert result.returncode == 1
     assert "another architecture" in result.stderr and "stage_sizes" in result.stderr
     assert final_state(straight[0])[0] == 8
@@ -177,9 +170,9 @@ def test_eval_subcommand_counts_every_example(straight, capsys):
     assert not (straight[0] / "missing").exists()  # a failed eval creates no folders
 
 
-def test_default_recipe_learns_the_digits(tmp_path, cache_dir):
+def test_default_recipe_learns_the_digits(tmp_path):
     # The full recipe (30 epochs) reaches ~99% (README); 4 epochs must already be well above chance.
-    result = run_train(tmp_path, cache_dir, "--config.num_epochs=4", "--config.progress_bar=False",
+    result = run_train(tmp_path, "--config.num_epochs=4", "--config.progress_bar=False",
                        config="configs/default.py")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

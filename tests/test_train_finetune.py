@@ -133,8 +133,7 @@ def test_train_py_fine_tunes_a_cbam_resnet_from_a_plain_one_with_the_stem_frozen
     save_pretrained(tmp_path / "plain", plain, source)
     command = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"),
                f"--config.init_from={tmp_path / 'plain'}", "--config.freeze=conv1,bn1", "--config.new_lr_factor=10",
-               "--config.num_train_steps=4", "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2",
-               "--config.compilation_cache_dir="]  # the session's cache (tests/conftest.py): the second run reuses programs
+               "--config.num_train_steps=4", "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2"]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     first = subprocess.run([*command, "--config.stop_at_step=2"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)

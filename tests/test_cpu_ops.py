@@ -498,3 +498,139 @@ def test_max_pool_matches_pytorch_forward_and_gradient(shape, window, stride, pa
     grad_out = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * grad_out)))(x)
     np.testing.assert_allclose(grad, _torch_max_pool_grad(x, grad_out, window, stride, padding), rtol=1e-6, atol=1e-6)
+
+
+def _needs_native():
+    if not native.available():
+        pytest.skip("native kernels unavailable here")
+
+
+def _bfloat16_ulps(actual, expected) -> float:
+    """The largest |actual - expected| in bfloat16 ulps of max(|expected|, the smallest normal)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(expected), 2.0 ** -126))) - 7)
+    return float(np.max(np.abs(actual - expected) / ulp))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape, window, stride, padding", [((2, 11, 10, 70), 3, 2, 1), ((1, 6, 7, 5), 2, 2, 0),
+                                                            ((2, 5, 6, 33), 3, 1, 1)])
+def test_native_max_pool_equals_the_separable_pool(shape, window, stride, padding, dtype, monkeypatch):
+    """Ties everywhere (small integers, as after a ReLU), channels beyond one 32-channel block: the
+    same maxima and each gradient at the same first maximum; overlapping windows sum in float32, so
+    bfloat16 gradients are the float32 sums rounded once (within one ulp)."""
+    _needs_native()
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape), dtype)
+    pool = functools.partial(cpu_ops.max_pool, window=window, stride=stride, padding=padding)
+    grad_out = _random(jax.eval_shape(pool, x).shape, 1, dtype)
+
+    def values_and_grad(x, grad_out):
+        out, vjp = jax.vjp(pool, x)
+        return out, vjp(grad_out)[0]
+
+    assert "cbam_max_pool_grad" in str(jax.make_jaxpr(values_and_grad)(x, grad_out))
+    out, grad = jax.jit(values_and_grad)(x, grad_out)
+    monkeypatch.setattr(native, "ENABLED", False)  # the separable pool, in float32
+    out_ref, grad_ref = jax.jit(values_and_grad)(x.astype(jnp.float32), grad_out.astype(jnp.float32))
+    assert out.dtype == grad.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32), out_ref)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(grad, grad_ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert _bfloat16_ulps(grad, grad_ref) <= 0.5
+
+
+def test_native_max_pool_propagates_nan():
+    _needs_native()
+    x = np.zeros((1, 4, 4, 3), np.float32)
+    x[0, 1, 1, 0] = np.nan
+    out = jax.jit(lambda x: native.max_pool(x, 2, 2, 0))(x)
+    assert np.isnan(out[0, 0, 0, 0]) and np.isnan(out).sum() == 1
+
+
+def _pools_and_gate(x, s):
+    """The XLA formulation: mean and first-maximum max along axis 1 in float32, then x * s (x's dtype)."""
+    x32 = x.astype(jnp.float32)
+    return jnp.mean(x32, 1), max_over(x32, 1), x * s[:, None, :].astype(x.dtype)
+
+
+def _native_pools_and_gate(x, s):
+    return (*native.avg_max(x), native.gate(x, s))
+
+
+@pytest.mark.parametrize("shape", [(3, 130, 700), (2, 64, 5), (4, 7, 1)])  # chunks of 64 rows, blocks of 512
+def test_native_gate_kernels_equal_xla_in_float32(shape):
+    """Values and gradients of both pools and of the gate's product, from the same cotangents; ties
+    everywhere, so the max gradient must pick the same first maximum."""
+    _needs_native()
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape), jnp.float32)
+    s = jax.nn.sigmoid(_random((shape[0], shape[2]), 1))
+    cotangents = (_random((shape[0], shape[2]), 2), _random((shape[0], shape[2]), 3), _random(shape, 4))
+
+    def values_and_grads(f):
+        out, vjp = jax.vjp(f, x, s)
+        return out, vjp(cotangents)
+
+    fast = jax.jit(lambda: values_and_grads(_native_pools_and_gate))()
+    assert "cbam_gate_grad" in str(jax.make_jaxpr(lambda: values_and_grads(_native_pools_and_gate))())
+    ref = jax.jit(lambda: values_and_grads(_pools_and_gate))()
+    _assert_trees_close(fast, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_native_gate_kernels_in_bfloat16_are_float32_sums_rounded_once():
+    """bfloat16 x and cotangent: the kernels accumulate in float32, so each result is the float32
+    computation from the same bfloat16 inputs, rounded once to the output's type: the pools and the
+    scale's gradient (float32) within float32 rounding, x's gradients within half a bfloat16 ulp."""
+    _needs_native()
+    shape = (3, 130, 600)
+    x = _random(shape, 0, jnp.bfloat16)
+    s = jax.nn.sigmoid(_random((shape[0], shape[2]), 1))
+    d_mean, d_max, d_y = _random(s.shape, 2), _random(s.shape, 3), _random(shape, 4, jnp.bfloat16)
+    x32, d_y32, s_rounded = x.astype(jnp.float32), d_y.astype(jnp.float32), s.astype(jnp.bfloat16).astype(jnp.float32)
+
+    (mean, peak), pools_vjp = jax.vjp(native.avg_max, x)
+    (mean_ref, peak_ref), pools_vjp_ref = jax.vjp(lambda x: (jnp.mean(x, 1), max_over(x, 1)), x32)
+    np.testing.assert_array_equal(peak, peak_ref)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
+    dx, = pools_vjp((d_mean, d_max))
+    assert dx.dtype == jnp.bfloat16
+    assert _bfloat16_ulps(dx, pools_vjp_ref((d_mean, d_max))[0]) <= 0.5
+
+    y, gate_vjp = jax.vjp(native.gate, x, s)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), (x32 * s_rounded[:, None, :]).astype(jnp.bfloat16))
+    dx, ds = gate_vjp(d_y)
+    assert dx.dtype == jnp.bfloat16 and ds.dtype == jnp.float32
+    # products of two bfloat16 numbers are exact in float32: one rounding
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), (d_y32 * s_rounded[:, None, :]).astype(jnp.bfloat16))
+    np.testing.assert_allclose(ds, jnp.sum(d_y32 * x32, 1), rtol=1e-5, atol=1e-5 * float(np.abs(ds).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_channel_gate_cpu_path_runs_the_native_kernels_and_matches_xla(dtype):
+    """The CBAM channel gate on the CPU path pools and differentiates its product natively; its
+    values and gradients equal the XLA path's in float32 and its bfloat16 gradients err no more than
+    the XLA path's own bfloat16 ones (measured against float32 from the same inputs)."""
+    _needs_native()
+    from cbam_jax.layers import ChannelGate
+
+    x = _random((2, 9, 10, 48), 0, dtype)
+
+    def values_and_grads(implementation, x):
+        gate = ChannelGate(reduction=4, implementation=implementation)
+        variables = gate.init(jax.random.key(0), x)
+        return jax.value_and_grad(lambda v, x: jnp.sum(jnp.sin(gate.apply(v, x).astype(jnp.float32))),
+                                  argnums=(0, 1))(variables, x)
+
+    jaxpr = str(jax.make_jaxpr(functools.partial(values_and_grads, "cpu"))(x))
+    assert "cbam_avg_max" in jaxpr and "cbam_gate_grad" in jaxpr
+    fast = jax.jit(functools.partial(values_and_grads, "cpu"))(x)
+    ref = jax.jit(functools.partial(values_and_grads, "xla"))(x)
+    if dtype == jnp.float32:
+        _assert_trees_close(fast, ref, rtol=1e-5, atol=1e-6)
+        return
+    # The gradients (the loss itself is the same bfloat16 forward pass on both paths, up to which
+    # way a pooled mean's last bit rounds the gate): float32 sums err less than XLA's bfloat16 ones.
+    exact = jax.jit(functools.partial(values_and_grads, "xla"))(x.astype(jnp.float32))
+    for f, r, e in zip(*(jax.tree.leaves(grads) for _, grads in (fast, ref, exact))):
+        error, ref_error = (float(np.abs(np.asarray(a, np.float32) - np.asarray(e)).max()) for a in (f, r))
+        assert error <= ref_error

@@ -13,7 +13,7 @@ from tests.helpers import count_params, randomize, to_numpy
 from tests import numpy_reference as ref
 from cbam_jax import CBAM, ChannelGate, ResNet, SpatialGate, create_model
 from cbam_jax.convert import ConversionError, to_numpy_state_dict
-from cbam_jax.layers import cpu_ops
+from cbam_jax.layers import cpu_ops, native
 
 SHAPE = (3, 5, 7, 32)  # non-square: catches H/W mix-ups
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -322,8 +322,12 @@ class _CBAMBefore(nn.Module):
     ("official", {"implementation": "xla"}), ("official", {"dtype": jnp.bfloat16}), ("common", {"dtype": jnp.bfloat16}),
     ("timm", {"kernel_size": 3, "pool_types": ("max",)}),
 ])
-def test_default_options_compute_what_they_did_before(rng, variant, extra):
+def test_default_options_compute_what_they_did_before(rng, variant, extra, monkeypatch):
     from cbam_jax.registry import VARIANTS
+
+    # Bit for bit against the old formulation, which is XLA's: the native gate kernels of the CPU
+    # path sum in another order (their equality within rounding: tests/test_cpu_ops.py).
+    monkeypatch.setattr(native, "ENABLED", False)
 
     options = {**VARIANTS[variant]["cbam"], "reduction": 4, **extra}
     channel_keys = {"reduction", "pool_types", "mlp_bias", "dtype"}
@@ -356,7 +360,8 @@ def test_default_options_compute_what_they_did_before(rng, variant, extra):
     jax.tree.map(np.testing.assert_array_equal, grads(now), grads(before))
 
 
-def test_default_options_keep_the_channel_and_spatial_gates_unchanged(rng):
+def test_default_options_keep_the_channel_and_spatial_gates_unchanged(rng, monkeypatch):
+    monkeypatch.setattr(native, "ENABLED", False)  # bit for bit: XLA's formulation, as above
     x = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
     pairs = [(ChannelGate(reduction=4), _ChannelGateBefore(reduction=4)), (SpatialGate(), _SpatialGateBefore())]
     for now, before in pairs:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cbam_jax.layers import cpu_ops
+from cbam_jax.layers import cpu_ops, native
 from cbam_jax.layers.common import (
     Dtype,
     Initializer,
@@ -58,8 +58,9 @@ class ChannelGate(nn.Module):
       kernel_init: MLP weight initialiser (default: PyTorch's nn.Linear default, as the official code).
       dtype: computation dtype of the MLP; the pools and the sigmoid run in at least float32.
       param_dtype: parameter dtype.
-      implementation: 'auto' (on the CPU backend the max pool's gradient is a native kernel, see
-        `cpu_ops`), 'cpu' or 'xla'. Same results either way.
+      implementation: 'auto' (on the CPU backend the avg and max pools and the gate's product run
+        native kernels, `cbam_jax.layers.native`, one pass over x each), 'cpu' or 'xla'. Same results
+        within float rounding.
     """
 
     reduction: int = 16
@@ -86,8 +87,14 @@ class ChannelGate(nn.Module):
         hidden = hidden_width(channels, self.reduction, layer)
 
         pooled = promote_to_float32(x)
-        native = cpu_ops.use_cpu_path(self.implementation)
-        pools = {**SPATIAL_POOLS, "max": lambda x: max_over(x, (1, 2), native=native)}
+        native_path = cpu_ops.use_cpu_path(self.implementation)
+        pools = {**SPATIAL_POOLS, "max": lambda x: max_over(x, (1, 2), native=native_path)}
+        batch, height, width = x.shape[:3]
+        # The CPU path's native kernels read x once for both pools and once for the product's gradient.
+        fused = native_path and native.usable_for(x)
+        if fused and {"avg", "max"} & set(self.pool_types):
+            mean, peak = native.avg_max(x.reshape(batch, height * width, channels))
+            pools.update(avg=lambda _: mean, max=lambda _: peak)
         descriptors = jnp.stack([pools[p](pooled) for p in self.pool_types])  # (P, B, C)
         dense = functools.partial(nn.Dense, use_bias=self.mlp_bias, kernel_init=self.kernel_init,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
@@ -97,4 +104,6 @@ class ChannelGate(nn.Module):
         self.sow("intermediates", "channel_attention", scale)
         if return_logits:
             return logits[:, None, None, :]
+        if fused:
+            return native.gate(x.reshape(batch, height * width, channels), scale).reshape(x.shape)
         return x * scale[:, None, None, :].astype(x.dtype)

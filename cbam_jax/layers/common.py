@@ -95,10 +95,10 @@ def _max_first_fwd(x, axes, native):
 def _max_first_bwd(axes, native, x, grad):
     # The reduced axes merged into one, the argmax along it, the gradient sent there.
     merged = axes[0]
-    if native and x.dtype in (jnp.float32, jnp.bfloat16) and jax.default_backend() == "cpu":
+    if native:
         from cbam_jax.layers import native as native_kernels  # the layers package imports this module
 
-        if native_kernels.enabled():
+        if native_kernels.usable_for(x):
             prefix = int(np.prod(x.shape[:merged]))
             flat = x.reshape(prefix, -1, int(np.prod(x.shape[axes[-1] + 1:])))
             return (native_kernels.max_grad(flat, grad.reshape(flat.shape[0], flat.shape[2])).reshape(x.shape),)

@@ -14,7 +14,10 @@ someone else's code):
     conv(x, kernel, strides, padding, dilation)  x (B, H, W, Cin), kernel (KH, KW, Cin / G, Cout) -> (B, Ho, Wo, Cout)
         differentiable (`jax.custom_vjp`: oneDNN's forward, input gradient and kernel gradient); G
         feature groups (grouped, depthwise) as in `lax.conv_general_dilated`, read off the shapes;
-    max_grad(x, grad)  x (P, N, Q), grad (P, Q) -> (P, N, Q): grad at the first maximum along N.
+    max_grad(x, grad)  x (P, N, Q), grad (P, Q) -> (P, N, Q): grad at the first maximum along N;
+    avg_max(x)  x (P, N, Q) -> (mean, max) (P, Q) float32, differentiable: the CBAM gates' pools;
+    gate(x, s)  x (P, N, Q), s (P, Q) float32 -> x * s, differentiable: the CBAM gates' product;
+    max_pool(x, window, stride, padding)  x (B, H, W, C) -> (B, Ho, Wo, C), differentiable: PyTorch's.
 
 Where anything is missing (no oneDNN package, no C++ compiler, another OS, or
 `CBAM_JAX_NATIVE=0`) `available()` is False after one warning and the callers keep XLA's own
@@ -46,7 +49,9 @@ from cbam_jax.errors import UserError, one_line
 SOURCE = pathlib.Path(__file__).with_name("native_ops.cc")
 # XLA custom-call target -> the shim's handler symbol
 TARGETS = {"cbam_onednn_conv_forward": "CbamOnednnConvForward", "cbam_onednn_conv_input_grad": "CbamOnednnConvInputGrad",
-           "cbam_onednn_conv_kernel_grad": "CbamOnednnConvKernelGrad", "cbam_max_grad": "CbamMaxGrad"}
+           "cbam_onednn_conv_kernel_grad": "CbamOnednnConvKernelGrad", "cbam_max_grad": "CbamMaxGrad",
+           "cbam_avg_max": "CbamAvgMax", "cbam_avg_max_grad": "CbamAvgMaxGrad", "cbam_gate_grad": "CbamGateGrad",
+           "cbam_max_pool": "CbamMaxPool", "cbam_max_pool_grad": "CbamMaxPoolGrad"}
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 # Set False (before tracing) to keep XLA's own kernels everywhere, e.g. to compare; the environment
@@ -110,6 +115,16 @@ def _verified(library: pathlib.Path) -> bool:
         return False
 
 
+def _cpu_identity() -> bytes:
+    """This CPU's model name and instruction-set flags (Linux /proc/cpuinfo): what `-march=native` compiles for."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            lines = f.read().split(b"\n\n")[0].splitlines()
+    except OSError:
+        return b""
+    return b"\n".join(line for line in lines if line.split(b":")[0].strip() in (b"model name", b"flags"))
+
+
 def build() -> pathlib.Path:
     """Compile the FFI shim (once per source, jax version and oneDNN install) and return its path.
 
@@ -122,7 +137,7 @@ def build() -> pathlib.Path:
         raise Unavailable("no C++ compiler found (install g++ or set CXX)")
     ffi_include = jax.ffi.include_dir()
     digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(), str(include).encode(),
-                                        str(library).encode(), compiler.encode()])).hexdigest()[:16]
+                                        str(library).encode(), compiler.encode(), _cpu_identity()])).hexdigest()[:16]
     target = cache_dir() / f"native_ops-{digest}.so"
     if _verified(target):
         return target
@@ -132,7 +147,9 @@ def build() -> pathlib.Path:
     # Concurrent builders each compile to their own hidden name; the rename into place is atomic. The
     # digest is taken of the compiled file before it is renamed into place and recorded after it.
     with atomic_output(target, replace=True) as temporary:
-        command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include}",
+        # -march=native: the gate and pool loops vectorise with the CPU's widest vectors (AVX-512 where
+        # it has them); the digest holds the CPU's flags, so a cache shared by other CPUs rebuilds.
+        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include}",
                    f"-I{ffi_include}", str(SOURCE), f"-L{library}", "-l:libdnnl.so.3", f"-Wl,-rpath,{library}",
                    "-o", str(temporary)]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -175,6 +192,12 @@ def available() -> bool:
 def enabled() -> bool:
     """`ENABLED` and `available()`: whether callers should use the native kernels now."""
     return ENABLED and available()
+
+
+def usable_for(x: jax.Array) -> bool:
+    """Whether the native elementwise kernels (`max_grad`, `avg_max`, `gate`, `max_pool`) take `x` now:
+    float32 or bfloat16 on the CPU backend, where `enabled()`."""
+    return x.dtype in (jnp.float32, jnp.bfloat16) and jax.default_backend() == "cpu" and enabled()
 
 
 def bfloat16_convolutions() -> bool:
@@ -252,3 +275,87 @@ def max_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
     """
     return jax.ffi.ffi_call("cbam_max_grad", jax.ShapeDtypeStruct(x.shape, x.dtype),
                             vmap_method="sequential")(x, grad.astype(x.dtype))
+
+
+def _elementwise_call(name: str, outputs, *operands, **attributes):
+    return jax.ffi.ffi_call(f"cbam_{name}", outputs, vmap_method="sequential")(*operands, **attributes)
+
+
+@jax.custom_vjp
+def avg_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mean and the max of x (P, N, Q) along N in one pass: two (P, Q) float32 arrays.
+
+    The max's gradient goes to the first maximum along N (NaN counts as the maximum), as
+    `common.max_over`'s. float32 or bfloat16 x; call only where `usable_for(x)`.
+    """
+    shape = jax.ShapeDtypeStruct((x.shape[0], x.shape[2]), jnp.float32)
+    return tuple(_elementwise_call("avg_max", (shape, shape), x))
+
+
+def _avg_max_fwd(x):
+    return avg_max(x), x
+
+
+def _avg_max_bwd(x, cotangents):
+    d_mean, d_max = (jnp.asarray(c, jnp.float32) for c in cotangents)
+    return (_elementwise_call("avg_max_grad", jax.ShapeDtypeStruct(x.shape, x.dtype), x, d_mean, d_max),)
+
+
+avg_max.defvjp(_avg_max_fwd, _avg_max_bwd)
+
+
+@jax.custom_vjp
+def gate(x: jax.Array, s: jax.Array) -> jax.Array:
+    """x (P, N, Q) times the float32 gate s (P, Q) broadcast along N, in x's dtype: `x * s[:, None].astype(x.dtype)`.
+
+    The forward pass is XLA's (it fuses with what follows); the backward pass is one native pass
+    that reads the output gradient and x once: dx in x's dtype and ds summed in float32. Call only
+    where `usable_for(x)`.
+    """
+    return x * s[:, None, :].astype(x.dtype)
+
+
+def _gate_fwd(x, s):
+    return gate(x, s), (x, s)
+
+
+def _gate_bwd(residuals, grad):
+    x, s = residuals
+    dx, ds = _elementwise_call("gate_grad", (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(
+        s.shape, jnp.float32)), x, grad.astype(x.dtype), s.astype(jnp.float32))
+    return dx, ds.astype(s.dtype)
+
+
+gate.defvjp(_gate_fwd, _gate_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+    """PyTorch's `max_pool2d` (square window, padding that never wins), NHWC: x (B, H, W, C) -> (B, Ho, Wo, C).
+
+    The gradient goes to the first maximum of each window in row-major order (NaN counts as the
+    maximum), summed in float32 where windows overlap. Needs padding < window; call only where
+    `usable_for(x)`.
+    """
+    out = [(size + 2 * padding - window) // stride + 1 for size in x.shape[1:3]]
+    return _elementwise_call("max_pool", jax.ShapeDtypeStruct((x.shape[0], *out, x.shape[3]), x.dtype), x,
+                             **_pool_attrs(window, stride, padding))
+
+
+def _pool_attrs(window: int, stride: int, padding: int) -> dict[str, np.int64]:
+    if not 0 <= padding < window or stride < 1:
+        raise ValueError(f"max_pool: needs 0 <= padding < window and stride >= 1; got window {window}, "
+                         f"stride {stride}, padding {padding}.")
+    return {"window": np.int64(window), "stride": np.int64(stride), "padding": np.int64(padding)}
+
+
+def _max_pool_fwd(x, window, stride, padding):
+    return max_pool(x, window, stride, padding), x
+
+
+def _max_pool_bwd(window, stride, padding, x, grad):
+    return (_elementwise_call("max_pool_grad", jax.ShapeDtypeStruct(x.shape, x.dtype), x, grad.astype(x.dtype),
+                              **_pool_attrs(window, stride, padding)),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -345,10 +345,313 @@ ffi::Error MaxGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer grad, ffi::Result<ffi::A
   }
 }
 
+// ----------------------------------------------------------------------------- CBAM gates and the stem's max pool
+//
+// XLA:CPU runs the gates' elementwise work and reductions on bfloat16 as float32 loop fusions that
+// materialise float32 copies (the channel gate's scale gradient became a float32 product map and a
+// reduce-window tree). These kernels read bfloat16 or float32 once, accumulate in float32 and write
+// the data's type. Layout as MaxGrad: x (P, N, Q), reduced along N (the channel gate: P = B, N = H*W,
+// Q = C). Q-blocks vectorise; a small Q (the spatial gate's Q = 1) runs scalar: XLA's own fusions
+// were faster for the spatial gate, which keeps them.
+
+inline void Store(float* out, float v) { *out = v; }
+inline void Store(uint16_t* out, float v) {  // float32 -> bfloat16, round to nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = bits + 0x7FFFu + ((bits >> 16) & 1u), quiet_nan = bits | 0x00400000u;
+  *out = static_cast<uint16_t>((v != v ? quiet_nan : rounded) >> 16);  // branch-free: vectorises
+}
+inline float Rounded(float v, float) { return v; }
+inline float Rounded(float v, uint16_t) {  // v rounded to bfloat16, as a float
+  uint16_t b;
+  Store(&b, v);
+  return ToFloat(b);
+}
+
+constexpr int64_t kLanes = 512;  // Q-block of one task: float32 accumulators on the stack
+constexpr int64_t kChunk = 64;   // rows summed into a partial before the running total (two-level sum)
+
+// The tasks of an (P, N, Q) pass: (p, block of Q) pairs.
+struct Blocks {
+  int64_t P, N, Q, blocks;
+  Blocks(int64_t p, int64_t n, int64_t q) : P(p), N(n), Q(q), blocks((q + kLanes - 1) / kLanes) {}
+  int64_t tasks() const { return P * blocks; }
+  int64_t p(int64_t task) const { return task / blocks; }
+  int64_t q0(int64_t task) const { return (task % blocks) * kLanes; }
+  int64_t width(int64_t task) const { return std::min(kLanes, Q - q0(task)); }
+};
+
+// For each q of a block: the first n maximising xp[n * Q + q] (NaN counts as the maximum), in index.
+// (index as float: exact below 2^24, and the same lane width as the values, so the loop vectorises)
+template <typename T>
+void FirstMax(const T* xp, int64_t N, int64_t Q, int64_t width, float* best, float* index) {
+  for (int64_t q = 0; q < width; ++q) best[q] = ToFloat(xp[q]), index[q] = 0.f;
+  for (int64_t n = 1; n < N; ++n) {
+    const T* row = xp + n * Q;
+    const float at = static_cast<float>(n);
+    for (int64_t q = 0; q < width; ++q) {
+      const float v = ToFloat(row[q]);
+      const bool take = (v > best[q]) || (v != v && best[q] == best[q]);
+      best[q] = take ? v : best[q];
+      index[q] = take ? at : index[q];
+    }
+  }
+}
+
+// mean[p, q] = sum_n x[p, n, q] / N and max[p, q] = max_n x[p, n, q] (NaN propagates), float32.
+template <typename T>
+void AvgMax(const T* x, float* mean, float* max, int64_t P, int64_t N, int64_t Q) {
+  const Blocks b(P, N, Q);
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < b.tasks(); ++task) {
+    const int64_t p = b.p(task), q0 = b.q0(task), width = b.width(task);
+    float total[kLanes], partial[kLanes], best[kLanes];
+    const T* xp = x + p * N * Q + q0;
+    for (int64_t q = 0; q < width; ++q) total[q] = 0.f, best[q] = ToFloat(xp[q]);
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      for (int64_t q = 0; q < width; ++q) partial[q] = 0.f;
+      for (int64_t n = n0; n < std::min(N, n0 + kChunk); ++n) {
+        const T* row = xp + n * Q;
+        for (int64_t q = 0; q < width; ++q) {
+          const float v = ToFloat(row[q]);
+          partial[q] += v;
+          best[q] = (v > best[q] || v != v) ? v : best[q];
+        }
+      }
+      for (int64_t q = 0; q < width; ++q) total[q] += partial[q];
+    }
+    for (int64_t q = 0; q < width; ++q) {
+      mean[p * Q + q0 + q] = total[q] / static_cast<float>(N);
+      max[p * Q + q0 + q] = best[q];
+    }
+  }
+}
+
+// dx[p, n, q] = d_mean[p, q] / N + (d_max[p, q] at the first maximum along n, else 0), in x's type.
+template <typename T>
+void AvgMaxGrad(const T* x, const float* d_mean, const float* d_max, T* dx, int64_t P, int64_t N, int64_t Q) {
+  const Blocks b(P, N, Q);
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < b.tasks(); ++task) {
+    const int64_t p = b.p(task), q0 = b.q0(task), width = b.width(task);
+    float best[kLanes], spread[kLanes], peak[kLanes], index[kLanes];
+    FirstMax(x + p * N * Q + q0, N, Q, width, best, index);
+    for (int64_t q = 0; q < width; ++q) {
+      spread[q] = d_mean[p * Q + q0 + q] / static_cast<float>(N);
+      peak[q] = spread[q] + d_max[p * Q + q0 + q];
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      T* row = dx + (p * N + n) * Q + q0;
+      const float at = static_cast<float>(n);
+      for (int64_t q = 0; q < width; ++q) Store(row + q, index[q] == at ? peak[q] : spread[q]);
+    }
+  }
+}
+
+// The gradient of y = x * s (s broadcast along n, rounded to x's type first, as `x * s.astype(x.dtype)`):
+// dx[p, n, q] = g * s[p, q] in x's type, ds[p, q] = sum_n g * x in float32.
+template <typename T>
+void GateGrad(const T* x, const T* g, const float* s, T* dx, float* ds, int64_t P, int64_t N, int64_t Q) {
+  const Blocks b(P, N, Q);
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < b.tasks(); ++task) {
+    const int64_t p = b.p(task), q0 = b.q0(task), width = b.width(task);
+    float total[kLanes], partial[kLanes], scale[kLanes];
+    for (int64_t q = 0; q < width; ++q) total[q] = 0.f, scale[q] = Rounded(s[p * Q + q0 + q], T());
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      for (int64_t q = 0; q < width; ++q) partial[q] = 0.f;
+      for (int64_t n = n0; n < std::min(N, n0 + kChunk); ++n) {
+        const int64_t offset = (p * N + n) * Q + q0;
+        for (int64_t q = 0; q < width; ++q) {
+          const float gv = ToFloat(g[offset + q]);
+          partial[q] += gv * ToFloat(x[offset + q]);
+          Store(dx + offset + q, gv * scale[q]);
+        }
+      }
+      for (int64_t q = 0; q < width; ++q) total[q] += partial[q];
+    }
+    for (int64_t q = 0; q < width; ++q) ds[p * Q + q0 + q] = total[q];
+  }
+}
+
+// PyTorch's max_pool2d (square window, stride, padding that never wins: as -inf), NHWC:
+// x (B, H, W, C) -> out (B, Ho, Wo, C). NaN propagates, as XLA's max.
+template <typename T>
+void MaxPool(const T* x, T* out, int64_t B, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo,
+             int64_t window, int64_t stride, int64_t pad) {
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < B * Ho; ++task) {
+    const int64_t b = task / Ho, oh = task % Ho;
+    const int64_t h0 = std::max<int64_t>(0, oh * stride - pad), h1 = std::min(H, oh * stride - pad + window);
+    std::vector<float> best(C);
+    for (int64_t ow = 0; ow < Wo; ++ow) {
+      const int64_t w0 = std::max<int64_t>(0, ow * stride - pad), w1 = std::min(W, ow * stride - pad + window);
+      const T* first = x + ((b * H + h0) * W + w0) * C;
+      for (int64_t c = 0; c < C; ++c) best[c] = ToFloat(first[c]);
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const T* tap = x + ((b * H + h) * W + w) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const float v = ToFloat(tap[c]);
+            best[c] = (v > best[c] || v != v) ? v : best[c];
+          }
+        }
+      }
+      T* o = out + ((b * Ho + oh) * Wo + ow) * C;
+      for (int64_t c = 0; c < C; ++c) Store(o + c, best[c]);
+    }
+  }
+}
+
+// Its gradient: each output's gradient to the first maximum of its window in row-major order (NaN
+// counts as the maximum), summed in float32 where windows overlap: g (B, Ho, Wo, C) -> dx (B, H, W, C).
+template <typename T>
+void MaxPoolGrad(const T* x, const T* g, T* dx, int64_t B, int64_t H, int64_t W, int64_t C, int64_t Ho,
+                 int64_t Wo, int64_t window, int64_t stride, int64_t pad) {
+  constexpr int64_t kChannels = 32;  // a task: one image, a block of channels
+  const int64_t blocks = (C + kChannels - 1) / kChannels;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < B * blocks; ++task) {
+    const int64_t b = task / blocks, c0 = (task % blocks) * kChannels, width = std::min(kChannels, C - c0);
+    std::vector<float> sum(H * W * kChannels, 0.f);
+    float best[kChannels], index[kChannels];  // index as float (exact below 2^24): one lane width
+    for (int64_t oh = 0; oh < Ho; ++oh) {
+      const int64_t h0 = std::max<int64_t>(0, oh * stride - pad), h1 = std::min(H, oh * stride - pad + window);
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        const int64_t w0 = std::max<int64_t>(0, ow * stride - pad), w1 = std::min(W, ow * stride - pad + window);
+        const int64_t start = h0 * W + w0;
+        const T* first = x + (b * H * W + start) * C + c0;
+        for (int64_t c = 0; c < width; ++c) best[c] = ToFloat(first[c]), index[c] = static_cast<float>(start);
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            const float at = static_cast<float>(h * W + w);
+            const T* tap = x + (b * H * W + h * W + w) * C + c0;
+            for (int64_t c = 0; c < width; ++c) {
+              const float v = ToFloat(tap[c]);
+              const bool take = (v > best[c]) || (v != v && best[c] == best[c]);
+              best[c] = take ? v : best[c];
+              index[c] = take ? at : index[c];
+            }
+          }
+        }
+        const T* gp = g + ((b * Ho + oh) * Wo + ow) * C + c0;
+        for (int64_t c = 0; c < width; ++c) sum[static_cast<int64_t>(index[c]) * kChannels + c] += ToFloat(gp[c]);
+      }
+    }
+    for (int64_t at = 0; at < H * W; ++at) {
+      T* d = dx + (b * H * W + at) * C + c0;
+      for (int64_t c = 0; c < width; ++c) Store(d + c, sum[at * kChannels + c]);
+    }
+  }
+}
+
+// Dispatch on float32 / bfloat16 with the buffers' data as T.
+template <typename F>
+ffi::Error ForType(ffi::DataType type, const char* name, F&& body) {
+  switch (type) {
+    case ffi::DataType::F32: body(float()); return ffi::Error::Success();
+    case ffi::DataType::BF16: body(uint16_t()); return ffi::Error::Success();
+    default: return ffi::Error::InvalidArgument(std::string(name) + ": only float32 and bfloat16 are supported");
+  }
+}
+
+template <typename T>
+const T* In(const ffi::AnyBuffer& b) { return static_cast<const T*>(b.untyped_data()); }
+template <typename T>
+T* Out(ffi::Result<ffi::AnyBuffer>& b) { return static_cast<T*>(b->untyped_data()); }
+
+ffi::Error AvgMaxImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> max) {
+  auto d = x.dimensions();
+  if (d.size() != 3 || mean->element_type() != ffi::DataType::F32 || max->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("avg_max: expected x (P, N, Q) and float32 outputs (P, Q)");
+  return ForType(x.element_type(), "avg_max", [&](auto t) {
+    using T = decltype(t);
+    AvgMax(In<T>(x), Out<float>(mean), Out<float>(max), d[0], d[1], d[2]);
+  });
+}
+
+ffi::Error AvgMaxGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer d_mean, ffi::AnyBuffer d_max,
+                          ffi::Result<ffi::AnyBuffer> dx) {
+  auto d = x.dimensions();
+  if (d.size() != 3 || d_mean.element_type() != ffi::DataType::F32 || d_max.element_type() != ffi::DataType::F32 ||
+      dx->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("avg_max_grad: expected x (P, N, Q), float32 d_mean and d_max (P, Q)");
+  return ForType(x.element_type(), "avg_max_grad", [&](auto t) {
+    using T = decltype(t);
+    AvgMaxGrad(In<T>(x), In<float>(d_mean), In<float>(d_max), Out<T>(dx), d[0], d[1], d[2]);
+  });
+}
+
+ffi::Error GateGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer s, ffi::Result<ffi::AnyBuffer> dx,
+                        ffi::Result<ffi::AnyBuffer> ds) {
+  auto d = x.dimensions();
+  if (d.size() != 3 || g.element_type() != x.element_type() || s.element_type() != ffi::DataType::F32 ||
+      ds->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("gate_grad: expected x and g (P, N, Q) of one dtype and float32 s (P, Q)");
+  return ForType(x.element_type(), "gate_grad", [&](auto t) {
+    using T = decltype(t);
+    GateGrad(In<T>(x), In<T>(g), In<float>(s), Out<T>(dx), Out<float>(ds), d[0], d[1], d[2]);
+  });
+}
+
+#define POOL_ATTRS int64_t window, int64_t stride, int64_t padding
+
+ffi::Error MaxPoolImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, POOL_ATTRS) {
+  auto d = x.dimensions();
+  auto o = out->dimensions();
+  if (d.size() != 4 || o.size() != 4 || out->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("max_pool: expected x (B, H, W, C) and out (B, Ho, Wo, C) of one dtype");
+  return ForType(x.element_type(), "max_pool", [&](auto t) {
+    using T = decltype(t);
+    MaxPool(In<T>(x), Out<T>(out), d[0], d[1], d[2], d[3], o[1], o[2], window, stride, padding);
+  });
+}
+
+ffi::Error MaxPoolGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dx, POOL_ATTRS) {
+  auto d = x.dimensions();
+  auto o = g.dimensions();
+  if (d.size() != 4 || o.size() != 4 || g.element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("max_pool_grad: expected x (B, H, W, C) and g (B, Ho, Wo, C) of one dtype");
+  return ForType(x.element_type(), "max_pool_grad", [&](auto t) {
+    using T = decltype(t);
+    MaxPoolGrad(In<T>(x), In<T>(g), Out<T>(dx), d[0], d[1], d[2], d[3], o[1], o[2], window, stride, padding);
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxGrad, MaxGradImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamAvgMax, AvgMaxImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamAvgMaxGrad, AvgMaxGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamGateGrad, GateGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxPool, MaxPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxPoolGrad, MaxPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
 
 #define CONV_BINDING                                           \
   ffi::Ffi::Bind()                                             \

@@ -472,3 +472,66 @@ def test_detection_study_runs_train_py_and_skips_finished_runs(tmp_path):
     assert {p: p.read_text() for p in study.glob("*/metrics.jsonl")} == metrics
     table = first.stdout.split("\n\n", 1)[1]
     assert second.stdout.endswith(table) and "load average" in first.stdout and "load average" not in second.stdout
+
+
+# ----------------------------------------------------------------------------- benchmarks.profile_step
+
+_HLO = """
+  %ffi_call.7 = bf16[8,56,56,64]{3,2,1,0} custom-call(%a, %b), custom_call_target="cbam_onednn_conv_forward", metadata={op_name="jit(train_step)/jvp(ResNet)/layer1_0/conv1/ffi_call"}
+  %ffi_call.9 = (bf16[8,3136,256]{2,1,0}, f32[8,256]{1,0}) custom-call(%x, %g, %s), custom_call_target="cbam_gate_grad", metadata={op_name="jit(train_step)/transpose(jvp(ResNet))/layer1_0/layer1_0.attend_and_add/attention/channel/ffi_call"}
+  %add_fusion.3 = f32[64]{0} fusion(%p), kind=kLoop, calls=%fc.3, metadata={op_name="jit(train_step)/transpose(jvp(ResNet))/layer1_0/bn2/reduce_sum"}
+  %ynn_fusion.2 = f32[8,256]{1,0} fusion(%q), kind=kCustom, calls=%fc.4, metadata={op_name="jit(train_step)/jvp(ResNet)/layer1_0/layer1_0.attend_and_add/attention/spatial/reduce_max"}, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  ROOT %convert_fusion.1 = bf16[8]{0} fusion(%r), kind=kLoop, calls=%fc.5
+"""
+
+
+def test_profile_step_attributes_each_thunk_to_a_model_part_and_a_kernel():
+    from benchmarks.profile_step import instructions, markdown, summarise, thunk_ms
+
+    table = instructions(_HLO)
+    assert set(table) == {"ffi_call.7", "ffi_call.9", "add_fusion.3", "ynn_fusion.2", "convert_fusion.1"}
+    trace = {"traceEvents": [{"ph": "X", "name": "ffi_call.7", "dur": 3000.0}, {"ph": "X", "name": "ffi_call.9", "dur": 1000.0},
+                             {"ph": "X", "name": "ffi_call.9", "dur": 1000.0}, {"ph": "X", "name": "add_fusion.3", "dur": 500.0},
+                             {"ph": "X", "name": "ynn_fusion.2", "dur": 250.0}, {"ph": "X", "name": "convert_fusion.1", "dur": 250.0},
+                             {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9e9}, {"ph": "M", "name": "ffi_call.7"}]}
+    summary = summarise(thunk_ms(trace, table, steps=2), table, top=2)
+    assert summary["thunk_ms"] == 3.0  # (3 + 1 + 1 + 0.5 + 0.25 + 0.25) ms over 2 steps; other events ignored
+    parts = {r["part"]: (r["forward"], r["backward"], r.get("no pass")) for r in summary["parts"]}
+    assert parts == {"convolution (oneDNN)": (1.5, 0, None), "channel gate": (0, 1.0, None), "BatchNorm": (0, 0.25, None),
+                     "spatial gate": (0.125, 0, None), "no source (XLA's converts, copies)": (0, 0, 0.125)}
+    kinds = {r["kind"]: r["ms"] for r in summary["kinds"]}
+    assert kinds == {"native cbam_onednn_conv_forward": 1.5, "native cbam_gate_grad": 1.0, "XLA fusion": 0.375,
+                     "XLA library fusion (YNNPACK)": 0.125}
+    assert [r["name"] for r in summary["top"]] == ["ffi_call.7", "ffi_call.9"]
+    report = {"case": "cbam_resnet50:224:8", "dtype": "bfloat16", "steps": 2, "step_ms": 2.5,
+              "machine": {"cpu": "Some CPU", "cpu_shown_flags": ["avx2"], "cores": 2, "jax": jax.__version__}, **summary}
+    text = markdown(report)
+    assert "| channel gate | 0.0 | 1.0 | 1.0 | 33% |" in text and "Some CPU (lscpu flags: avx2)" in text
+    assert "| no source (XLA's converts, copies) | | | 0.1 | 4% |" in text
+
+
+@pytest.mark.slow
+def test_profile_step_runs_on_a_small_model(tmp_path, capsys):
+    """A CIFAR CBAM-ResNet-18 at batch 2: every convolution pass and both gates show up, the thunks account
+    for most of the step."""
+    from benchmarks.profile_step import main as profile_main
+
+    out = tmp_path / "profile.json"
+    assert profile_main(["--case", "cbam_resnet18:16:2:cifar", "--dtype", "float32", "--steps", "1", "--warmup", "1",
+                         "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    parts = {r["part"] for r in report["parts"]}
+    assert {"channel gate", "spatial gate", "BatchNorm"} <= parts
+    assert 0.3 * report["step_ms"] < report["thunk_ms"]
+    assert "| model part |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [(["--case", "cbam_resnet50:224"], "case must be MODEL:SIZE:BATCH"),
+                                           (["--case", "cbam_resnet50:512:2:fcos"], "drop ':fcos'"),
+                                           (["--steps", "0"], "--steps must be >= 1"), (["--top", "-1"], "--top >= 0")])
+def test_profile_step_rejects_bad_arguments(args, message, capsys):
+    from benchmarks.profile_step import main as profile_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        profile_main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -296,9 +296,15 @@ def _reference_batch_norm(x, scale, bias, epsilon):
     return (x - mean) * lax.rsqrt(var + epsilon) * scale + bias, mean, var
 
 
-def test_batch_norm_train_gradient_includes_the_statistics():
-    x, scale, bias = _random((4, 5, 3, 6), 0) * 3 + 1, _random((6,), 1), _random((6,), 2)
-    weights = _random((4, 5, 3, 6), 3)
+@pytest.mark.parametrize("channels", [6, 600])  # XLA's reductions; the native ones (two 512-channel blocks)
+def test_batch_norm_train_gradient_includes_the_statistics(channels):
+    """720 rows: the native reductions' three row chunks, the last one partial."""
+    shape = (4, 20, 9, channels)
+    x, scale, bias = _random(shape, 0) * 3 + 1, _random((channels,), 1), _random((channels,), 2)
+    weights = _random(shape, 3)
+    native_path = channels >= cpu_ops.NATIVE_NORM_MIN_CHANNELS and native.available()
+    assert native_path == ("cbam_batch_norm_grad_sums" in str(jax.make_jaxpr(jax.grad(
+        lambda x: jnp.sum(cpu_ops.batch_norm_train(x, scale, bias, 1e-5)[0] * weights)))(x)))
 
     def loss(norm, *args):  # depends on y, the mean and the variance
         y, mean, var = norm(*args, 1e-5)
@@ -309,12 +315,15 @@ def test_batch_norm_train_gradient_includes_the_statistics():
     _assert_trees_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("axis_name", [None, pytest.param("devices", marks=pytest.mark.slow)])
-def test_batch_norm_module_matches_linen(axis_name):
-    """Same variables, outputs, running statistics and gradients as nn.BatchNorm (also over a mapped axis)."""
+@pytest.mark.parametrize("channels", [5, 24])  # XLA's reductions, the native ones
+@pytest.mark.parametrize("axis_name", [None, "devices"])
+def test_batch_norm_module_matches_linen(axis_name, channels):
+    """Same variables, outputs, running statistics and gradients as nn.BatchNorm (also over a mapped
+    axis, where the native statistics are pooled across its members)."""
     options = dict(momentum=0.9, epsilon=1e-5, use_fast_variance=False, axis_name=axis_name,
                    scale_init=nn.initializers.normal(1.0), bias_init=nn.initializers.normal(1.0))
-    x = _random((2, 4, 3, 3, 5), 0) * 2 + 0.5  # (mapped axis, B, H, W, C)
+    # (mapped axis, B, H, W, C); the members' means differ, so pooling their variances matters
+    x = _random((2, 4, 9, 10, channels), 0) * 2 + 0.5 + jnp.arange(2.0).reshape(2, 1, 1, 1, 1)
     weights = _random(x.shape, 1)
 
     def step(module_cls):
@@ -634,3 +643,33 @@ def test_channel_gate_cpu_path_runs_the_native_kernels_and_matches_xla(dtype):
     for f, r, e in zip(*(jax.tree.leaves(grads) for _, grads in (fast, ref, exact))):
         error, ref_error = (float(np.abs(np.asarray(a, np.float32) - np.asarray(e)).max()) for a in (f, r))
         assert error <= ref_error
+
+
+def test_native_batch_norm_in_bfloat16_is_the_float32_computation_rounded_once():
+    """bfloat16 x, y and output gradient (as in a bfloat16 ResNet): the statistics and the parameter
+    gradients are float32 sums of the bfloat16 data, within float32 rounding of float64 ones; y and
+    x's gradient within one bfloat16 ulp of the largest value of the float32 computation."""
+    _needs_native()
+    shape, channels = (4, 20, 9, 48), 48
+    x = (_random(shape, 0) * 3 + 1).astype(jnp.bfloat16)
+    scale, bias, grad_y = _random((channels,), 1), _random((channels,), 2), _random(shape, 3, jnp.bfloat16)
+
+    def values_and_grads(x, grad_y, dtype):
+        (y, mean, var), vjp = jax.vjp(lambda x, s, b: cpu_ops.batch_norm_train(x, s, b, 1e-5, None, dtype), x, scale, bias)
+        return (y, mean, var), vjp((grad_y, jnp.zeros_like(mean), jnp.zeros_like(var)))
+
+    (y, mean, var), (dx, dscale, dbias) = jax.jit(functools.partial(values_and_grads, dtype=jnp.bfloat16))(x, grad_y)
+    assert "cbam_batch_stats" in str(jax.make_jaxpr(functools.partial(values_and_grads, dtype=jnp.bfloat16))(x, grad_y))
+    assert y.dtype == dx.dtype == jnp.bfloat16 and mean.dtype == dscale.dtype == jnp.float32
+    x64, g64 = np.asarray(x, np.float64), np.asarray(grad_y, np.float64)
+    np.testing.assert_allclose(mean, x64.mean((0, 1, 2)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=1e-5)
+    normalised = (x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(dbias, g64.sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dscale, (g64 * normalised).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    # the float32 computation from the same bfloat16 data
+    (y_ref, _, _), (dx_ref, _, _) = jax.jit(functools.partial(values_and_grads, dtype=jnp.float32))(
+        x.astype(jnp.float32), grad_y.astype(jnp.float32))
+    for fast, ref in ((y, y_ref), (dx, dx_ref)):
+        ulp = 2.0 ** (np.floor(np.log2(np.abs(np.asarray(ref)).max())) - 7)
+        assert np.abs(np.asarray(fast, np.float64) - np.asarray(ref, np.float64)).max() <= ulp

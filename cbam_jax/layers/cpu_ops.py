@@ -195,43 +195,70 @@ def _pmean(value: jax.Array, axis_name: str | None) -> jax.Array:
     return value if axis_name is None else lax.pmean(value, axis_name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+# BatchNorm's reductions run natively (`native.batch_stats`, `native.batch_norm_grad_sums`) from
+# this many channels up, where the native kernels take the data: XLA:CPU converted bfloat16 activations
+# into float32 copies before reducing them. Measured on a 2-core AVX-512 EPYC, jax 0.10.2, 25088 x 256:
+# statistics 5.9 -> 0.7 ms (bfloat16), 2.9 -> 0.9 ms (float32). One-channel norms (the spatial
+# gate's) keep XLA's reductions.
+NATIVE_NORM_MIN_CHANNELS = 8
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     axis_name: str | None = None, dtype: Dtype | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode BatchNorm over all but the last axis: (y, batch mean, biased batch variance).
 
-    x (..., C), scale and bias (C,). Statistics and y are float32; with `axis_name` the statistics
-    are averaged over that mapped axis (pmap, shard_map, vmap), as Linen's BatchNorm does.
+    x (..., C), scale and bias (C,). The statistics are float32, y is `dtype` (default float32),
+    computed in float32; with `axis_name` the statistics are averaged over that mapped axis (pmap,
+    shard_map, vmap), as Linen's BatchNorm does.
     """
-    return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
+    return _batch_norm_fwd(x, scale, bias, epsilon, axis_name, dtype)[0]
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
+def _native_norm(x: jax.Array) -> bool:
+    return x.ndim >= 1 and x.shape[-1] >= NATIVE_NORM_MIN_CHANNELS and native.usable_for(x)
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, axis_name, dtype):
     axes = tuple(range(x.ndim - 1))
     x32 = x.astype(jnp.float32)
-    mean = _pmean(jnp.mean(x32, axes), axis_name)
-    var = _pmean(jnp.mean(jnp.square(x32 - mean), axes), axis_name)  # two-pass, like use_fast_variance=False
+    if _native_norm(x):
+        mean, var = native.batch_stats(x.reshape(-1, x.shape[-1]))
+        if axis_name is not None:  # equal counts on every member: the pooled variance
+            local_mean, mean = mean, _pmean(mean, axis_name)
+            var = _pmean(var + jnp.square(local_mean - mean), axis_name)
+    else:
+        mean = _pmean(jnp.mean(x32, axes), axis_name)
+        var = _pmean(jnp.mean(jnp.square(x32 - mean), axes), axis_name)  # two-pass, like use_fast_variance=False
     inv_std = lax.rsqrt(var + epsilon)
     y = (x32 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-    return (y, mean, var), (x, scale, bias, mean, inv_std)
+    return (y.astype(dtype or jnp.float32), mean, var), (x, scale, bias, mean, inv_std)
 
 
-def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
-    del epsilon
+def _batch_norm_bwd(epsilon, axis_name, dtype, residuals, cotangents):
+    del epsilon, dtype
     x, scale, bias, mean, inv_std = residuals
-    grad_y, grad_mean, grad_var = (c.astype(jnp.float32) for c in cotangents)
+    grad_y, grad_mean, grad_var = cotangents
     axes = tuple(range(x.ndim - 1))
+    local_count = x.size // x.shape[-1]
+    if _native_norm(x) and grad_y.dtype == x.dtype:  # the output gradient read in its own dtype, once
+        sum_grad_y, sum_grad_y_centred = native.batch_norm_grad_sums(
+            x.reshape(local_count, -1), grad_y.reshape(local_count, -1), mean)
+        grad_bias, grad_scale = sum_grad_y, sum_grad_y_centred * inv_std
+    else:
+        normalised = (x.astype(jnp.float32) - mean) * inv_std
+        grad_bias = jnp.sum(grad_y.astype(jnp.float32), axes)
+        grad_scale = jnp.sum(grad_y.astype(jnp.float32) * normalised, axes)
+    grad_y, grad_mean, grad_var = (c.astype(jnp.float32) for c in (grad_y, grad_mean, grad_var))
     centred = x.astype(jnp.float32) - mean
     normalised = centred * inv_std
-    grad_bias = jnp.sum(grad_y, axes)
-    grad_scale = jnp.sum(grad_y * normalised, axes)
     # d/dx of y = scale * (x - mean) * inv_std with mean and inv_std functions of the whole batch;
     # the cotangents of the returned statistics (zero when they only feed the running averages) add
     # d mean / dx = 1/N and d var / dx = 2 (x - mean) / N.
-    mean_grad_y = _pmean(jnp.mean(grad_y, axes), axis_name)
-    mean_grad_y_norm = _pmean(jnp.mean(grad_y * normalised, axes), axis_name)
+    mean_grad_y = _pmean(grad_bias / local_count, axis_name)
+    mean_grad_y_norm = _pmean(grad_scale / local_count, axis_name)
     scaled = scale.astype(jnp.float32) * inv_std
-    count = x.size // x.shape[-1] * (1 if axis_name is None else lax.psum(1, axis_name))
+    count = local_count * (1 if axis_name is None else lax.psum(1, axis_name))
     grad_x = (scaled * (grad_y - mean_grad_y - normalised * mean_grad_y_norm)
               + grad_mean / count + grad_var * (2.0 / count) * centred)
     return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(bias.dtype)
@@ -276,8 +303,8 @@ class BatchNorm(nn.Module):
             return y.astype(out_dtype)
         # Linen averages over the mapped axis only outside of init; so do we.
         axis_name = None if self.is_initializing() else self.axis_name
-        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, axis_name)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, axis_name, jnp.dtype(out_dtype))
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return y.astype(out_dtype)
+        return y

@@ -17,7 +17,9 @@ someone else's code):
     max_grad(x, grad)  x (P, N, Q), grad (P, Q) -> (P, N, Q): grad at the first maximum along N;
     avg_max(x)  x (P, N, Q) -> (mean, max) (P, Q) float32, differentiable: the CBAM gates' pools;
     gate(x, s)  x (P, N, Q), s (P, Q) float32 -> x * s, differentiable: the CBAM gates' product;
-    max_pool(x, window, stride, padding)  x (B, H, W, C) -> (B, Ho, Wo, C), differentiable: PyTorch's.
+    max_pool(x, window, stride, padding)  x (B, H, W, C) -> (B, Ho, Wo, C), differentiable: PyTorch's;
+    batch_stats(x)  x (N, C) -> (mean, biased variance) (C,) float32: BatchNorm's statistics;
+    batch_norm_grad_sums(x, g, mean)  -> (sum g, sum g * (x - mean)) (C,) float32: its gradient's sums.
 
 Where anything is missing (no oneDNN package, no C++ compiler, another OS, or
 `CBAM_JAX_NATIVE=0`) `available()` is False after one warning and the callers keep XLA's own
@@ -51,7 +53,8 @@ SOURCE = pathlib.Path(__file__).with_name("native_ops.cc")
 TARGETS = {"cbam_onednn_conv_forward": "CbamOnednnConvForward", "cbam_onednn_conv_input_grad": "CbamOnednnConvInputGrad",
            "cbam_onednn_conv_kernel_grad": "CbamOnednnConvKernelGrad", "cbam_max_grad": "CbamMaxGrad",
            "cbam_avg_max": "CbamAvgMax", "cbam_avg_max_grad": "CbamAvgMaxGrad", "cbam_gate_grad": "CbamGateGrad",
-           "cbam_max_pool": "CbamMaxPool", "cbam_max_pool_grad": "CbamMaxPoolGrad"}
+           "cbam_max_pool": "CbamMaxPool", "cbam_max_pool_grad": "CbamMaxPoolGrad",
+           "cbam_batch_stats": "CbamBatchStats", "cbam_batch_norm_grad_sums": "CbamBatchNormGradSums"}
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 # Set False (before tracing) to keep XLA's own kernels everywhere, e.g. to compare; the environment
@@ -195,7 +198,8 @@ def enabled() -> bool:
 
 
 def usable_for(x: jax.Array) -> bool:
-    """Whether the native elementwise kernels (`max_grad`, `avg_max`, `gate`, `max_pool`) take `x` now:
+    """Whether the native elementwise kernels (`max_grad`, `avg_max`, `gate`, `max_pool`, `batch_stats`,
+    `batch_norm_grad_sums`) take `x` now:
     float32 or bfloat16 on the CPU backend, where `enabled()`."""
     return x.dtype in (jnp.float32, jnp.bfloat16) and jax.default_backend() == "cpu" and enabled()
 
@@ -359,3 +363,24 @@ def _max_pool_bwd(window, stride, padding, x, grad):
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mean and the biased variance of x (N, C) over its rows: two (C,) float32 arrays, x read once.
+
+    Each chunk of rows contributes its mean and squared deviations from it (as stable as the two-pass
+    variance), merged in a fixed order. Not differentiable (BatchNorm's own gradient,
+    `cpu_ops.batch_norm_train`, uses `batch_norm_grad_sums`); call only where `usable_for(x)`.
+    """
+    shape = jax.ShapeDtypeStruct((x.shape[1],), jnp.float32)
+    return tuple(_elementwise_call("batch_stats", (shape, shape), x))
+
+
+def batch_norm_grad_sums(x: jax.Array, g: jax.Array, mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sum_n g[n, c] and sum_n g[n, c] * (x[n, c] - mean[c]) for x and g (N, C) of one dtype: (C,) float32 each.
+
+    Call only where `usable_for(x)`.
+    """
+    shape = jax.ShapeDtypeStruct((x.shape[1],), jnp.float32)
+    return tuple(_elementwise_call("batch_norm_grad_sums", (shape, shape), x, g.astype(x.dtype),
+                                   mean.astype(jnp.float32)))

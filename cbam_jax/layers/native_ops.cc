@@ -618,6 +618,115 @@ ffi::Error MaxPoolGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::
   });
 }
 
+// ----------------------------------------------------------------------------- BatchNorm reductions
+//
+// Over the rows of x (N, C) per channel, reading bfloat16 or float32 once: XLA:CPU converted bfloat16
+// activations into float32 copies before its reductions. Chunks of kStatRows rows x blocks of kLanes
+// channels run in parallel; their partial results are merged in chunk order, so results do not
+// depend on the thread count.
+constexpr int64_t kStatRows = 256;
+
+struct RowChunks {
+  int64_t N, C, chunks, blocks;
+  RowChunks(int64_t n, int64_t c) : N(n), C(c), chunks((n + kStatRows - 1) / kStatRows), blocks((c + kLanes - 1) / kLanes) {}
+  int64_t tasks() const { return chunks * blocks; }
+  int64_t n0(int64_t task) const { return (task / blocks) * kStatRows; }
+  int64_t n1(int64_t task) const { return std::min(N, n0(task) + kStatRows); }
+  int64_t c0(int64_t task) const { return (task % blocks) * kLanes; }
+  int64_t width(int64_t task) const { return std::min(kLanes, C - c0(task)); }
+};
+
+// mean[c] and the biased variance var[c] of x[:, c], float32: each chunk's mean and sum of squared
+// deviations from it (two passes over the chunk, which stays in cache), merged as Chan et al.
+template <typename T>
+void BatchStats(const T* x, float* mean, float* var, int64_t N, int64_t C) {
+  const RowChunks r(N, C);
+  std::vector<float> chunk_mean(r.chunks * C), chunk_m2(r.chunks * C);
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < r.tasks(); ++task) {
+    const int64_t n0 = r.n0(task), n1 = r.n1(task), c0 = r.c0(task), width = r.width(task);
+    float sum[kLanes], m2[kLanes];
+    for (int64_t q = 0; q < width; ++q) sum[q] = 0.f, m2[q] = 0.f;
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* row = x + n * C + c0;
+      for (int64_t q = 0; q < width; ++q) sum[q] += ToFloat(row[q]);
+    }
+    const float rows = static_cast<float>(n1 - n0);
+    for (int64_t q = 0; q < width; ++q) sum[q] /= rows;  // the chunk's mean
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* row = x + n * C + c0;
+      for (int64_t q = 0; q < width; ++q) {
+        const float d = ToFloat(row[q]) - sum[q];
+        m2[q] += d * d;
+      }
+    }
+    const int64_t k = n0 / kStatRows;
+    for (int64_t q = 0; q < width; ++q) chunk_mean[k * C + c0 + q] = sum[q], chunk_m2[k * C + c0 + q] = m2[q];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double count = 0, m = 0, m2 = 0;
+    for (int64_t k = 0; k < r.chunks; ++k) {
+      const double rows = static_cast<double>(std::min(N, (k + 1) * kStatRows) - k * kStatRows);
+      const double delta = chunk_mean[k * C + c] - m, total = count + rows;
+      m += delta * rows / total;
+      m2 += chunk_m2[k * C + c] + delta * delta * count * rows / total;
+      count = total;
+    }
+    mean[c] = static_cast<float>(m);
+    var[c] = static_cast<float>(m2 / static_cast<double>(N));
+  }
+}
+
+// sum_g[c] = sum_n g[n, c] and sum_gc[c] = sum_n g[n, c] * (x[n, c] - mean[c]), float32.
+template <typename T>
+void BatchNormGradSums(const T* x, const T* g, const float* mean, float* sum_g, float* sum_gc, int64_t N, int64_t C) {
+  const RowChunks r(N, C);
+  std::vector<float> chunk_g(r.chunks * C), chunk_gc(r.chunks * C);
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < r.tasks(); ++task) {
+    const int64_t n0 = r.n0(task), n1 = r.n1(task), c0 = r.c0(task), width = r.width(task);
+    float sg[kLanes], sgc[kLanes], mu[kLanes];
+    for (int64_t q = 0; q < width; ++q) sg[q] = 0.f, sgc[q] = 0.f, mu[q] = mean[c0 + q];
+    for (int64_t n = n0; n < n1; ++n) {
+      const T *xr = x + n * C + c0, *gr = g + n * C + c0;
+      for (int64_t q = 0; q < width; ++q) {
+        const float gv = ToFloat(gr[q]);
+        sg[q] += gv;
+        sgc[q] += gv * (ToFloat(xr[q]) - mu[q]);
+      }
+    }
+    const int64_t k = n0 / kStatRows;
+    for (int64_t q = 0; q < width; ++q) chunk_g[k * C + c0 + q] = sg[q], chunk_gc[k * C + c0 + q] = sgc[q];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t k = 0; k < r.chunks; ++k) a += chunk_g[k * C + c], b += chunk_gc[k * C + c];
+    sum_g[c] = static_cast<float>(a);
+    sum_gc[c] = static_cast<float>(b);
+  }
+}
+
+ffi::Error BatchStatsImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var) {
+  auto d = x.dimensions();
+  if (d.size() != 2 || mean->element_type() != ffi::DataType::F32 || var->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("batch_stats: expected x (N, C) and float32 outputs (C,)");
+  return ForType(x.element_type(), "batch_stats", [&](auto t) {
+    using T = decltype(t);
+    BatchStats(In<T>(x), Out<float>(mean), Out<float>(var), d[0], d[1]);
+  });
+}
+
+ffi::Error BatchNormGradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer mean,
+                                 ffi::Result<ffi::AnyBuffer> sum_g, ffi::Result<ffi::AnyBuffer> sum_gc) {
+  auto d = x.dimensions();
+  if (d.size() != 2 || g.element_type() != x.element_type() || mean.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("batch_norm_grad_sums: expected x and g (N, C) of one dtype, float32 mean");
+  return ForType(x.element_type(), "batch_norm_grad_sums", [&](auto t) {
+    using T = decltype(t);
+    BatchNormGradSums(In<T>(x), In<T>(g), In<float>(mean), Out<float>(sum_g), Out<float>(sum_gc), d[0], d[1]);
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxGrad, MaxGradImpl,
@@ -631,6 +740,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamAvgMaxGrad, AvgMaxGradImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamGateGrad, GateGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamBatchStats, BatchStatsImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamBatchNormGradSums, BatchNormGradSumsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

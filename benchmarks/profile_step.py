@@ -147,22 +147,42 @@ def profile(case_text: str, dtype: str, steps: int, warmup: int, top: int = 15) 
     return {"step_ms": step_ms, **summarise(thunk_ms(trace, table, steps), table, top)}
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: the machine line, then the tables by model part, by kernel kind and the top thunks."""
+def caption(report: dict[str, Any]) -> str:
+    """One line: the case, the step's wall time, the thunks' total and the machine."""
     m = report["machine"]
+    return (f"{report['case']} {report['dtype']} train step: {report['step_ms']:.0f} ms wall, "
+            f"{report['thunk_ms']:.0f} ms of thunks per step ({report['steps']} traced steps). Machine: {m['cpu']} "
+            f"(lscpu flags: {' '.join(m['cpu_shown_flags'])}), {m['cores']} cores; JAX {m['jax']}; native "
+            f"kernels: {m.get('native_kernels')}.")
+
+
+def parts_table(report: dict[str, Any]) -> str:
+    """Thunk time by model part, forward and backward."""
     total = report["thunk_ms"]
-    lines = [f"{report['case']} {report['dtype']} train step: {report['step_ms']:.0f} ms wall, {total:.0f} ms of "
-             f"thunks per step ({report['steps']} traced steps). Machine: {m['cpu']} (lscpu flags: "
-             f"{' '.join(m['cpu_shown_flags'])}), {m['cores']} cores; JAX {m['jax']}; native kernels: "
-             f"{m.get('native_kernels')}.", "",
-             "| model part | forward ms | backward ms | ms per step | share |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model part | forward ms | backward ms | ms per step | share |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['part']} | " + ("| " if "no pass" in r else f"{r['forward']:.1f} | {r['backward']:.1f} ")
               + f"| {r['ms']:.1f} | {r['ms'] / total:.0%} |" for r in report["parts"]]
-    lines += ["", "| kernel | ms per step | share |", "|---|---:|---:|"]
+    return "\n".join(lines)
+
+
+def kinds_table(report: dict[str, Any]) -> str:
+    """Thunk time by kernel: each native kernel, XLA's fusions and library calls."""
+    total = report["thunk_ms"]
+    lines = ["| kernel | ms per step | share |", "|---|---:|---:|"]
     lines += [f"| {r['kind']} | {r['ms']:.1f} | {r['ms'] / total:.0%} |" for r in report["kinds"]]
-    lines += ["", "| thunk | kernel | model part | ms per step |", "|---|---|---|---:|"]
+    return "\n".join(lines)
+
+
+def top_table(report: dict[str, Any]) -> str:
+    """The longest thunks."""
+    lines = ["| thunk | kernel | model part | ms per step |", "|---|---|---|---:|"]
     lines += [f"| {r['name']} | {r['kind']} | {r['part']} | {r['ms']:.1f} |" for r in report["top"]]
     return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: the caption, then the tables by model part, by kernel and the top thunks."""
+    return "\n\n".join([caption(report), parts_table(report), kinds_table(report), top_table(report)])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

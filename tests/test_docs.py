@@ -184,6 +184,12 @@ def _ablation_tables(report: dict) -> list[str]:
             report["title"], ablation.timing(report)]
 
 
+def _profile_tables(report: dict) -> list[str]:
+    from benchmarks import profile_step
+
+    return [profile_step.caption(report), profile_step.parts_table(report), profile_step.kinds_table(report)]
+
+
 def _detection_tables(report: dict) -> list[str]:
     from benchmarks import detection_seeds
 
@@ -195,7 +201,10 @@ def _detection_tables(report: dict) -> list[str]:
 RENDERED = {
     **{name: ("benchmarks/RESULTS.md", _throughput_tables)
        for name in ("cpu_train", "cpu_quick", "cpu_avx2", "memory_remat_speed", "cpu_families", "cpu_fcos",
-                    "cpu_bf16_avx512")},
+                    "cpu_bf16_avx512", "cpu_bf16_avx512_before")},
+    **{name: ("benchmarks/RESULTS.md", _profile_tables)
+       for name in ("profile_resnet50_bf16", "profile_resnet50_bf16_before", "profile_resnet18_bf16",
+                    "profile_resnet18_bf16_before")},
     **{name: ("benchmarks/RESULTS.md", _scaling_tables) for name in ("cpu_scaling", "memory")},
     "ablation": ("docs/ablation.md", _ablation_tables),
     "detection_seeds": ("docs/detection.md", _detection_tables),

@@ -729,47 +729,22 @@ ffi::Error BatchNormGradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuf
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxGrad, MaxGradImpl,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamAvgMax, AvgMaxImpl,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamAvgMaxGrad, AvgMaxGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamGateGrad, GateGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamBatchStats, BatchStatsImpl,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamBatchNormGradSums, BatchNormGradSumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxPool, MaxPoolImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxPoolGrad, MaxPoolGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
+// Bindings by the number of buffer arguments and results; the pools take window, stride and padding.
+#define ARGS_1 ffi::Ffi::Bind().Arg<ffi::AnyBuffer>()
+#define ARGS_2 ARGS_1.Arg<ffi::AnyBuffer>()
+#define ARGS_3 ARGS_2.Arg<ffi::AnyBuffer>()
+#define RESULTS_1 .Ret<ffi::AnyBuffer>()
+#define RESULTS_2 RESULTS_1.Ret<ffi::AnyBuffer>()
+#define POOL_GEOMETRY .Attr<int64_t>("window").Attr<int64_t>("stride").Attr<int64_t>("padding")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxGrad, MaxGradImpl, ARGS_2 RESULTS_1);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamAvgMax, AvgMaxImpl, ARGS_1 RESULTS_2);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamAvgMaxGrad, AvgMaxGradImpl, ARGS_3 RESULTS_1);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamGateGrad, GateGradImpl, ARGS_3 RESULTS_2);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamBatchStats, BatchStatsImpl, ARGS_1 RESULTS_2);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamBatchNormGradSums, BatchNormGradSumsImpl, ARGS_3 RESULTS_2);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxPool, MaxPoolImpl, ARGS_1 RESULTS_1 POOL_GEOMETRY);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamMaxPoolGrad, MaxPoolGradImpl, ARGS_2 RESULTS_1 POOL_GEOMETRY);
 
 #define CONV_BINDING                                           \
   ffi::Ffi::Bind()                                             \

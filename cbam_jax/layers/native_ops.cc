@@ -622,8 +622,8 @@ ffi::Error MaxPoolGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::
 //
 // Over the rows of x (N, C) per channel, reading bfloat16 or float32 once: XLA:CPU converted bfloat16
 // activations into float32 copies before its reductions. Chunks of kStatRows rows x blocks of kLanes
-// channels run in parallel; their partial results are merged in chunk order, so results do not
-// depend on the thread count.
+// channels run in parallel, summing in float64; their partial results are merged in chunk order, so
+// results do not depend on the thread count.
 constexpr int64_t kStatRows = 256;
 
 struct RowChunks {
@@ -641,22 +641,22 @@ struct RowChunks {
 template <typename T>
 void BatchStats(const T* x, float* mean, float* var, int64_t N, int64_t C) {
   const RowChunks r(N, C);
-  std::vector<float> chunk_mean(r.chunks * C), chunk_m2(r.chunks * C);
+  std::vector<double> chunk_mean(r.chunks * C), chunk_m2(r.chunks * C);
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < r.tasks(); ++task) {
     const int64_t n0 = r.n0(task), n1 = r.n1(task), c0 = r.c0(task), width = r.width(task);
-    float sum[kLanes], m2[kLanes];
-    for (int64_t q = 0; q < width; ++q) sum[q] = 0.f, m2[q] = 0.f;
+    double sum[kLanes], m2[kLanes];  // float64 within a chunk too: as close to exact as XLA's tree sums
+    for (int64_t q = 0; q < width; ++q) sum[q] = 0.0, m2[q] = 0.0;
     for (int64_t n = n0; n < n1; ++n) {
       const T* row = x + n * C + c0;
       for (int64_t q = 0; q < width; ++q) sum[q] += ToFloat(row[q]);
     }
-    const float rows = static_cast<float>(n1 - n0);
+    const double rows = static_cast<double>(n1 - n0);
     for (int64_t q = 0; q < width; ++q) sum[q] /= rows;  // the chunk's mean
     for (int64_t n = n0; n < n1; ++n) {
       const T* row = x + n * C + c0;
       for (int64_t q = 0; q < width; ++q) {
-        const float d = ToFloat(row[q]) - sum[q];
+        const double d = ToFloat(row[q]) - sum[q];
         m2[q] += d * d;
       }
     }
@@ -681,18 +681,19 @@ void BatchStats(const T* x, float* mean, float* var, int64_t N, int64_t C) {
 template <typename T>
 void BatchNormGradSums(const T* x, const T* g, const float* mean, float* sum_g, float* sum_gc, int64_t N, int64_t C) {
   const RowChunks r(N, C);
-  std::vector<float> chunk_g(r.chunks * C), chunk_gc(r.chunks * C);
+  std::vector<double> chunk_g(r.chunks * C), chunk_gc(r.chunks * C);
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < r.tasks(); ++task) {
     const int64_t n0 = r.n0(task), n1 = r.n1(task), c0 = r.c0(task), width = r.width(task);
-    float sg[kLanes], sgc[kLanes], mu[kLanes];
-    for (int64_t q = 0; q < width; ++q) sg[q] = 0.f, sgc[q] = 0.f, mu[q] = mean[c0 + q];
+    double sg[kLanes], sgc[kLanes];
+    float mu[kLanes];
+    for (int64_t q = 0; q < width; ++q) sg[q] = 0.0, sgc[q] = 0.0, mu[q] = mean[c0 + q];
     for (int64_t n = n0; n < n1; ++n) {
       const T *xr = x + n * C + c0, *gr = g + n * C + c0;
       for (int64_t q = 0; q < width; ++q) {
         const float gv = ToFloat(gr[q]);
         sg[q] += gv;
-        sgc[q] += gv * (ToFloat(xr[q]) - mu[q]);
+        sgc[q] += static_cast<double>(gv) * (ToFloat(xr[q]) - mu[q]);
       }
     }
     const int64_t k = n0 / kStatRows;

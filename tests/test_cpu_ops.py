@@ -673,3 +673,13 @@ def test_native_batch_norm_in_bfloat16_is_the_float32_computation_rounded_once()
     for fast, ref in ((y, y_ref), (dx, dx_ref)):
         ulp = 2.0 ** (np.floor(np.log2(np.abs(np.asarray(ref)).max())) - 7)
         assert np.abs(np.asarray(fast, np.float64) - np.asarray(ref, np.float64)).max() <= ulp
+
+
+def test_native_batch_statistics_of_data_far_from_zero():
+    """Values 1000 +- 0.01 (mean / std 1e5): the variance within float32 rounding of the float64 one
+    of the same float32 data, where squared deviations from a rounded mean would be off by ~1e-5."""
+    _needs_native()
+    x = (1000 + 0.01 * np.random.default_rng(0).standard_normal((1000, 16))).astype(np.float32)
+    mean, var = jax.jit(native.batch_stats)(x)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-7)
+    np.testing.assert_allclose(var, x.astype(np.float64).var(0), rtol=1e-6)

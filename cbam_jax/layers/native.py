@@ -369,7 +369,8 @@ def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The mean and the biased variance of x (N, C) over its rows: two (C,) float32 arrays, x read once.
 
     Each chunk of rows contributes its mean and squared deviations from it (as stable as the two-pass
-    variance), summed in float64 and merged in a fixed order. Not differentiable (BatchNorm's own gradient,
+    variance; sums of 4-row float32 runs in float64, taken from the chunk's first row, so exact for
+    data far from zero), merged in a fixed order. Not differentiable (BatchNorm's own gradient,
     `cpu_ops.batch_norm_train`, uses `batch_norm_grad_sums`); call only where `usable_for(x)`.
     """
     shape = jax.ShapeDtypeStruct((x.shape[1],), jnp.float32)

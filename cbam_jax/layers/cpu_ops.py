@@ -218,7 +218,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
 
 def _native_norm(x: jax.Array) -> bool:
-    return x.ndim >= 1 and x.shape[-1] >= NATIVE_NORM_MIN_CHANNELS and native.usable_for(x)
+    return x.shape[-1] >= NATIVE_NORM_MIN_CHANNELS and native.usable_for(x)
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon, axis_name, dtype):
@@ -240,20 +240,19 @@ def _batch_norm_fwd(x, scale, bias, epsilon, axis_name, dtype):
 def _batch_norm_bwd(epsilon, axis_name, dtype, residuals, cotangents):
     del epsilon, dtype
     x, scale, bias, mean, inv_std = residuals
-    grad_y, grad_mean, grad_var = cotangents
     axes = tuple(range(x.ndim - 1))
     local_count = x.size // x.shape[-1]
-    if _native_norm(x) and grad_y.dtype == x.dtype:  # the output gradient read in its own dtype, once
-        sum_grad_y, sum_grad_y_centred = native.batch_norm_grad_sums(
-            x.reshape(local_count, -1), grad_y.reshape(local_count, -1), mean)
-        grad_bias, grad_scale = sum_grad_y, sum_grad_y_centred * inv_std
-    else:
-        normalised = (x.astype(jnp.float32) - mean) * inv_std
-        grad_bias = jnp.sum(grad_y.astype(jnp.float32), axes)
-        grad_scale = jnp.sum(grad_y.astype(jnp.float32) * normalised, axes)
-    grad_y, grad_mean, grad_var = (c.astype(jnp.float32) for c in (grad_y, grad_mean, grad_var))
     centred = x.astype(jnp.float32) - mean
     normalised = centred * inv_std
+    output_grad = cotangents[0]  # in y's dtype: the native sums read it so (bfloat16 in a bfloat16 model), once
+    grad_y, grad_mean, grad_var = (c.astype(jnp.float32) for c in cotangents)
+    if _native_norm(x) and output_grad.dtype == x.dtype:
+        sum_grad_y, sum_grad_y_centred = native.batch_norm_grad_sums(
+            x.reshape(local_count, -1), output_grad.reshape(local_count, -1), mean)
+        grad_bias, grad_scale = sum_grad_y, sum_grad_y_centred * inv_std
+    else:
+        grad_bias = jnp.sum(grad_y, axes)
+        grad_scale = jnp.sum(grad_y * normalised, axes)
     # d/dx of y = scale * (x - mean) * inv_std with mean and inv_std functions of the whole batch;
     # the cotangents of the returned statistics (zero when they only feed the running averages) add
     # d mean / dx = 1/N and d var / dx = 2 (x - mean) / N.

@@ -277,11 +277,11 @@ def max_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
     float32 or bfloat16 (grad cast to x's dtype); NaN counts as the maximum, as in `jnp.argmax`.
     Call only where `available()` is True.
     """
-    return jax.ffi.ffi_call("cbam_max_grad", jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            vmap_method="sequential")(x, grad.astype(x.dtype))
+    return _elementwise_call("max_grad", jax.ShapeDtypeStruct(x.shape, x.dtype), x, grad.astype(x.dtype))
 
 
 def _elementwise_call(name: str, outputs, *operands, **attributes):
+    """The shim's handler `cbam_{name}` on `operands`, with `outputs` (one or a tuple of ShapeDtypeStructs)."""
     return jax.ffi.ffi_call(f"cbam_{name}", outputs, vmap_method="sequential")(*operands, **attributes)
 
 
@@ -366,7 +366,8 @@ max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The mean and the biased variance of x (N, C) over its rows: two (C,) float32 arrays, x read once.
+    """The mean and the biased variance of x (N, C) over its rows: two (C,) float32 arrays, x read
+    from memory once (each chunk of rows twice, the second time from cache).
 
     Each chunk of rows contributes its mean and squared deviations from it (as stable as the two-pass
     variance; sums of 4-row float32 runs in float64, taken from the chunk's first row, so exact for

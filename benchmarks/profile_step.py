@@ -34,6 +34,7 @@ _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
 _FUSION_KIND = re.compile(r'"kind":"(\w+)"')
+PROGRAM = "python -m benchmarks.profile_step"
 _NATIVE_PARTS = {"cbam_onednn_conv_forward": "convolution (oneDNN)", "cbam_onednn_conv_input_grad": "convolution (oneDNN)",
                  "cbam_onednn_conv_kernel_grad": "convolution (oneDNN)", "cbam_max_pool": "max pool",
                  "cbam_max_pool_grad": "max pool"}
@@ -188,7 +189,9 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from benchmarks.throughput import Case
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n")[0])
+    from cbam_jax.cli import ArgumentParser  # errors as one line (a UsageError), not usage text
+
+    parser = ArgumentParser(prog=PROGRAM, description=__doc__.split("\n")[0])
     parser.add_argument("--case", default="cbam_resnet50:224:8", help="MODEL:SIZE:BATCH[:STEM] (default "
                         "cbam_resnet50:224:8), as benchmarks.throughput's --cases; no detector cases")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
@@ -209,15 +212,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    from cbam_jax.atomic import check_destination
+    from cbam_jax.errors import UserError, report
+
+    try:
+        args = parse_args(argv)
+        if args.json:  # before minutes of compiling and tracing
+            check_destination(args.json, replace=True, option="--json")
+    except UserError as error:
+        return report(PROGRAM, error, exit_code=2)
     from benchmarks.throughput import machine, write_atomic
 
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "case": args.case, "dtype": args.dtype, "steps": args.steps,
-              "machine": machine(), **profile(args.case, args.dtype, args.steps, args.warmup, args.top)}
-    print(markdown(report))
+    report_data = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "command": " ".join(sys.argv), "case": args.case, "dtype": args.dtype, "steps": args.steps,
+                   "machine": machine(), **profile(args.case, args.dtype, args.steps, args.warmup, args.top)}
+    print(markdown(report_data))
     if args.json:
-        write_atomic(args.json, lambda temp: pathlib.Path(temp).write_text(json.dumps(report, indent=1)))
+        try:  # a full or read-only disk: one line, and no half-written file (atomic_output)
+            write_atomic(args.json, lambda temp: pathlib.Path(temp).write_text(json.dumps(report_data, indent=1)))
+        except UserError as error:
+            return report(PROGRAM, error)
     return 0
 
 

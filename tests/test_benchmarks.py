@@ -528,10 +528,45 @@ def test_profile_step_runs_on_a_small_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [(["--case", "cbam_resnet50:224"], "case must be MODEL:SIZE:BATCH"),
                                            (["--case", "cbam_resnet50:512:2:fcos"], "drop ':fcos'"),
-                                           (["--steps", "0"], "--steps must be >= 1"), (["--top", "-1"], "--top >= 0")])
-def test_profile_step_rejects_bad_arguments(args, message, capsys):
+                                           (["--steps", "0"], "--steps must be >= 1"), (["--top", "-1"], "--top >= 0"),
+                                           (["--dtype", "float16"], "invalid choice")])
+def test_profile_step_rejects_bad_arguments_in_one_line(args, message, capsys):
     from benchmarks.profile_step import main as profile_main
 
-    with pytest.raises(SystemExit) as exit_info:
-        profile_main(args)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert profile_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m benchmarks.profile_step: error: ") and message in err
+
+
+def test_profile_step_refuses_a_json_under_a_file_before_any_work(tmp_path, capsys):
+    """Checked before minutes of compiling: one line, exit 2, nothing created."""
+    from benchmarks.profile_step import main as profile_main
+
+    (tmp_path / "file").write_text("")
+    assert profile_main(["--case", "cbam_resnet18:16:2:cifar", "--json", str(tmp_path / "file" / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json" in err and "is a file, not a folder" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_profile_step_on_a_full_disk_says_so_in_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """The report's write fails with ENOSPC: exit 1, one line naming the file and the reason, no
+    half-written JSON (the profile itself is stubbed: this is about the output)."""
+    import pathlib
+
+    import benchmarks.profile_step as profile_step
+
+    summary = {"step_ms": 1.0, "thunk_ms": 1.0, "parts": [], "kinds": [], "top": []}
+    monkeypatch.setattr(profile_step, "profile", lambda *args: summary)
+    real_write_text = pathlib.Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real_write_text(self, text[:10], *args, **kwargs)  # part of it written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    target = tmp_path / "profile.json"
+    assert profile_step.main(["--case", "cbam_resnet18:16:2:cifar", "--json", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(target) in err
+    assert list(tmp_path.iterdir()) == []

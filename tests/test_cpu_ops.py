@@ -683,3 +683,29 @@ def test_native_batch_statistics_of_data_far_from_zero():
     mean, var = jax.jit(native.batch_stats)(x)
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-7)
     np.testing.assert_allclose(var, x.astype(np.float64).var(0), rtol=1e-6)
+
+
+def test_maps_of_2_to_the_24_positions_keep_xla_and_the_kernels_refuse_them():
+    """The native gate and pool kernels track positions as float32 (exact below 2^24): a channel gate
+    or stem pool over that many positions takes XLA's path, and the kernels refuse rather than
+    send a gradient to the wrong position."""
+    _needs_native()
+    from cbam_jax.layers import ChannelGate
+
+    def jaxpr_of_grad(f, shape):
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        return str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(f(x))))(x))
+
+    gate = ChannelGate(reduction=1, implementation="cpu")
+    variables = jax.eval_shape(gate.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 2, 2, 1), jnp.float32))
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+    pool = functools.partial(cpu_ops.max_pool, window=3, stride=2, padding=1)
+    for f, name in ((functools.partial(gate.apply, variables), "cbam_gate_grad"), (pool, "cbam_max_pool_grad")):
+        assert name in jaxpr_of_grad(f, (1, 4096, 4095, 1))
+        assert name not in jaxpr_of_grad(f, (1, 4096, 4096, 1))
+    x = jnp.zeros((1, 2**24, 1), jnp.float32)
+    with pytest.raises(Exception, match="N must be below 2"):
+        jax.block_until_ready(jax.vjp(native.avg_max, x)[1]((jnp.ones((1, 1)), jnp.ones((1, 1)))))
+    x = jnp.zeros((1, 4096, 4096, 1), jnp.float32)
+    with pytest.raises(Exception, match="H \\* W must be below 2"):
+        jax.block_until_ready(jax.vjp(lambda x: native.max_pool(x, 3, 2, 1), x)[1](jnp.ones((1, 2048, 2048, 1))))

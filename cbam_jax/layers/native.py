@@ -57,6 +57,11 @@ TARGETS = {"cbam_onednn_conv_forward": "CbamOnednnConvForward", "cbam_onednn_con
            "cbam_batch_stats": "CbamBatchStats", "cbam_batch_norm_grad_sums": "CbamBatchNormGradSums"}
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
+# The gate and pool kernels track positions along a reduction as float32 (so that their argmax loops
+# vectorise): `avg_max` over fewer than this many positions N, `max_pool` on maps of fewer than this
+# many pixels H * W; larger ones are refused by the kernels, and the layers keep XLA's path for them.
+MAX_POSITIONS = 2**24
+
 # Set False (before tracing) to keep XLA's own kernels everywhere, e.g. to compare; the environment
 # variable CBAM_JAX_NATIVE=0 does the same for a whole process.
 ENABLED = True
@@ -290,7 +295,7 @@ def avg_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The mean and the max of x (P, N, Q) along N in one pass: two (P, Q) float32 arrays.
 
     The max's gradient goes to the first maximum along N (NaN counts as the maximum), as
-    `common.max_over`'s. float32 or bfloat16 x; call only where `usable_for(x)`.
+    `common.max_over`'s. float32 or bfloat16 x, N < `MAX_POSITIONS`; call only where `usable_for(x)`.
     """
     shape = jax.ShapeDtypeStruct((x.shape[0], x.shape[2]), jnp.float32)
     return tuple(_elementwise_call("avg_max", (shape, shape), x))
@@ -338,8 +343,8 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """PyTorch's `max_pool2d` (square window, padding that never wins), NHWC: x (B, H, W, C) -> (B, Ho, Wo, C).
 
     The gradient goes to the first maximum of each window in row-major order (NaN counts as the
-    maximum), summed in float32 where windows overlap. Needs padding < window; call only where
-    `usable_for(x)`.
+    maximum), summed in float32 where windows overlap. Needs padding < window and H * W <
+    `MAX_POSITIONS`; call only where `usable_for(x)`.
     """
     out = [(size + 2 * padding - window) // stride + 1 for size in x.shape[1:3]]
     return _elementwise_call("max_pool", jax.ShapeDtypeStruct((x.shape[0], *out, x.shape[3]), x.dtype), x,

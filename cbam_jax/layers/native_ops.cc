@@ -369,6 +369,9 @@ inline float Rounded(float v, uint16_t) {  // v rounded to bfloat16, as a float
 }
 
 constexpr int64_t kLanes = 512;  // Q-block of one task: float32 accumulators on the stack
+// Positions along a reduction are tracked as float32 (one lane width with the values, so the argmax
+// loops vectorise), exact below 2^24; the handlers refuse more (native.MAX_POSITIONS, checked by callers).
+constexpr int64_t kMaxPositions = int64_t{1} << 24;
 constexpr int64_t kChunk = 64;   // rows summed into a partial before the running total (two-level sum)
 
 // The tasks of an (P, N, Q) pass: (p, block of Q) pairs.
@@ -381,8 +384,8 @@ struct Blocks {
   int64_t width(int64_t task) const { return std::min(kLanes, Q - q0(task)); }
 };
 
-// For each q of a block: the first n maximising xp[n * Q + q] (NaN counts as the maximum), in index.
-// (index as float: exact below 2^24, and the same lane width as the values, so the loop vectorises)
+// For each q of a block: the first n maximising xp[n * Q + q] (NaN counts as the maximum), in index
+// (as float: N < kMaxPositions).
 template <typename T>
 void FirstMax(const T* xp, int64_t N, int64_t Q, int64_t width, float* best, float* index) {
   for (int64_t q = 0; q < width; ++q) best[q] = ToFloat(xp[q]), index[q] = 0.f;
@@ -514,7 +517,7 @@ void MaxPoolGrad(const T* x, const T* g, T* dx, int64_t B, int64_t H, int64_t W,
   for (int64_t task = 0; task < B * blocks; ++task) {
     const int64_t b = task / blocks, c0 = (task % blocks) * kChannels, width = std::min(kChannels, C - c0);
     std::vector<float> sum(H * W * kChannels, 0.f);
-    float best[kChannels], index[kChannels];  // index as float (exact below 2^24): one lane width
+    float best[kChannels], index[kChannels];  // index as float: H * W < kMaxPositions
     for (int64_t oh = 0; oh < Ho; ++oh) {
       const int64_t h0 = std::max<int64_t>(0, oh * stride - pad), h1 = std::min(H, oh * stride - pad + window);
       for (int64_t ow = 0; ow < Wo; ++ow) {
@@ -576,6 +579,7 @@ ffi::Error AvgMaxGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer d_mean, ffi::AnyBuffe
   if (d.size() != 3 || d_mean.element_type() != ffi::DataType::F32 || d_max.element_type() != ffi::DataType::F32 ||
       dx->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("avg_max_grad: expected x (P, N, Q), float32 d_mean and d_max (P, Q)");
+  if (d[1] >= kMaxPositions) return ffi::Error::InvalidArgument("avg_max_grad: N must be below 2^24");
   return ForType(x.element_type(), "avg_max_grad", [&](auto t) {
     using T = decltype(t);
     AvgMaxGrad(In<T>(x), In<float>(d_mean), In<float>(d_max), Out<T>(dx), d[0], d[1], d[2]);
@@ -612,6 +616,7 @@ ffi::Error MaxPoolGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::
   auto o = g.dimensions();
   if (d.size() != 4 || o.size() != 4 || g.element_type() != x.element_type())
     return ffi::Error::InvalidArgument("max_pool_grad: expected x (B, H, W, C) and g (B, Ho, Wo, C) of one dtype");
+  if (d[1] * d[2] >= kMaxPositions) return ffi::Error::InvalidArgument("max_pool_grad: H * W must be below 2^24");
   return ForType(x.element_type(), "max_pool_grad", [&](auto t) {
     using T = decltype(t);
     MaxPoolGrad(In<T>(x), In<T>(g), Out<T>(dx), d[0], d[1], d[2], d[3], o[1], o[2], window, stride, padding);

@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from cbam_jax.cli import ArgumentParser
 from cbam_jax.errors import UsageError, UserError, report
 
 PROGRAM = "python -m benchmarks.ablation"
@@ -63,11 +64,6 @@ QUICK = {"seeds": 3, "overrides": ["--config.num_epochs=10", "--config.checkpoin
 FULL_SEEDS = 5
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of argparse's usage + message
-        raise UsageError(f"{message} (see --help)")
-
-
 def load_recipe():
     """configs/ablation.py as a module (ROWS, get_config)."""
     import importlib.util
@@ -80,7 +76,7 @@ def load_recipe():
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     rows = list(load_recipe().ROWS)
-    parser = _Parser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0],
                      epilog="Any other --config.FIELD=VALUE is a train.py override applied to every run.")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['seeds']} seeds, overrides {' '.join(QUICK['overrides'])} (< 15 min on 2 cores)")

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from cbam_jax.cli import ArgumentParser
 from cbam_jax.errors import UsageError, UserError, report
 
 PROGRAM = "python -m benchmarks.detection_seeds"
@@ -41,13 +42,8 @@ METRICS = (("mAP", "mAP@[.5:.95]"), ("mAP50", "mAP@.5"), ("mAP75", "mAP@.75"))
 PER_SEED = "mAP50"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of argparse's usage + message
-        raise UsageError(f"{message} (see --help)")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog=PROGRAM, description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0],
                      epilog="Any other --config.FIELD=VALUE is a train.py override applied to every run.")
     parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
                         help=f"backbones (default {' '.join(MODELS)}); the table's last row compares the first two")

@@ -647,6 +647,22 @@ struct RowChunks {
 // about as accurate as float64 throughout (and as XLA's tree sums), at float32 speed.
 constexpr int64_t kRun = 4;
 
+// total[k][q] = the sum over rows n in [n0, n1) of the K terms that add_row(n, run) adds into run[k][q]
+// (q < width): float32 runs of kRun rows, each run added into the float64 total.
+template <int K, typename AddRow>
+void SumRowsInRuns(int64_t n0, int64_t n1, int64_t width, double (&total)[K][kLanes], AddRow add_row) {
+  float run[K][kLanes];
+  for (int k = 0; k < K; ++k)
+    for (int64_t q = 0; q < width; ++q) total[k][q] = 0.0;
+  for (int64_t start = n0; start < n1; start += kRun) {
+    for (int k = 0; k < K; ++k)
+      for (int64_t q = 0; q < width; ++q) run[k][q] = 0.f;
+    for (int64_t n = start; n < std::min(n1, start + kRun); ++n) add_row(n, run);
+    for (int k = 0; k < K; ++k)
+      for (int64_t q = 0; q < width; ++q) total[k][q] += run[k][q];
+  }
+}
+
 template <typename T>
 void BatchStats(const T* x, float* mean, float* var, int64_t N, int64_t C) {
   const RowChunks r(N, C);
@@ -654,40 +670,32 @@ void BatchStats(const T* x, float* mean, float* var, int64_t N, int64_t C) {
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < r.tasks(); ++task) {
     const int64_t n0 = r.n0(task), n1 = r.n1(task), c0 = r.c0(task), width = r.width(task);
-    double sum[kLanes], m2[kLanes];
-    float run[kLanes], centre[kLanes], shift[kLanes];
+    double sum[1][kLanes], m2[1][kLanes];
+    float centre[kLanes], shift[kLanes];
     // Sums of x - (the chunk's first row): terms of the data's spread, not of its mean, so that the
     // chunk means (merged below) stay exact when the mean is large against the spread.
-    for (int64_t q = 0; q < width; ++q) sum[q] = 0.0, m2[q] = 0.0, shift[q] = ToFloat(x[n0 * C + c0 + q]);
-    for (int64_t start = n0; start < n1; start += kRun) {
-      for (int64_t q = 0; q < width; ++q) run[q] = 0.f;
-      for (int64_t n = start; n < std::min(n1, start + kRun); ++n) {
-        const T* row = x + n * C + c0;
-        for (int64_t q = 0; q < width; ++q) run[q] += ToFloat(row[q]) - shift[q];
-      }
-      for (int64_t q = 0; q < width; ++q) sum[q] += run[q];
-    }
+    for (int64_t q = 0; q < width; ++q) shift[q] = ToFloat(x[n0 * C + c0 + q]);
+    SumRowsInRuns(n0, n1, width, sum, [&](int64_t n, float (&run)[1][kLanes]) {
+      const T* row = x + n * C + c0;
+      for (int64_t q = 0; q < width; ++q) run[0][q] += ToFloat(row[q]) - shift[q];
+    });
     const double rows = static_cast<double>(n1 - n0);
     for (int64_t q = 0; q < width; ++q) {  // the chunk's mean
-      sum[q] = shift[q] + sum[q] / rows;
-      centre[q] = static_cast<float>(sum[q]);
+      sum[0][q] = shift[q] + sum[0][q] / rows;
+      centre[q] = static_cast<float>(sum[0][q]);
     }
-    for (int64_t start = n0; start < n1; start += kRun) {
-      for (int64_t q = 0; q < width; ++q) run[q] = 0.f;
-      for (int64_t n = start; n < std::min(n1, start + kRun); ++n) {
-        const T* row = x + n * C + c0;
-        for (int64_t q = 0; q < width; ++q) {
-          const float d = ToFloat(row[q]) - centre[q];
-          run[q] += d * d;
-        }
+    SumRowsInRuns(n0, n1, width, m2, [&](int64_t n, float (&run)[1][kLanes]) {
+      const T* row = x + n * C + c0;
+      for (int64_t q = 0; q < width; ++q) {
+        const float d = ToFloat(row[q]) - centre[q];
+        run[0][q] += d * d;
       }
-      for (int64_t q = 0; q < width; ++q) m2[q] += run[q];
-    }
+    });
     const int64_t k = n0 / kStatRows;
     for (int64_t q = 0; q < width; ++q) {
-      const double offset = sum[q] - centre[q];  // deviations were taken from the float32-rounded mean
-      chunk_mean[k * C + c0 + q] = sum[q];
-      chunk_m2[k * C + c0 + q] = std::max(0.0, m2[q] - rows * offset * offset);
+      const double offset = sum[0][q] - centre[q];  // deviations were taken from the float32-rounded mean
+      chunk_mean[k * C + c0 + q] = sum[0][q];
+      chunk_m2[k * C + c0 + q] = std::max(0.0, m2[0][q] - rows * offset * offset);
     }
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -712,23 +720,19 @@ void BatchNormGradSums(const T* x, const T* g, const float* mean, float* sum_g, 
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < r.tasks(); ++task) {
     const int64_t n0 = r.n0(task), n1 = r.n1(task), c0 = r.c0(task), width = r.width(task);
-    double sg[kLanes], sgc[kLanes];
-    float run_g[kLanes], run_gc[kLanes], mu[kLanes];
-    for (int64_t q = 0; q < width; ++q) sg[q] = 0.0, sgc[q] = 0.0, mu[q] = mean[c0 + q];
-    for (int64_t start = n0; start < n1; start += kRun) {
-      for (int64_t q = 0; q < width; ++q) run_g[q] = 0.f, run_gc[q] = 0.f;
-      for (int64_t n = start; n < std::min(n1, start + kRun); ++n) {
-        const T *xr = x + n * C + c0, *gr = g + n * C + c0;
-        for (int64_t q = 0; q < width; ++q) {
-          const float gv = ToFloat(gr[q]);
-          run_g[q] += gv;
-          run_gc[q] += gv * (ToFloat(xr[q]) - mu[q]);
-        }
+    double sums[2][kLanes];  // of g, of g * (x - mean)
+    float mu[kLanes];
+    for (int64_t q = 0; q < width; ++q) mu[q] = mean[c0 + q];
+    SumRowsInRuns(n0, n1, width, sums, [&](int64_t n, float (&run)[2][kLanes]) {
+      const T *xr = x + n * C + c0, *gr = g + n * C + c0;
+      for (int64_t q = 0; q < width; ++q) {
+        const float gv = ToFloat(gr[q]);
+        run[0][q] += gv;
+        run[1][q] += gv * (ToFloat(xr[q]) - mu[q]);
       }
-      for (int64_t q = 0; q < width; ++q) sg[q] += run_g[q], sgc[q] += run_gc[q];
-    }
+    });
     const int64_t k = n0 / kStatRows;
-    for (int64_t q = 0; q < width; ++q) chunk_g[k * C + c0 + q] = sg[q], chunk_gc[k * C + c0 + q] = sgc[q];
+    for (int64_t q = 0; q < width; ++q) chunk_g[k * C + c0 + q] = sums[0][q], chunk_gc[k * C + c0 + q] = sums[1][q];
   }
   for (int64_t c = 0; c < C; ++c) {
     double a = 0, b = 0;

@@ -709,3 +709,54 @@ def test_maps_of_2_to_the_24_positions_keep_xla_and_the_kernels_refuse_them():
     x = jnp.zeros((1, 4096, 4096, 1), jnp.float32)
     with pytest.raises(Exception, match="H \\* W must be below 2"):
         jax.block_until_ready(jax.vjp(lambda x: native.max_pool(x, 3, 2, 1), x)[1](jnp.ones((1, 2048, 2048, 1))))
+
+
+def _shaped(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# (handler, outputs, operands, attributes): each one buffer off by its shape, dtype or emptiness.
+_pool = {"window": np.int64(3), "stride": np.int64(2), "padding": np.int64(1)}
+WRONG_CALLS = [
+    ("max_grad", _shaped((4, 3, 8)), (jnp.ones((4, 3, 8)), jnp.ones((1, 8))), {}),
+    ("avg_max", (_shaped((4, 8)), _shaped((1, 8))), (jnp.ones((4, 3, 8)),), {}),
+    ("avg_max_grad", _shaped((4, 3, 8)), (jnp.ones((4, 3, 8)), jnp.ones((4, 8)), jnp.ones((8,))), {}),
+    ("gate_grad", (_shaped((4, 3, 8)), _shaped((4, 8))), (jnp.ones((4, 3, 8)), jnp.ones((4, 3, 8)), jnp.ones((1, 8))), {}),
+    ("gate_grad", (_shaped((4, 3, 8)), _shaped((4, 8))), (jnp.ones((4, 3, 8)), jnp.ones((4, 1, 8)), jnp.ones((4, 8))), {}),
+    ("max_pool", _shaped((1, 5, 5, 3)), (jnp.ones((1, 6, 6, 3)),), _pool),  # 6 pools to 3, not 5
+    ("max_pool", _shaped((1, 3, 3, 3)), (jnp.ones((1, 6, 6, 3)),), {**_pool, "padding": np.int64(3)}),
+    ("max_pool_grad", _shaped((1, 6, 6, 3), jnp.bfloat16), (jnp.ones((1, 6, 6, 3)), jnp.ones((1, 3, 3, 3))), _pool),
+    ("batch_stats", (_shaped((4,)), _shaped((5,))), (jnp.ones((7, 4)),), {}),
+    ("batch_norm_grad_sums", (_shaped((4,)), _shaped((4,))), (jnp.ones((7, 4)), jnp.ones((7, 4)), jnp.ones(())), {}),
+    ("batch_norm_grad_sums", (_shaped((4,)), _shaped((4,))), (jnp.ones((7, 4)), jnp.ones((6, 4)), jnp.ones((4,))), {}),
+    ("batch_stats", (_shaped((4,)), _shaped((4,))), (jnp.ones((0, 4)),), {}),
+    ("avg_max", (_shaped((4, 8)), _shaped((4, 8))), (jnp.ones((4, 0, 8)),), {}),
+]
+
+
+@pytest.mark.parametrize("name, outputs, operands, attributes", WRONG_CALLS,
+                         ids=[f"{call[0]}-{i}" for i, call in enumerate(WRONG_CALLS)])
+def test_native_handlers_refuse_buffers_of_other_shapes(name, outputs, operands, attributes):
+    """Every handler checks every buffer's shape and dtype (and refuses empty inputs, whose reductions
+    have no first element): a wrong call is an error, never a read or write outside a buffer."""
+    _needs_native()
+    with pytest.raises(Exception, match=f"{name}: (expected|x must not be empty)"):
+        jax.block_until_ready(native._elementwise_call(name, outputs, *operands, **attributes))
+
+
+def test_native_wrappers_check_shapes_and_empty_inputs_keep_xla():
+    """The wrappers name a wrongly shaped operand at trace time (a broadcastable gate (1, Q) included);
+    empty arrays are not `usable_for` the kernels, so the layers give XLA's results for them."""
+    _needs_native()
+    x = jnp.ones((4, 3, 8))
+    with pytest.raises(ValueError, match=r"native.gate: s must have shape \(4, 8\), got \(1, 8\)"):
+        jax.grad(lambda s: jnp.sum(native.gate(x, s)))(jnp.ones((1, 8)))
+    with pytest.raises(ValueError, match=r"native.max_grad: grad must have shape \(4, 8\)"):
+        native.max_grad(x, jnp.ones((8,)))
+    with pytest.raises(ValueError, match=r"native.batch_norm_grad_sums: mean must have shape \(8,\)"):
+        native.batch_norm_grad_sums(x[0], x[0], jnp.zeros(()))
+    empty = jnp.ones((1, 0, 5, 3))
+    assert not native.usable_for(empty) and native.usable_for(jnp.ones((1, 1, 5, 3)))
+    pooled = jax.jit(functools.partial(cpu_ops.max_pool, window=2, stride=1, padding=1))(empty)  # windows of padding
+    assert pooled.shape == (1, 1, 6, 3)
+    np.testing.assert_array_equal(pooled, nn.max_pool(empty, (2, 2), strides=(1, 1), padding=((1, 1), (1, 1))))

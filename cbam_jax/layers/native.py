@@ -205,8 +205,15 @@ def enabled() -> bool:
 def usable_for(x: jax.Array) -> bool:
     """Whether the native elementwise kernels (`max_grad`, `avg_max`, `gate`, `max_pool`, `batch_stats`,
     `batch_norm_grad_sums`) take `x` now:
-    float32 or bfloat16 on the CPU backend, where `enabled()`."""
-    return x.dtype in (jnp.float32, jnp.bfloat16) and jax.default_backend() == "cpu" and enabled()
+    float32 or bfloat16 with at least one element, on the CPU backend, where `enabled()`."""
+    return (x.dtype in (jnp.float32, jnp.bfloat16) and x.size > 0 and jax.default_backend() == "cpu"
+            and enabled())
+
+
+def _check_shape(name: str, operand: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """A wrongly shaped operand is a ValueError at trace time (the handlers refuse it too, at run time)."""
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"native.{name}: {operand} must have shape {tuple(expected)}, got {tuple(shape)}.")
 
 
 def bfloat16_convolutions() -> bool:
@@ -282,6 +289,7 @@ def max_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
     float32 or bfloat16 (grad cast to x's dtype); NaN counts as the maximum, as in `jnp.argmax`.
     Call only where `available()` is True.
     """
+    _check_shape("max_grad", "grad", grad.shape, (x.shape[0], x.shape[2]))
     return _elementwise_call("max_grad", jax.ShapeDtypeStruct(x.shape, x.dtype), x, grad.astype(x.dtype))
 
 
@@ -321,6 +329,7 @@ def gate(x: jax.Array, s: jax.Array) -> jax.Array:
     that reads the output gradient and x once: dx in x's dtype and ds summed in float32. Call only
     where `usable_for(x)`.
     """
+    _check_shape("gate", "s", s.shape, (x.shape[0], x.shape[2]))
     return x * s[:, None, :].astype(x.dtype)
 
 
@@ -388,6 +397,8 @@ def batch_norm_grad_sums(x: jax.Array, g: jax.Array, mean: jax.Array) -> tuple[j
 
     Call only where `usable_for(x)`.
     """
+    _check_shape("batch_norm_grad_sums", "g", g.shape, x.shape)
+    _check_shape("batch_norm_grad_sums", "mean", mean.shape, x.shape[1:])
     shape = jax.ShapeDtypeStruct((x.shape[1],), jnp.float32)
     return tuple(_elementwise_call("batch_norm_grad_sums", (shape, shape), x, g.astype(x.dtype),
                                    mean.astype(jnp.float32)))

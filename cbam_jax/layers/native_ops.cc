@@ -1,6 +1,8 @@
-// oneDNN 2-D convolutions (forward, input gradient, kernel gradient) as XLA:CPU FFI handlers, and
-// the gradient of a max reduction sent to the first maximum (one vectorisable pass; XLA:CPU's
-// variadic argmax reduction is not vectorised).
+// XLA:CPU FFI handlers: oneDNN 2-D convolutions (forward, input gradient, kernel gradient); the
+// gradient of a max reduction sent to the first maximum (one vectorisable pass; XLA:CPU's variadic
+// argmax reduction is not vectorised); and passes that read bfloat16 or float32 activations once
+// where XLA:CPU converts them to float32 copies first: CBAM's channel gate (global average and max
+// pools, x * s), the stem's max pool, and BatchNorm's statistics and gradient sums (sections below).
 //
 // Layouts are JAX's: activations NHWC, kernels HWIO. Activations stay NHWC (oneDNN's JIT kernels
 // run channels-last directly, as PyTorch's channels-last path does); the kernel is reordered into
@@ -14,6 +16,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 #include <algorithm>
 #include <memory>
@@ -324,12 +327,25 @@ void MaxGrad(const T* x, const T* grad, T* out, int64_t P, int64_t N, int64_t Q)
   }
 }
 
+// Whether a buffer's dimensions are exactly `expected`: the handlers check every buffer, so that a
+// wrong call is an error, never a read or write outside a buffer.
+template <typename Dims>
+bool HasShape(const Dims& dims, std::initializer_list<int64_t> expected) {
+  return dims.size() == expected.size() && std::equal(expected.begin(), expected.end(), dims.begin());
+}
+// Whether an array of these dimensions has no elements (the kernels read each reduction's first element).
+template <typename Dims>
+bool Empty(const Dims& dims) {
+  return std::find(dims.begin(), dims.end(), int64_t{0}) != dims.end();
+}
+
 ffi::Error MaxGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer grad, ffi::Result<ffi::AnyBuffer> out) {
   auto dims = x.dimensions();
-  if (dims.size() != 3 || grad.dimensions().size() != 2 || x.element_type() != grad.element_type() ||
-      out->element_type() != x.element_type()) {
+  if (dims.size() != 3 || !HasShape(grad.dimensions(), {dims[0], dims[2]}) || !(out->dimensions() == dims) ||
+      x.element_type() != grad.element_type() || out->element_type() != x.element_type()) {
     return ffi::Error::InvalidArgument("max_grad: expected x (P, N, Q) and grad (P, Q) of one dtype");
   }
+  if (Empty(dims)) return ffi::Error::InvalidArgument("max_grad: x must not be empty");
   const int64_t P = dims[0], N = dims[1], Q = dims[2];
   switch (x.element_type()) {
     case ffi::DataType::F32:
@@ -516,7 +532,7 @@ void MaxPoolGrad(const T* x, const T* g, T* dx, int64_t B, int64_t H, int64_t W,
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < B * blocks; ++task) {
     const int64_t b = task / blocks, c0 = (task % blocks) * kChannels, width = std::min(kChannels, C - c0);
-    std::vector<float> sum(H * W * kChannels, 0.f);
+    std::vector<float> sum(H * W * width, 0.f);
     float best[kChannels], index[kChannels];  // index as float: H * W < kMaxPositions
     for (int64_t oh = 0; oh < Ho; ++oh) {
       const int64_t h0 = std::max<int64_t>(0, oh * stride - pad), h1 = std::min(H, oh * stride - pad + window);
@@ -538,12 +554,12 @@ void MaxPoolGrad(const T* x, const T* g, T* dx, int64_t B, int64_t H, int64_t W,
           }
         }
         const T* gp = g + ((b * Ho + oh) * Wo + ow) * C + c0;
-        for (int64_t c = 0; c < width; ++c) sum[static_cast<int64_t>(index[c]) * kChannels + c] += ToFloat(gp[c]);
+        for (int64_t c = 0; c < width; ++c) sum[static_cast<int64_t>(index[c]) * width + c] += ToFloat(gp[c]);
       }
     }
     for (int64_t at = 0; at < H * W; ++at) {
       T* d = dx + (b * H * W + at) * C + c0;
-      for (int64_t c = 0; c < width; ++c) Store(d + c, sum[at * kChannels + c]);
+      for (int64_t c = 0; c < width; ++c) Store(d + c, sum[at * width + c]);
     }
   }
 }
@@ -565,8 +581,10 @@ T* Out(ffi::Result<ffi::AnyBuffer>& b) { return static_cast<T*>(b->untyped_data(
 
 ffi::Error AvgMaxImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> max) {
   auto d = x.dimensions();
-  if (d.size() != 3 || mean->element_type() != ffi::DataType::F32 || max->element_type() != ffi::DataType::F32)
+  if (d.size() != 3 || !HasShape(mean->dimensions(), {d[0], d[2]}) || !HasShape(max->dimensions(), {d[0], d[2]}) ||
+      mean->element_type() != ffi::DataType::F32 || max->element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("avg_max: expected x (P, N, Q) and float32 outputs (P, Q)");
+  if (Empty(d)) return ffi::Error::InvalidArgument("avg_max: x must not be empty");
   return ForType(x.element_type(), "avg_max", [&](auto t) {
     using T = decltype(t);
     AvgMax(In<T>(x), Out<float>(mean), Out<float>(max), d[0], d[1], d[2]);
@@ -576,9 +594,11 @@ ffi::Error AvgMaxImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean, ffi::R
 ffi::Error AvgMaxGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer d_mean, ffi::AnyBuffer d_max,
                           ffi::Result<ffi::AnyBuffer> dx) {
   auto d = x.dimensions();
-  if (d.size() != 3 || d_mean.element_type() != ffi::DataType::F32 || d_max.element_type() != ffi::DataType::F32 ||
-      dx->element_type() != x.element_type())
+  if (d.size() != 3 || !HasShape(d_mean.dimensions(), {d[0], d[2]}) || !HasShape(d_max.dimensions(), {d[0], d[2]}) ||
+      !(dx->dimensions() == d) || d_mean.element_type() != ffi::DataType::F32 ||
+      d_max.element_type() != ffi::DataType::F32 || dx->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("avg_max_grad: expected x (P, N, Q), float32 d_mean and d_max (P, Q)");
+  if (Empty(d)) return ffi::Error::InvalidArgument("avg_max_grad: x must not be empty");
   if (d[1] >= kMaxPositions) return ffi::Error::InvalidArgument("avg_max_grad: N must be below 2^24");
   return ForType(x.element_type(), "avg_max_grad", [&](auto t) {
     using T = decltype(t);
@@ -589,7 +609,9 @@ ffi::Error AvgMaxGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer d_mean, ffi::AnyBuffe
 ffi::Error GateGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer s, ffi::Result<ffi::AnyBuffer> dx,
                         ffi::Result<ffi::AnyBuffer> ds) {
   auto d = x.dimensions();
-  if (d.size() != 3 || g.element_type() != x.element_type() || s.element_type() != ffi::DataType::F32 ||
+  if (d.size() != 3 || !(g.dimensions() == d) || !(dx->dimensions() == d) || !HasShape(s.dimensions(), {d[0], d[2]}) ||
+      !HasShape(ds->dimensions(), {d[0], d[2]}) || g.element_type() != x.element_type() ||
+      dx->element_type() != x.element_type() || s.element_type() != ffi::DataType::F32 ||
       ds->element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("gate_grad: expected x and g (P, N, Q) of one dtype and float32 s (P, Q)");
   return ForType(x.element_type(), "gate_grad", [&](auto t) {
@@ -600,11 +622,22 @@ ffi::Error GateGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer s, ff
 
 #define POOL_ATTRS int64_t window, int64_t stride, int64_t padding
 
+// Whether x (B, H, W, C) pools into (B, Ho, Wo, C) with these attributes (padding < window: no
+// window lies in the padding alone).
+template <typename Dims>
+bool PoolShapes(const Dims& x, const Dims& out, POOL_ATTRS) {
+  if (x.size() != 4 || out.size() != 4 || stride < 1 || padding < 0 || padding >= window) return false;
+  const auto size = [&](int64_t n) { return (n + 2 * padding - window) / stride + 1; };
+  return HasShape(out, {x[0], size(x[1]), size(x[2]), x[3]});
+}
+
 ffi::Error MaxPoolImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, POOL_ATTRS) {
   auto d = x.dimensions();
   auto o = out->dimensions();
-  if (d.size() != 4 || o.size() != 4 || out->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("max_pool: expected x (B, H, W, C) and out (B, Ho, Wo, C) of one dtype");
+  if (!PoolShapes(d, o, window, stride, padding) || out->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("max_pool: expected x (B, H, W, C) and out (B, Ho, Wo, C) of one dtype, "
+                                       "0 <= padding < window, stride >= 1");
+  if (Empty(d)) return ffi::Error::InvalidArgument("max_pool: x must not be empty");
   return ForType(x.element_type(), "max_pool", [&](auto t) {
     using T = decltype(t);
     MaxPool(In<T>(x), Out<T>(out), d[0], d[1], d[2], d[3], o[1], o[2], window, stride, padding);
@@ -614,8 +647,11 @@ ffi::Error MaxPoolImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, POOL_A
 ffi::Error MaxPoolGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dx, POOL_ATTRS) {
   auto d = x.dimensions();
   auto o = g.dimensions();
-  if (d.size() != 4 || o.size() != 4 || g.element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("max_pool_grad: expected x (B, H, W, C) and g (B, Ho, Wo, C) of one dtype");
+  if (!PoolShapes(d, o, window, stride, padding) || !(dx->dimensions() == d) || g.element_type() != x.element_type() ||
+      dx->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("max_pool_grad: expected x and dx (B, H, W, C) and g (B, Ho, Wo, C) of one "
+                                       "dtype, 0 <= padding < window, stride >= 1");
+  if (Empty(d)) return ffi::Error::InvalidArgument("max_pool_grad: x must not be empty");
   if (d[1] * d[2] >= kMaxPositions) return ffi::Error::InvalidArgument("max_pool_grad: H * W must be below 2^24");
   return ForType(x.element_type(), "max_pool_grad", [&](auto t) {
     using T = decltype(t);
@@ -744,8 +780,10 @@ void BatchNormGradSums(const T* x, const T* g, const float* mean, float* sum_g, 
 
 ffi::Error BatchStatsImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var) {
   auto d = x.dimensions();
-  if (d.size() != 2 || mean->element_type() != ffi::DataType::F32 || var->element_type() != ffi::DataType::F32)
+  if (d.size() != 2 || !HasShape(mean->dimensions(), {d[1]}) || !HasShape(var->dimensions(), {d[1]}) ||
+      mean->element_type() != ffi::DataType::F32 || var->element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("batch_stats: expected x (N, C) and float32 outputs (C,)");
+  if (Empty(d)) return ffi::Error::InvalidArgument("batch_stats: x must not be empty");
   return ForType(x.element_type(), "batch_stats", [&](auto t) {
     using T = decltype(t);
     BatchStats(In<T>(x), Out<float>(mean), Out<float>(var), d[0], d[1]);
@@ -755,8 +793,13 @@ ffi::Error BatchStatsImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean, ff
 ffi::Error BatchNormGradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer mean,
                                  ffi::Result<ffi::AnyBuffer> sum_g, ffi::Result<ffi::AnyBuffer> sum_gc) {
   auto d = x.dimensions();
-  if (d.size() != 2 || g.element_type() != x.element_type() || mean.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("batch_norm_grad_sums: expected x and g (N, C) of one dtype, float32 mean");
+  if (d.size() != 2 || !(g.dimensions() == d) || !HasShape(mean.dimensions(), {d[1]}) ||
+      !HasShape(sum_g->dimensions(), {d[1]}) || !HasShape(sum_gc->dimensions(), {d[1]}) ||
+      g.element_type() != x.element_type() || mean.element_type() != ffi::DataType::F32 ||
+      sum_g->element_type() != ffi::DataType::F32 || sum_gc->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("batch_norm_grad_sums: expected x and g (N, C) of one dtype, float32 mean "
+                                       "and outputs (C,)");
+  if (Empty(d)) return ffi::Error::InvalidArgument("batch_norm_grad_sums: x must not be empty");
   return ForType(x.element_type(), "batch_norm_grad_sums", [&](auto t) {
     using T = decltype(t);
     BatchNormGradSums(In<T>(x), In<T>(g), In<float>(mean), Out<float>(sum_g), Out<float>(sum_gc), d[0], d[1]);

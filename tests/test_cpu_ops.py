@@ -524,12 +524,13 @@ def _bfloat16_ulps(actual, expected) -> float:
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape, window, stride, padding", [((2, 11, 10, 70), 3, 2, 1), ((1, 6, 7, 5), 2, 2, 0),
                                                             ((2, 5, 6, 33), 3, 1, 1)])
-def test_native_max_pool_equals_the_separable_pool(shape, window, stride, padding, dtype, monkeypatch):
-    """Ties everywhere (small integers, as after a ReLU), channels beyond one 32-channel block: the
-    same maxima and each gradient at the same first maximum; overlapping windows sum in float32, so
-    bfloat16 gradients are the float32 sums rounded once (within one ulp)."""
+@pytest.mark.parametrize("low", [0, -3])  # as after a ReLU; all negative: the padding must never win
+def test_native_max_pool_equals_the_separable_pool(shape, window, stride, padding, dtype, low, monkeypatch):
+    """Ties everywhere (small integers), channels beyond one 32-channel block: the same maxima and
+    each gradient at the same first maximum; overlapping windows sum in float32, so bfloat16
+    gradients are the float32 sums rounded once (within one ulp)."""
     _needs_native()
-    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape), dtype)
+    x = jnp.asarray(np.random.default_rng(0).integers(low, low + 3, shape), dtype)
     pool = functools.partial(cpu_ops.max_pool, window=window, stride=stride, padding=padding)
     grad_out = _random(jax.eval_shape(pool, x).shape, 1, dtype)
 

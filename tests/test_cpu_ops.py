@@ -541,7 +541,13 @@ def test_native_max_pool_equals_the_separable_pool(shape, window, stride, paddin
     assert "cbam_max_pool_grad" in str(jax.make_jaxpr(values_and_grad)(x, grad_out))
     out, grad = jax.jit(values_and_grad)(x, grad_out)
     monkeypatch.setattr(native, "ENABLED", False)  # the separable pool, in float32
-    out_ref, grad_ref = jax.jit(values_and_grad)(x.astype(jnp.float32), grad_out.astype(jnp.float32))
+
+    def reference(x, grad_out):  # a function of its own: jit would reuse values_and_grad's native trace
+        return values_and_grad(x, grad_out)
+
+    x32, grad_out32 = x.astype(jnp.float32), grad_out.astype(jnp.float32)
+    assert "cbam_max_pool" not in str(jax.make_jaxpr(reference)(x32, grad_out32))
+    out_ref, grad_ref = jax.jit(reference)(x32, grad_out32)
     assert out.dtype == grad.dtype == dtype
     np.testing.assert_array_equal(np.asarray(out, np.float32), out_ref)
     if dtype == jnp.float32:

@@ -767,3 +767,49 @@ def test_native_wrappers_check_shapes_and_empty_inputs_keep_xla():
     pooled = jax.jit(functools.partial(cpu_ops.max_pool, window=2, stride=1, padding=1))(empty)  # windows of padding
     assert pooled.shape == (1, 1, 6, 3)
     np.testing.assert_array_equal(pooled, nn.max_pool(empty, (2, 2), strides=(1, 1), padding=((1, 1), (1, 1))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_native_max_gradients_go_to_the_first_nan_as_xla(dtype, monkeypatch):
+    """NaN counts as the maximum and the gradient goes to the first NaN of each window or column,
+    after +inf and -inf alike, as in the XLA paths (jnp.argmax): pooled values NaN where the window
+    holds one, gradients equal."""
+    _needs_native()
+    x = np.random.default_rng(0).integers(-2, 3, (2, 7, 6, 40)).astype(np.float32)
+    x[0, 1, 1, :20] = np.inf
+    x[0, 1, 2, 10:30] = np.nan  # after an inf in the same windows, for half of these channels
+    x[0, 2, 1, 15:25] = np.nan  # a second NaN in some windows: not the first in row-major order
+    x[1, 4, 3, ::3] = -np.inf
+    x = jnp.asarray(x, dtype)
+    grad_out = _random((2, 4, 3, 40), 1, dtype)
+    pool = functools.partial(cpu_ops.max_pool, window=3, stride=2, padding=1)
+
+    def pool_and_grad(x, grad_out):
+        out, vjp = jax.vjp(pool, x)
+        return out, vjp(grad_out)[0]
+
+    def pools_and_grads(x, d):
+        flat = x.reshape(2, 42, 40)
+        (mean, peak), vjp = jax.vjp(lambda x: (jnp.mean(x.astype(jnp.float32), 1), max_over(x, 1)), flat)
+        return peak, vjp((jnp.zeros_like(mean), d))[0]
+
+    def native_pools_and_grads(x, d):
+        (mean, peak), vjp = jax.vjp(native.avg_max, x.reshape(2, 42, 40))
+        return peak, vjp((jnp.zeros_like(mean), d.astype(jnp.float32)))[0]
+
+    d = _random((2, 40), 2)
+    fast = jax.jit(pool_and_grad)(x, grad_out), jax.jit(native_pools_and_grads)(x, d)
+    assert "cbam_max_pool_grad" in str(jax.make_jaxpr(pool_and_grad)(x, grad_out))
+    monkeypatch.setattr(native, "ENABLED", False)  # XLA's paths; a new function, not pool_and_grad's cached trace
+    (out, grad), (peak, column_grad) = fast
+    out_ref, grad_ref = jax.jit(lambda *a: pool_and_grad(*a))(x.astype(jnp.float32), grad_out.astype(jnp.float32))
+    peak_ref, column_grad_ref = jax.jit(pools_and_grads)(x, d.astype(dtype))
+    assert np.isnan(np.asarray(out, np.float32)).sum() == np.isnan(np.asarray(out_ref)).sum() > 0
+    np.testing.assert_array_equal(np.asarray(out, np.float32), out_ref)
+    np.testing.assert_array_equal(peak, np.asarray(peak_ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(column_grad, np.float32), np.asarray(column_grad_ref, np.float32))
+    # overlapping windows: the same first maxima, their gradients summed in another order
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(grad, grad_ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert _bfloat16_ulps(grad, grad_ref) <= 0.5

@@ -91,7 +91,7 @@ class ChannelGate(nn.Module):
         pools = {**SPATIAL_POOLS, "max": lambda x: max_over(x, (1, 2), native=native_path)}
         batch, height, width = x.shape[:3]
         # The CPU path's native kernels read x once for both pools and once for the product's gradient.
-        fused = native_path and native.usable_for(x) and height * width < native.MAX_POSITIONS
+        fused = native_path and native.usable_for(x, positions=height * width)
         if fused and {"avg", "max"} & set(self.pool_types):
             mean, peak = native.avg_max(x.reshape(batch, height * width, channels))
             pools.update(avg=lambda _: mean, max=lambda _: peak)

@@ -202,12 +202,14 @@ def enabled() -> bool:
     return ENABLED and available()
 
 
-def usable_for(x: jax.Array) -> bool:
+def usable_for(x: jax.Array, positions: int = 1) -> bool:
     """Whether the native elementwise kernels (`max_grad`, `avg_max`, `gate`, `max_pool`, `batch_stats`,
     `batch_norm_grad_sums`) take `x` now:
-    float32 or bfloat16 with at least one element, on the CPU backend, where `enabled()`."""
-    return (x.dtype in (jnp.float32, jnp.bfloat16) and x.size > 0 and jax.default_backend() == "cpu"
-            and enabled())
+    float32 or bfloat16 with at least one element, on the CPU backend, where `enabled()`, and
+    `positions` (the length of a reduction tracked by position: `avg_max`'s N, `max_pool`'s H * W)
+    below `MAX_POSITIONS`."""
+    return (x.dtype in (jnp.float32, jnp.bfloat16) and x.size > 0 and positions < MAX_POSITIONS
+            and jax.default_backend() == "cpu" and enabled())
 
 
 def _check_shape(name: str, operand: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
@@ -303,7 +305,7 @@ def avg_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The mean and the max of x (P, N, Q) along N in one pass: two (P, Q) float32 arrays.
 
     The max's gradient goes to the first maximum along N (NaN counts as the maximum), as
-    `common.max_over`'s. float32 or bfloat16 x, N < `MAX_POSITIONS`; call only where `usable_for(x)`.
+    `common.max_over`'s. float32 or bfloat16 x; call only where `usable_for(x, positions=N)`.
     """
     shape = jax.ShapeDtypeStruct((x.shape[0], x.shape[2]), jnp.float32)
     return tuple(_elementwise_call("avg_max", (shape, shape), x))
@@ -352,8 +354,8 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """PyTorch's `max_pool2d` (square window, padding that never wins), NHWC: x (B, H, W, C) -> (B, Ho, Wo, C).
 
     The gradient goes to the first maximum of each window in row-major order (NaN counts as the
-    maximum), summed in float32 where windows overlap. Needs padding < window and H * W <
-    `MAX_POSITIONS`; call only where `usable_for(x)`.
+    maximum), summed in float32 where windows overlap. Needs padding < window; call only where
+    `usable_for(x, positions=H * W)`.
     """
     out = [(size + 2 * padding - window) // stride + 1 for size in x.shape[1:3]]
     return _elementwise_call("max_pool", jax.ShapeDtypeStruct((x.shape[0], *out, x.shape[3]), x.dtype), x,

@@ -386,7 +386,7 @@ inline float Rounded(float v, uint16_t) {  // v rounded to bfloat16, as a float
 
 constexpr int64_t kLanes = 512;  // Q-block of one task: float32 accumulators on the stack
 // Positions along a reduction are tracked as float32 (one lane width with the values, so the argmax
-// loops vectorise), exact below 2^24; the handlers refuse more (native.MAX_POSITIONS, checked by callers).
+// loops vectorise), exact below 2^24; the handlers refuse more (native.MAX_POSITIONS, checked by native.usable_for).
 constexpr int64_t kMaxPositions = int64_t{1} << 24;
 constexpr int64_t kChunk = 64;   // rows summed into a partial before the running total (two-level sum)
 

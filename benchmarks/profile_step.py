@@ -112,17 +112,14 @@ def profile(case_text: str, dtype: str, steps: int, warmup: int, top: int = 15) 
     """Compile, time and trace the case's train step; the summary plus the step time."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
-    from benchmarks.throughput import NUM_CLASSES, Case, make_train_step
+    from benchmarks.throughput import NUM_CLASSES, Case, classification_batch, make_train_step
     from cbam_jax.registry import create_model
 
     case = Case.parse(case_text)
     model = create_model(case.model, num_classes=NUM_CLASSES[case.stem], stem=case.stem, dtype=jnp.dtype(dtype))
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
-    labels = jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))
+    images, labels = classification_batch(case)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
     optimizer = optax.sgd(0.1, momentum=0.9)
     state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))

@@ -318,6 +318,13 @@ def detection_batch(batch: int, size: int, rng: np.random.Generator) -> dict[str
             "mask": np.ones((batch, DETECTION_BOXES), bool)}
 
 
+def classification_batch(case: Case) -> tuple[jax.Array, jax.Array]:
+    """The fixed random batch a classification case runs on: images (B, S, S, 3) float32, labels (B,)."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
+    return images, jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))
+
+
 def setup_jax(variant: Variant) -> None:
     """Compile the variant's jitted program and store a blocking `step`."""
     case = variant.case
@@ -331,9 +338,7 @@ def setup_jax(variant: Variant) -> None:
         return
     model = create_model(variant.model_name, num_classes=NUM_CLASSES[case.stem], stem=case.stem,
                          dtype=jnp.dtype(variant.dtype), implementation=implementation, **options)
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.standard_normal((case.batch, case.size, case.size, 3), np.float32))
-    labels = jnp.asarray(rng.integers(0, NUM_CLASSES[case.stem], case.batch))
+    images, labels = classification_batch(case)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
     with _native_kernels(use_native):  # read when tracing
         _compile_jax(variant, model, variables, images, labels)

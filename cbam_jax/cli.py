@@ -35,7 +35,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are a UsageError (one line) instead of usage text and a message."""
 
     def error(self, message: str):
-        raise UsageError(f"{message} (see `{self.prog} -h`).")
+        raise UsageError(f"{message.rstrip('.')} (see `{self.prog} -h`).")  # one sentence, one full stop
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,3 +184,24 @@ def test_bad_input_is_one_line_and_changes_nothing(inputs, entry_point, argument
     assert snapshot(inputs) == before  # nothing created, removed or changed
     assert not any(p.name.startswith(".") and "partial" in p.name for p in inputs.iterdir())
 
+
+
+def test_command_line_errors_are_one_sentence():
+    """argparse's own messages and our type checks' (which end in a full stop) both read as one
+    sentence: '<message> (see `PROG -h`).', never '<message>. (see ...).'."""
+    import argparse
+
+    from cbam_jax.cli import ArgumentParser
+    from cbam_jax.errors import UsageError
+
+    def case(text: str) -> str:
+        raise argparse.ArgumentTypeError(f"case must be MODEL:SIZE:BATCH; got {text!r}.")
+
+    parser = ArgumentParser(prog="prog")
+    parser.add_argument("--case", type=case)
+    parser.add_argument("--steps", type=int, required=True)
+    for argv, message in ((["--case", "x"], "argument --case: case must be MODEL:SIZE:BATCH; got 'x'"),
+                          ([], "the following arguments are required: --steps")):
+        with pytest.raises(UsageError) as raised:
+            parser.parse_args(argv)
+        assert str(raised.value) == f"{message} (see `prog -h`)."
